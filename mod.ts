@@ -1,0 +1,950 @@
+/**
+ * A Server-Sent Events broker built only on web standards: no imports, so it
+ * loads by URL and runs unchanged on Deno, Bun and other WinterTC runtimes.
+ *
+ * The module reads top to bottom: the message type and its encoding, the
+ * retained history, the {@linkcode Broker}, and an HTTP handler that mounts
+ * the broker on any server.
+ *
+ * @example Broadcast to every browser that opens /events
+ * ```ts ignore
+ * import { Broker, createHandler } from "./mod.ts";
+ *
+ * const broker = new Broker();
+ * setInterval(() => broker.publish({ data: new Date().toISOString() }), 1000);
+ * Deno.serve(createHandler(broker));
+ * ```
+ *
+ * @module
+ */
+
+// ---------------------------------------------------------------------------
+// Messages and their encoding
+// ---------------------------------------------------------------------------
+
+/**
+ * One message of an event stream, with the fields the WHATWG HTML event
+ * stream parser knows. Every field is optional; a message with `data` is
+ * dispatched as an event by `EventSource`, one without only updates state.
+ *
+ * @example
+ * ```ts
+ * import type { ServerSentEventMessage } from "./mod.ts";
+ *
+ * const message: ServerSentEventMessage = { event: "tick", data: "12:00" };
+ * ```
+ */
+export interface ServerSentEventMessage {
+  /** A comment, ignored by clients; useful to keep a connection alive. */
+  comment?: string;
+  /** The event name; clients dispatch `message` when it is absent. */
+  event?: string;
+  /** The data; line breaks become several `data:` lines and come back as `\n`. */
+  data?: string;
+  /** The event id, which clients send back as `Last-Event-ID` on reconnect. */
+  id?: string | number;
+  /** The client's reconnection delay in milliseconds. */
+  retry?: number;
+}
+
+/**
+ * Thrown when a message cannot be encoded; `field` names the offending field
+ * so an HTTP layer can answer `400` with a precise reason.
+ *
+ * @example
+ * ```ts
+ * import { encodeMessage, MessageError } from "./mod.ts";
+ *
+ * try {
+ *   encodeMessage({ event: "a\nb" });
+ * } catch (error) {
+ *   if (error instanceof MessageError) console.log(error.field); // "event"
+ * }
+ * ```
+ */
+export class MessageError extends TypeError {
+  /** The message field that was refused. */
+  readonly field: string;
+
+  /**
+   * Creates the error; its message is the field followed by the reason.
+   *
+   * @param field The message field that was refused.
+   * @param reason Why, as the end of a sentence that starts with the field.
+   */
+  constructor(field: string, reason: string) {
+    super(`${field} ${reason}`);
+    this.name = "MessageError";
+    this.field = field;
+  }
+}
+
+const LINE_BREAK = /\r\n|\r|\n/;
+const encoder = new TextEncoder();
+
+/**
+ * Writes one message in the event stream format, exactly as the WHATWG HTML
+ * parser reads it back, as UTF-8 bytes ending with the blank line that
+ * dispatches it.
+ *
+ * `event` and `id` cannot hold a line break (and `id` no NUL): the parser
+ * would read the rest as new fields, so a publisher could inject events.
+ * They are refused with a {@linkcode MessageError} rather than cleaned.
+ *
+ * @example
+ * ```ts
+ * import { encodeMessage } from "./mod.ts";
+ *
+ * const bytes = encodeMessage({ event: "greeting", data: "hello\nworld" });
+ * new TextDecoder().decode(bytes);
+ * // "event: greeting\ndata: hello\ndata: world\n\n"
+ * ```
+ */
+export function encodeMessage(message: ServerSentEventMessage): Uint8Array {
+  return encoder.encode(formatMessage(message));
+}
+
+function formatMessage(message: ServerSentEventMessage): string {
+  if (typeof message !== "object" || message === null) {
+    throw new MessageError("message", "must be an object");
+  }
+  const { comment, event, data, id, retry } = message;
+  let text = "";
+  if (comment !== undefined) text += lines(": ", checkString("comment", comment));
+  if (event !== undefined) {
+    text += "event: " + checkSingleLine("event", checkString("event", event)) + "\n";
+  }
+  if (id !== undefined) {
+    const value = typeof id === "number" ? checkNumberId(id) : checkString("id", id);
+    if (value.includes("\0")) throw new MessageError("id", "must not contain NUL");
+    text += "id: " + checkSingleLine("id", value) + "\n";
+  }
+  if (retry !== undefined) {
+    // The parser only accepts ASCII digits; anything else is silently ignored.
+    if (typeof retry !== "number" || !Number.isSafeInteger(retry) || retry < 0) {
+      throw new MessageError("retry", "must be a non-negative integer");
+    }
+    text += "retry: " + retry + "\n";
+  }
+  if (data !== undefined) text += lines("data: ", checkString("data", data));
+  return text + "\n";
+}
+
+/** Prefixes every line of `value`, so a multi-line value survives intact. */
+function lines(prefix: string, value: string): string {
+  return prefix + value.split(LINE_BREAK).join("\n" + prefix) + "\n";
+}
+
+function checkString(field: string, value: unknown): string {
+  if (typeof value !== "string") throw new MessageError(field, "must be a string");
+  return value;
+}
+
+function checkSingleLine(field: string, value: string): string {
+  if (/[\r\n]/.test(value)) {
+    throw new MessageError(field, "must not contain a line break");
+  }
+  return value;
+}
+
+function checkNumberId(id: number): string {
+  if (!Number.isSafeInteger(id)) throw new MessageError("id", "must be an integer");
+  return String(id);
+}
+
+/**
+ * A `TransformStream` that encodes messages into event stream bytes, for
+ * piping your own source of messages into a `Response`.
+ *
+ * @example
+ * ```ts
+ * import { ServerSentEventStream } from "./mod.ts";
+ *
+ * const body = ReadableStream.from([{ data: "one" }, { data: "two" }])
+ *   .pipeThrough(new ServerSentEventStream());
+ * const response = new Response(body, {
+ *   headers: { "content-type": "text/event-stream" },
+ * });
+ * ```
+ */
+export class ServerSentEventStream extends TransformStream<ServerSentEventMessage, Uint8Array> {
+  constructor() {
+    super({ transform: (message, controller) => controller.enqueue(encodeMessage(message)) });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// History: the retained events, in publish order
+// ---------------------------------------------------------------------------
+
+/** One published event as the broker keeps it: encoded once, shared by all. */
+interface StoredEvent {
+  readonly seq: number;
+  readonly topics: readonly string[];
+  readonly bytes: Uint8Array;
+}
+
+/**
+ * Where a reconnecting client resumes: after `seq`, or, when its id cannot be
+ * placed in the history, from the oldest retained event with `gap` set.
+ */
+interface ResumePoint {
+  readonly seq: number;
+  readonly gap: boolean;
+}
+
+/**
+ * The retained events. Ids are `<epoch>-<seq>`: `epoch` is the time the log
+ * was created, so ids from an earlier run of the server always compare older
+ * than this run's, and a client resuming across a restart is never mistaken
+ * for one that is ahead.
+ */
+class History {
+  readonly epoch = Date.now();
+  #events: StoredEvent[] = [];
+  #start = 0; // index of the oldest retained event in #events
+  #bytes = 0;
+  #lastSeq = 0;
+
+  constructor(readonly maxEvents: number, readonly maxBytes: number) {}
+
+  get lastSeq(): number {
+    return this.#lastSeq;
+  }
+
+  idOf(seq: number): string {
+    return `${this.epoch}-${seq}`;
+  }
+
+  append(topics: readonly string[], encode: (id: string) => Uint8Array): StoredEvent {
+    const seq = ++this.#lastSeq;
+    const event = { seq, topics, bytes: encode(this.idOf(seq)) };
+    this.#events.push(event);
+    this.#bytes += event.bytes.byteLength;
+    while (this.size > this.maxEvents || (this.size > 0 && this.#bytes > this.maxBytes)) {
+      this.#bytes -= this.#events[this.#start].bytes.byteLength;
+      this.#start++;
+    }
+    // Compact now and then, so evicting stays O(1) amortised without a ring.
+    if (this.#start > 1024 && this.#start * 2 > this.#events.length) {
+      this.#events = this.#events.slice(this.#start);
+      this.#start = 0;
+    }
+    return event;
+  }
+
+  get size(): number {
+    return this.#events.length - this.#start;
+  }
+
+  /** The oldest retained sequence number (lastSeq + 1 when empty). */
+  get firstSeq(): number {
+    return this.#lastSeq - this.size + 1;
+  }
+
+  /** The retained event with this sequence number, if still retained. */
+  at(seq: number): StoredEvent | undefined {
+    return seq >= this.firstSeq && seq <= this.#lastSeq
+      ? this.#events[this.#start + seq - this.firstSeq]
+      : undefined;
+  }
+
+  /** Places a client's `Last-Event-ID` in this history. */
+  resume(lastEventId: string): ResumePoint {
+    const match = /^(\d{1,15})-(\d{1,15})$/.exec(lastEventId);
+    const seq = match && Number(match[1]) === this.epoch ? Number(match[2]) : -1;
+    // An id of this run that is still retained, or the newest one: no gap.
+    if (seq >= this.firstSeq - 1 && seq <= this.#lastSeq) return { seq, gap: false };
+    // Anything else (older than the history, from an earlier run, malformed,
+    // or ahead of us) may have missed events: resend all that is retained.
+    return { seq: this.firstSeq - 1, gap: true };
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The broker
+// ---------------------------------------------------------------------------
+
+/**
+ * Options for a {@linkcode Broker}.
+ *
+ * @example
+ * ```ts
+ * import { Broker, type BrokerOptions } from "./mod.ts";
+ *
+ * const options: BrokerOptions = { history: 100, heartbeat: 5_000 };
+ * const broker = new Broker(options);
+ * broker.close();
+ * ```
+ */
+export interface BrokerOptions {
+  /** How many published events to keep for `Last-Event-ID` replay. Default 1000. */
+  history?: number;
+  /** Also cap the history by the size of the encoded events. Default unlimited. */
+  historyBytes?: number;
+  /**
+   * Milliseconds between `:` comments on streams that sent nothing since the
+   * last one, so proxies keep them open and dead peers show up as failed
+   * writes. Default 15000; 0 turns heartbeats off.
+   */
+  heartbeat?: number;
+  /** The `retry:` sent first on every stream, in milliseconds. Default 2000; `null` sends none. */
+  retry?: number | null;
+  /**
+   * How many bytes may wait for one client before it counts as too slow and
+   * is disconnected (it reconnects and replays what it missed). Default 1 MiB.
+   */
+  maxQueueBytes?: number;
+  /** Extra headers on every stream. Default `access-control-allow-origin: *`. */
+  headers?: HeadersInit;
+}
+
+/**
+ * How to subscribe one client; by default read from the request.
+ *
+ * @example
+ * ```ts
+ * import { Broker, type SubscribeOptions } from "./mod.ts";
+ *
+ * const broker = new Broker();
+ * const options: SubscribeOptions = { topics: ["news"] };
+ * const response = broker.subscribe(new Request("http://localhost/"), options);
+ * await response.body?.cancel();
+ * broker.close();
+ * ```
+ */
+export interface SubscribeOptions {
+  /**
+   * Receive only events published to one of these topics. Default: the
+   * request's `?topic=` parameters; none means every event.
+   */
+  topics?: readonly string[];
+  /**
+   * Resume after this event id. Default: the `Last-Event-ID` header, or the
+   * `?lastEventId=` parameter for clients that cannot set headers.
+   */
+  lastEventId?: string | null;
+}
+
+/**
+ * Options for one {@linkcode Broker.publish}.
+ *
+ * @example
+ * ```ts
+ * import { Broker, type PublishOptions } from "./mod.ts";
+ *
+ * const broker = new Broker();
+ * const options: PublishOptions = { topic: ["news", "sport"] };
+ * await broker.publish({ data: "goal!" }, options);
+ * broker.close();
+ * ```
+ */
+export interface PublishOptions {
+  /**
+   * The topic or topics of the event. Clients that named topics receive it
+   * only if they named one of these; clients that named none receive all.
+   */
+  topic?: string | readonly string[];
+}
+
+/**
+ * Counters of a {@linkcode Broker}, as returned by {@linkcode Broker.stats}.
+ *
+ * @example
+ * ```ts
+ * import { Broker, type BrokerStats } from "./mod.ts";
+ *
+ * const broker = new Broker();
+ * const stats: BrokerStats = broker.stats();
+ * console.log(stats.clients); // 0
+ * broker.close();
+ * ```
+ */
+export interface BrokerStats {
+  /** Streams open now. */
+  clients: number;
+  /** Events accepted by `publish`. */
+  published: number;
+  /** Events handed to clients live (one per client per event). */
+  delivered: number;
+  /** Events resent from the history to reconnecting clients. */
+  replayed: number;
+  /** Clients disconnected because they fell more than `maxQueueBytes` behind. */
+  slowDisconnects: number;
+  /** The id of the newest event, or `null` before the first. */
+  lastEventId: string | null;
+}
+
+/** One open stream. */
+class Client {
+  /** Set in the stream's `start`, which runs inside the constructor. */
+  controller!: ReadableStreamDefaultController<Uint8Array>;
+  /**
+   * While catching up from the history: the last sequence number sent. The
+   * stream's `pull` reads the history from here, so replay never copies
+   * events and never outruns the client. `undefined` once live.
+   */
+  cursor: number | undefined;
+  /** Whether anything was sent since the last heartbeat tick. */
+  active = false;
+
+  constructor(readonly topics: ReadonlySet<string> | undefined) {}
+
+  wants(event: StoredEvent): boolean {
+    return this.topics === undefined || event.topics.some((t) => this.topics!.has(t));
+  }
+}
+
+/**
+ * Holds open event streams and broadcasts to them.
+ *
+ * Each event is encoded once and the same bytes are queued for every client;
+ * a publish never waits for any client. A client whose queue passes
+ * `maxQueueBytes` is disconnected rather than waited for, and resumes from
+ * the history when it reconnects with its `Last-Event-ID`.
+ *
+ * @example
+ * ```ts
+ * import { Broker } from "./mod.ts";
+ *
+ * const broker = new Broker();
+ * const response = broker.subscribe(new Request("http://localhost/events"));
+ * const id = await broker.publish({ event: "greeting", data: "hello" });
+ * console.log(id, broker.stats().clients); // "<epoch>-1" 1
+ * broker.close(); // ends every stream
+ * await response.text();
+ * ```
+ */
+export class Broker {
+  readonly #history: History;
+  readonly #heartbeatMs: number;
+  readonly #maxQueueBytes: number;
+  readonly #headers: Headers;
+  readonly #hello: Uint8Array;
+  readonly #clients = new Set<Client>();
+  /** Clients that named no topic. */
+  readonly #everyone = new Set<Client>();
+  /** Clients by each topic they named. */
+  readonly #byTopic = new Map<string, Set<Client>>();
+  #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
+  #closed = false;
+  #published = 0;
+  #delivered = 0;
+  #replayed = 0;
+  #slowDisconnects = 0;
+
+  /**
+   * Creates a broker with no clients; it starts no timer until one subscribes.
+   *
+   * @param options See {@linkcode BrokerOptions}.
+   */
+  constructor(options: BrokerOptions = {}) {
+    const history = checkCount("history", options.history ?? 1000);
+    const historyBytes = checkCount("historyBytes", options.historyBytes ?? Infinity);
+    this.#history = new History(history, historyBytes);
+    this.#heartbeatMs = checkCount("heartbeat", options.heartbeat ?? 15_000);
+    this.#maxQueueBytes = checkCount("maxQueueBytes", options.maxQueueBytes ?? 1 << 20);
+    const retry = options.retry === undefined ? 2000 : options.retry;
+    // The first bytes must go out at once: Bun sends no headers before the
+    // first body chunk, and an EventSource stays "connecting" until then.
+    this.#hello = encodeMessage(retry === null ? { comment: "" } : { retry });
+    this.#headers = new Headers({ "access-control-allow-origin": "*" });
+    new Headers(options.headers).forEach((value, name) => this.#headers.set(name, value));
+    // Streams must reach the client unbuffered and untransformed. No
+    // `connection` or `transfer-encoding`: HTTP/2 forbids them.
+    this.#headers.set("content-type", "text/event-stream");
+    this.#headers.set("cache-control", "no-store, no-transform");
+    this.#headers.set("x-accel-buffering", "no");
+  }
+
+  /**
+   * Opens an event stream for one client and returns its `Response`.
+   *
+   * Topics come from `?topic=` (repeatable) and the resume point from the
+   * `Last-Event-ID` header or `?lastEventId=`, unless `options` says
+   * otherwise. A resuming client first receives every retained event after
+   * its id, then live events, with nothing lost or repeated at the seam. If
+   * its id cannot be placed in the history (too old, from an earlier run of
+   * the server, or malformed), it is sent a `gap` event and then every
+   * retained event. Answers `400` for an invalid topic and `503` once closed.
+   *
+   * @example
+   * ```ts
+   * import { Broker } from "./mod.ts";
+   *
+   * const broker = new Broker();
+   * const handler = (request: Request) => broker.subscribe(request);
+   * const response = handler(new Request("http://localhost/?topic=news"));
+   * console.log(response.headers.get("content-type")); // "text/event-stream"
+   * broker.close();
+   * await response.body?.cancel();
+   * ```
+   *
+   * @param request The client's request; its signal ends the stream.
+   * @param options Topics and resume point, overriding the request's.
+   * @returns The event stream, or an error response.
+   */
+  subscribe(request: Request, options: SubscribeOptions = {}): Response {
+    if (this.#closed) return errorResponse(503, "the broker is closed");
+    const url = new URL(request.url);
+    const topics = options.topics ?? url.searchParams.getAll("topic");
+    const invalid = topics.find((topic) => !isTopic(topic));
+    if (invalid !== undefined) {
+      return errorResponse(400, `invalid topic ${JSON.stringify(invalid.slice(0, 64))}`);
+    }
+    const lastEventId = options.lastEventId !== undefined
+      ? options.lastEventId
+      : request.headers.get("last-event-id") ?? url.searchParams.get("lastEventId");
+
+    const client = new Client(topics.length > 0 ? new Set(topics) : undefined);
+    const body = new ReadableStream<Uint8Array>({
+      start: (controller) => {
+        client.controller = controller;
+        controller.enqueue(this.#hello);
+        this.#add(client, lastEventId || null);
+      },
+      pull: () => this.#replay(client),
+      cancel: () => this.#remove(client),
+    }, { highWaterMark: this.#maxQueueBytes, size: (chunk) => chunk.byteLength });
+    // Some runtimes report a vanished client only through the request's
+    // signal, others only by cancelling the body: either one removes it.
+    if (request.signal.aborted) this.#end(client);
+    else request.signal.addEventListener("abort", () => this.#end(client), { once: true });
+    return new Response(body, { headers: this.#headers });
+  }
+
+  /**
+   * Publishes an event to every client subscribed to its topics and keeps it
+   * in the history. The broker assigns the id, so ids only ever increase;
+   * a message that carries its own `id` is refused.
+   *
+   * Encodes once and queues the same bytes for every client; it never waits
+   * for a client. Throws {@linkcode MessageError} (as a rejection) for a
+   * message that cannot be encoded; nothing is sent then.
+   *
+   * @example
+   * ```ts
+   * import { Broker } from "./mod.ts";
+   *
+   * const broker = new Broker();
+   * const id = await broker.publish({ event: "price", data: "42" }, { topic: "ACME" });
+   * console.log(id); // "<epoch>-1"
+   * broker.close();
+   * ```
+   *
+   * @param message The event; `data` is required.
+   * @param options The event's topics.
+   * @returns The id the event was given.
+   */
+  // deno-lint-ignore require-await -- async so that invalid input rejects rather than throws
+  async publish(
+    message: Omit<ServerSentEventMessage, "id">,
+    options: PublishOptions = {},
+  ): Promise<string> {
+    if (this.#closed) throw new Error("the broker is closed");
+    if (typeof message !== "object" || message === null) {
+      throw new MessageError("message", "must be an object");
+    }
+    if ("id" in message && message.id !== undefined) {
+      throw new MessageError("id", "is assigned by the broker");
+    }
+    if (message.data === undefined) throw new MessageError("data", "is required");
+    const topic = options.topic ?? [];
+    const topics = typeof topic === "string" ? [topic] : [...topic];
+    const invalid = topics.find((t) => !isTopic(t));
+    if (invalid !== undefined) {
+      throw new MessageError("topic", "must be 1 to 256 printable characters");
+    }
+    // Validate before the event takes a sequence number, so a refused
+    // message leaves no hole in the ids.
+    const text = formatMessage(message);
+    const event = this.#history.append(
+      topics,
+      (id) => encoder.encode(`id: ${id}\n${text}`),
+    );
+    this.#published++;
+    this.#deliver(event);
+    return this.#history.idOf(event.seq);
+  }
+
+  /**
+   * Ends every stream cleanly (clients see the end of the response and
+   * reconnect, here or elsewhere) and stops the heartbeat. Later
+   * subscriptions get `503` and publishes are refused. Safe to call twice.
+   *
+   * @example
+   * ```ts
+   * import { Broker } from "./mod.ts";
+   *
+   * const broker = new Broker();
+   * broker.close();
+   * console.log(broker.subscribe(new Request("http://localhost/")).status); // 503
+   * ```
+   */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const client of [...this.#clients]) this.#end(client);
+  }
+
+  /**
+   * Counters since the broker was created, and the number of open streams.
+   *
+   * @example
+   * ```ts
+   * import { Broker } from "./mod.ts";
+   *
+   * const broker = new Broker();
+   * await broker.publish({ data: "x" });
+   * console.log(broker.stats().published); // 1
+   * broker.close();
+   * ```
+   */
+  stats(): BrokerStats {
+    const last = this.#history.lastSeq;
+    return {
+      clients: this.#clients.size,
+      published: this.#published,
+      delivered: this.#delivered,
+      replayed: this.#replayed,
+      slowDisconnects: this.#slowDisconnects,
+      lastEventId: last === 0 ? null : this.#history.idOf(last),
+    };
+  }
+
+  #add(client: Client, lastEventId: string | null): void {
+    if (lastEventId !== null) {
+      const { seq, gap } = this.#history.resume(lastEventId);
+      if (gap) {
+        const oldest = this.#history.at(seq + 1);
+        const oldestId = oldest ? this.#history.idOf(oldest.seq) : null;
+        client.controller.enqueue(
+          encodeMessage({ event: "gap", data: JSON.stringify({ oldestId }) }),
+        );
+      }
+      // Publishing may go on before the first pull: those events land in the
+      // history and the cursor picks them up, so the seam has no gap.
+      if (seq < this.#history.lastSeq) client.cursor = seq;
+    }
+    this.#clients.add(client);
+    if (client.topics === undefined) this.#everyone.add(client);
+    else {
+      for (const topic of client.topics) {
+        let set = this.#byTopic.get(topic);
+        if (set === undefined) this.#byTopic.set(topic, set = new Set());
+        set.add(client);
+      }
+    }
+    if (this.#heartbeatTimer === undefined && this.#heartbeatMs > 0) {
+      this.#heartbeatTimer = setInterval(() => this.#heartbeat(), this.#heartbeatMs);
+    }
+  }
+
+  /** Forgets a client; idempotent, as several signals may report one disconnect. */
+  #remove(client: Client): void {
+    if (!this.#clients.delete(client)) return;
+    if (client.topics === undefined) this.#everyone.delete(client);
+    else {
+      for (const topic of client.topics) {
+        const set = this.#byTopic.get(topic)!;
+        set.delete(client);
+        if (set.size === 0) this.#byTopic.delete(topic);
+      }
+    }
+    if (this.#clients.size === 0 && this.#heartbeatTimer !== undefined) {
+      clearInterval(this.#heartbeatTimer);
+      this.#heartbeatTimer = undefined;
+    }
+  }
+
+  /** Removes a client and ends its stream once what is queued has gone out. */
+  #end(client: Client): void {
+    this.#remove(client);
+    try {
+      client.controller.close();
+    } catch {
+      // already closed, cancelled or errored
+    }
+  }
+
+  /**
+   * Cuts a client that fell too far behind. Erroring the stream discards its
+   * queue at once (closing would keep it until the client read it all) and
+   * aborts the response, so the client reconnects and replays from history.
+   */
+  #cut(client: Client): void {
+    this.#slowDisconnects++;
+    this.#remove(client);
+    client.controller.error(new Error("client too slow"));
+  }
+
+  #deliver(event: StoredEvent): void {
+    if (event.topics.length === 0) {
+      for (const client of this.#everyone) this.#send(client, event);
+      return;
+    }
+    for (const client of this.#everyone) this.#send(client, event);
+    // A client may have named several of the event's topics: send once.
+    const seen = event.topics.length > 1 ? new Set<Client>() : undefined;
+    for (const topic of event.topics) {
+      const set = this.#byTopic.get(topic);
+      if (set === undefined) continue;
+      for (const client of set) {
+        if (seen !== undefined) {
+          if (seen.has(client)) continue;
+          seen.add(client);
+        }
+        this.#send(client, event);
+      }
+    }
+  }
+
+  #send(client: Client, event: StoredEvent): void {
+    // A client still catching up gets this event from the history, in order.
+    if (client.cursor !== undefined) return;
+    client.controller.enqueue(event.bytes);
+    client.active = true;
+    this.#delivered++;
+    if (client.controller.desiredSize! < 0) {
+      this.#cut(client);
+    }
+  }
+
+  /**
+   * Feeds a catching-up client from the history while its queue has room.
+   * Replay fills at most half the queue, leaving the rest for live events
+   * once it catches up.
+   */
+  #replay(client: Client): void {
+    if (client.cursor === undefined || !this.#clients.has(client)) return;
+    const controller = client.controller;
+    while (client.cursor < this.#history.lastSeq) {
+      if (controller.desiredSize! <= this.#maxQueueBytes / 2) return;
+      const event = this.#history.at(client.cursor + 1);
+      if (event === undefined) {
+        // The history moved past a client that reads slower than we publish.
+        this.#cut(client);
+        return;
+      }
+      client.cursor = event.seq;
+      if (client.wants(event)) {
+        controller.enqueue(event.bytes);
+        this.#replayed++;
+      }
+    }
+    client.cursor = undefined;
+  }
+
+  #heartbeat(): void {
+    for (const client of this.#clients) {
+      if (!client.active && client.cursor === undefined) {
+        client.controller.enqueue(HEARTBEAT);
+        if (client.controller.desiredSize! < 0) {
+          this.#cut(client);
+        }
+      }
+      client.active = false;
+    }
+  }
+}
+
+const HEARTBEAT = encodeMessage({ comment: "" });
+
+function isTopic(topic: unknown): boolean {
+  // deno-lint-ignore no-control-regex -- control characters are what we refuse
+  return typeof topic === "string" && /^[^\x00-\x1f\x7f]{1,256}$/.test(topic);
+}
+
+function checkCount(name: string, value: number): number {
+  if (!(value >= 0) || (value !== Infinity && !Number.isSafeInteger(value))) {
+    throw new RangeError(`${name} must be a non-negative integer`);
+  }
+  return value;
+}
+
+// ---------------------------------------------------------------------------
+// The HTTP handler
+// ---------------------------------------------------------------------------
+
+/**
+ * Options for {@linkcode createHandler}.
+ *
+ * @example
+ * ```ts
+ * import { Broker, createHandler, type HandlerOptions } from "./mod.ts";
+ *
+ * const options: HandlerOptions = { maxBodyBytes: 4096 };
+ * const handler = createHandler(new Broker(), options);
+ * ```
+ */
+export interface HandlerOptions {
+  /** The largest `POST /publish` body, in bytes; larger ones get `413`. Default 64 KiB. */
+  maxBodyBytes?: number;
+}
+
+/**
+ * The optional second argument of a fetch handler. Bun passes its server
+ * there, and the handler calls `timeout(request, 0)` on each stream: Bun
+ * otherwise closes a connection that is quiet for 10 seconds.
+ *
+ * @example
+ * ```ts
+ * import type { FetchServer } from "./mod.ts";
+ *
+ * const server: FetchServer = { timeout: (_request, _seconds) => {} };
+ * ```
+ */
+export interface FetchServer {
+  /** Sets the idle timeout of one request's connection; 0 disables it. */
+  timeout?(request: Request, seconds: number): void;
+}
+
+/**
+ * Mounts a broker on HTTP, for `Deno.serve`, `Bun.serve` or any router that
+ * takes `(request: Request) => Response | Promise<Response>`:
+ *
+ * - `GET /events`: the event stream (see {@linkcode Broker.subscribe});
+ * - `POST /publish`: a JSON body `{"data", "event"?, "topic"?, "retry"?,
+ *   "comment"?}` (non-string `data` is sent as its JSON text) or any other
+ *   body as the data, with `?event=` and `?topic=` in the URL; answers
+ *   `{"id"}`, or `400` with `{"error"}` naming the field;
+ * - `GET /stats`: the broker's {@linkcode BrokerStats} as JSON.
+ *
+ * Other paths get `404` and other methods `405` with an `Allow` header.
+ *
+ * @example
+ * ```ts ignore
+ * import { Broker, createHandler } from "./mod.ts";
+ *
+ * Deno.serve(createHandler(new Broker()));
+ * // curl -N localhost:8000/events
+ * // curl -d 'hello' localhost:8000/publish
+ * ```
+ *
+ * @param broker The broker to serve.
+ * @param options See {@linkcode HandlerOptions}.
+ * @returns A fetch handler.
+ */
+export function createHandler(
+  broker: Broker,
+  options: HandlerOptions = {},
+): (request: Request, server?: FetchServer) => Promise<Response> {
+  const maxBodyBytes = checkCount("maxBodyBytes", options.maxBodyBytes ?? 64 * 1024);
+  const routes: Record<string, Record<string, Route>> = {
+    "/events": {
+      GET: (request, _url, server) => {
+        server?.timeout?.(request, 0);
+        return broker.subscribe(request);
+      },
+    },
+    "/publish": {
+      POST: async (request, url) => {
+        const { message, topic } = await readPublication(request, url, maxBodyBytes);
+        return Response.json({ id: await broker.publish(message, { topic }) });
+      },
+    },
+    "/stats": { GET: () => Response.json(broker.stats()) },
+  };
+  return async (request, server) => {
+    const url = new URL(request.url);
+    const methods = routes[url.pathname];
+    if (methods === undefined) return errorResponse(404, "not found");
+    const route = methods[request.method];
+    if (route === undefined) {
+      const allow = Object.keys(methods).join(", ");
+      return errorResponse(405, `use ${allow}`, { allow });
+    }
+    try {
+      return await route(request, url, server);
+    } catch (error) {
+      if (error instanceof MessageError) return errorResponse(400, error.message);
+      if (error instanceof HttpError) return errorResponse(error.status, error.message);
+      throw error;
+    }
+  };
+}
+
+type Route = (request: Request, url: URL, server?: FetchServer) => Response | Promise<Response>;
+
+class HttpError extends Error {
+  constructor(readonly status: number, message: string) {
+    super(message);
+  }
+}
+
+const PUBLISH_FIELDS = new Set(["data", "event", "topic", "retry", "comment"]);
+
+async function readPublication(
+  request: Request,
+  url: URL,
+  maxBytes: number,
+): Promise<{ message: Omit<ServerSentEventMessage, "id">; topic: string[] }> {
+  const text = await readText(request, maxBytes);
+  const type = request.headers.get("content-type") ?? "";
+  if (!/^application\/(.+\+)?json\b/i.test(type)) {
+    const topic = url.searchParams.getAll("topic");
+    return { message: { data: text, event: url.searchParams.get("event") ?? undefined }, topic };
+  }
+  let body: unknown;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    throw new HttpError(400, "body is not valid JSON");
+  }
+  if (typeof body !== "object" || body === null || Array.isArray(body)) {
+    throw new HttpError(400, "body must be a JSON object");
+  }
+  const fields = body as Record<string, unknown>;
+  const unknown = Object.keys(fields).find((key) => !PUBLISH_FIELDS.has(key));
+  if (unknown !== undefined) {
+    throw new HttpError(400, `unknown field ${JSON.stringify(unknown.slice(0, 64))}`);
+  }
+  const { data, event, topic, retry, comment } = fields;
+  if (data === undefined) throw new MessageError("data", "is required");
+  const topics = topic === undefined ? [] : Array.isArray(topic) ? topic : [topic];
+  if (!topics.every((t) => typeof t === "string")) {
+    throw new MessageError("topic", "must be a string or an array of strings");
+  }
+  // Types are checked by the encoder, which names the field.
+  const message = {
+    data: typeof data === "string" ? data : JSON.stringify(data),
+    event,
+    retry,
+    comment,
+  } as Omit<ServerSentEventMessage, "id">;
+  return { message, topic: topics };
+}
+
+/** Reads a body as UTF-8 text, refusing it as soon as it passes `maxBytes`. */
+async function readText(request: Request, maxBytes: number): Promise<string> {
+  const tooLarge = () => new HttpError(413, `body is larger than ${maxBytes} bytes`);
+  if (Number(request.headers.get("content-length")) > maxBytes) throw tooLarge();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  if (request.body !== null) {
+    const reader = request.body.getReader();
+    for (let read = await reader.read(); !read.done; read = await reader.read()) {
+      size += read.value.byteLength;
+      if (size > maxBytes) {
+        await reader.cancel();
+        throw tooLarge();
+      }
+      chunks.push(read.value);
+    }
+  }
+  const bytes = new Uint8Array(size);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    throw new HttpError(400, "body is not valid UTF-8");
+  }
+}
+
+function errorResponse(status: number, error: string, headers?: HeadersInit): Response {
+  return Response.json({ error }, { status, headers });
+}
