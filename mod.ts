@@ -872,7 +872,7 @@ class HttpError extends Error {
   }
 }
 
-const PUBLISH_FIELDS = new Set(["data", "event", "topic", "retry", "comment"]);
+const PUBLISH_FIELDS = new Set(["data", "event", "topic", "retry", "comment", "id"]);
 
 async function readPublication(
   request: Request,
@@ -899,18 +899,20 @@ async function readPublication(
   if (unknown !== undefined) {
     throw new HttpError(400, `unknown field ${JSON.stringify(unknown.slice(0, 64))}`);
   }
-  const { data, event, topic, retry, comment } = fields;
+  const { data, event, topic, retry, comment, id } = fields;
   if (data === undefined) throw new MessageError("data", "is required");
   const topics = topic === undefined ? [] : Array.isArray(topic) ? topic : [topic];
   if (!topics.every((t) => typeof t === "string")) {
     throw new MessageError("topic", "must be a string or an array of strings");
   }
-  // Types are checked by the encoder, which names the field.
+  // Types are checked by the encoder, which names the field; an `id` is
+  // passed on so that the broker refuses it with its reason.
   const message = {
     data: typeof data === "string" ? data : JSON.stringify(data),
     event,
     retry,
     comment,
+    id,
   } as Omit<ServerSentEventMessage, "id">;
   return { message, topic: topics };
 }

@@ -1,0 +1,250 @@
+// Shared by the test files. Node built-ins only, so `deno test` and `bun test`
+// run the same code.
+import { type ChildProcess, spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
+import process from "node:process";
+import { fileURLToPath } from "node:url";
+
+export const ROOT = fileURLToPath(new URL("..", import.meta.url));
+export const RUNTIME: "bun" | "deno" = "Bun" in globalThis ? "bun" : "deno";
+
+/** What the WHATWG "event stream" parser reports, plus comments for heartbeat tests. */
+export type Parsed =
+  | { type: "event"; event: string; data: string; lastEventId: string }
+  | { type: "comment"; text: string };
+
+/**
+ * A line-by-line implementation of the WHATWG HTML event stream
+ * interpretation (section 9.2.6), written from the spec independently of
+ * mod.ts, so encoder tests are a real round trip.
+ */
+export class EventStreamParser {
+  lastEventId = "";
+  retry: number | undefined;
+  #data = "";
+  #type = "";
+  #idBuffer = "";
+  #pending = "";
+  #first = true;
+  #endedWithCR = false;
+
+  /** Feeds decoded text; returns what it completed. */
+  push(text: string): Parsed[] {
+    if (this.#first && text.length > 0) {
+      this.#first = false;
+      if (text.startsWith("\uFEFF")) text = text.slice(1);
+    }
+    // A CR at the end of the previous chunk and an LF at the start of this
+    // one are one line break.
+    if (this.#endedWithCR && text.startsWith("\n")) text = text.slice(1);
+    this.#endedWithCR = text.endsWith("\r");
+    const out: Parsed[] = [];
+    const parts = (this.#pending + text).split(/\r\n|\r|\n/);
+    this.#pending = parts.pop()!;
+    for (const line of parts) this.#line(line, out);
+    return out;
+  }
+
+  #line(line: string, out: Parsed[]): void {
+    if (line === "") return this.#dispatch(out);
+    if (line.startsWith(":")) {
+      out.push({ type: "comment", text: line.slice(1) });
+      return;
+    }
+    const colon = line.indexOf(":");
+    const field = colon === -1 ? line : line.slice(0, colon);
+    let value = colon === -1 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") this.#type = value;
+    else if (field === "data") this.#data += value + "\n";
+    else if (field === "id") {
+      if (!value.includes("\0")) this.#idBuffer = value;
+    } else if (field === "retry") {
+      if (/^[0-9]+$/.test(value)) this.retry = Number(value);
+    }
+  }
+
+  #dispatch(out: Parsed[]): void {
+    this.lastEventId = this.#idBuffer;
+    if (this.#data === "") {
+      this.#type = "";
+      return;
+    }
+    const data = this.#data.endsWith("\n") ? this.#data.slice(0, -1) : this.#data;
+    out.push({
+      type: "event",
+      event: this.#type || "message",
+      data,
+      lastEventId: this.lastEventId,
+    });
+    this.#data = "";
+    this.#type = "";
+  }
+}
+
+/** Parses a whole encoded stream. */
+export function parseAll(bytes: Uint8Array): { items: Parsed[]; parser: EventStreamParser } {
+  const parser = new EventStreamParser();
+  return { items: parser.push(new TextDecoder().decode(bytes)), parser };
+}
+
+export type SseEvent = Extract<Parsed, { type: "event" }>;
+
+/** Reads a live event stream item by item, as an EventSource would. */
+export class EventReader {
+  readonly parser = new EventStreamParser();
+  #reader: ReadableStreamDefaultReader<string>;
+  #queue: Parsed[] = [];
+
+  constructor(body: ReadableStream<Uint8Array>) {
+    this.#reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  }
+
+  /** The next event or comment, or `null` when the stream ended cleanly. */
+  async next(): Promise<Parsed | null> {
+    while (this.#queue.length === 0) {
+      const { done, value } = await this.#reader.read();
+      if (done) return null;
+      this.#queue.push(...this.parser.push(value));
+    }
+    return this.#queue.shift()!;
+  }
+
+  /** The next event, skipping comments; throws if the stream ends first. */
+  async event(): Promise<SseEvent> {
+    for (;;) {
+      const item = await this.next();
+      if (item === null) throw new Error("stream ended while waiting for an event");
+      if (item.type === "event") return item;
+    }
+  }
+
+  /** The next `count` events. */
+  async events(count: number): Promise<SseEvent[]> {
+    const out: SseEvent[] = [];
+    while (out.length < count) out.push(await this.event());
+    return out;
+  }
+
+  /** Events until one satisfies `last` (included). */
+  async until(last: (event: SseEvent) => boolean): Promise<SseEvent[]> {
+    const out: SseEvent[] = [];
+    for (;;) {
+      const event = await this.event();
+      out.push(event);
+      if (last(event)) return out;
+    }
+  }
+
+  cancel(): Promise<void> {
+    return this.#reader.cancel();
+  }
+}
+
+/** Opens `url` as an event stream and checks that it is one. */
+export async function subscribe(url: string, headers: HeadersInit = {}): Promise<EventReader> {
+  const response = await fetch(url, { headers });
+  if (response.status !== 200 || response.body === null) {
+    throw new Error(`subscribe ${url}: ${response.status} ${await response.text()}`);
+  }
+  return new EventReader(response.body);
+}
+
+/** Publishes through the demo's HTTP route and returns the event's id. */
+export async function publish(base: string, body: unknown): Promise<string> {
+  const response = await fetch(new URL("/publish", base), {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const json = await response.json();
+  if (response.status !== 200) throw new Error(`publish: ${response.status} ${json.error}`);
+  return json.id;
+}
+
+export async function stats(base: string): Promise<Record<string, number>> {
+  return await (await fetch(new URL("/stats", base))).json();
+}
+
+/**
+ * Waits until `condition` holds, checking every 20 ms, for state that can only
+ * be observed by asking (a server's counters). Fails after `ms`.
+ */
+export async function eventually(
+  condition: () => boolean | Promise<boolean>,
+  ms: number,
+  what: string,
+): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** A real `server.ts` process on a free port of 127.0.0.1. */
+export interface ServerProcess {
+  url: string;
+  child: ChildProcess;
+  output: () => string;
+  exited: Promise<number | null>;
+  /** Sends a signal. (Deno's `ChildProcess.kill` reports the exit as killed even when the process exits by itself.) */
+  signal(name: "SIGTERM" | "SIGINT" | "SIGKILL"): void;
+  stop(): Promise<number | null>;
+  rssKiB(): number;
+}
+
+/** Starts `server.ts` under `runtime` (default: the one running the tests). */
+export function startServer(
+  env: Record<string, string> = {},
+  runtime: "bun" | "deno" = RUNTIME,
+): Promise<ServerProcess> {
+  const args = runtime === "deno"
+    ? ["run", "--allow-net", "--allow-env", "server.ts"]
+    : ["run", "server.ts"];
+  const child = spawn(binary(runtime), args, {
+    cwd: ROOT,
+    env: { ...process.env, PORT: "0", HOSTNAME: "127.0.0.1", TICK_MS: "0", ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  return new Promise((resolve, reject) => {
+    const onData = (chunk: Buffer) => {
+      output += chunk.toString();
+      const line = output.split("\n")[0];
+      if (output.includes("\n") && /^http:\/\//.test(line)) {
+        child.stdout!.off("data", onData);
+        child.stdout!.on("data", (more: Buffer) => output += more.toString());
+        resolve({
+          url: line.trim(),
+          child,
+          output: () => output,
+          exited,
+          signal: (name) => process.kill(child.pid!, name),
+          async stop() {
+            if (child.exitCode === null) process.kill(child.pid!, "SIGTERM");
+            return await exited;
+          },
+          rssKiB: () => rssKiB(child.pid!),
+        });
+      }
+    };
+    child.stdout!.on("data", onData);
+    child.stderr!.on("data", (chunk: Buffer) => output += chunk.toString());
+    exited.then((code) =>
+      reject(new Error(`server exited (${code}) before listening:\n${output}`))
+    );
+  });
+}
+
+/** The runtimes' binaries, installed by `npm ci` from package.json. */
+export function binary(runtime: "bun" | "deno"): string {
+  if (runtime === RUNTIME) return process.execPath;
+  return fileURLToPath(new URL(`../node_modules/.bin/${runtime}`, import.meta.url));
+}
+
+function rssKiB(pid: number): number {
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  return Number(/VmRSS:\s+(\d+)/.exec(status)![1]);
+}

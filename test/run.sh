@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every check and every test, on both runtimes. Run it as `npm test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PATH="$PWD/node_modules/.bin:$PATH"
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+deno fmt --check
+deno lint
+deno check mod.ts server.ts
+deno check --doc mod.ts   # the JSDoc examples type-check
+deno doc --lint mod.ts
+
+# The same test files on both runtimes. A runtime's failure fails the run,
+# after both have run, so one red runtime does not hide the other.
+status=0
+deno test --allow-all 2>&1 | tee "$out/deno" || status=1
+bun test 2>&1 | tee "$out/bun" || status=1
+
+# One plain summary line per runtime.
+strip() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
+deno_line=$(strip "$out/deno" | grep -E '^(ok|FAILED) \|' | tail -1)
+printf 'deno: %s passed, %s failed\n' \
+  "$(grep -oE '[0-9]+ passed' <<<"$deno_line" | grep -oE '[0-9]+' || echo 0)" \
+  "$(grep -oE '[0-9]+ failed' <<<"$deno_line" | grep -oE '[0-9]+' || echo 0)"
+printf 'bun: %s passed, %s failed\n' \
+  "$(strip "$out/bun" | grep -oE '^ *[0-9]+ pass$' | grep -oE '[0-9]+' || echo 0)" \
+  "$(strip "$out/bun" | grep -oE '^ *[0-9]+ fail$' | grep -oE '[0-9]+' || echo 0)"
+exit $status
