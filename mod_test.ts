@@ -240,6 +240,29 @@ describe("Broker", () => {
     broker.close();
   });
 
+  test("a client that stops reading is cut once its queue passes maxQueueBytes", async () => {
+    const broker = new Broker({ maxQueueBytes: 64 * 1024 });
+    const stalled = broker.subscribe(new Request("http://localhost/")).body!.getReader();
+    const reading = broker.subscribe(new Request("http://localhost/")).body!.getReader();
+    let chunks = 0;
+    const drained = (async () => {
+      while (!(await reading.read()).done) chunks++;
+    })();
+    const payload = "x".repeat(4096);
+    for (let i = 0; i < 100; i++) await broker.publish({ data: payload });
+    const stats = broker.stats();
+    assert.equal(stats.slowDisconnects, 1);
+    assert.equal(stats.clients, 1);
+    // Cut after about 64 KiB: 16 events of 4 KiB, not 100.
+    assert.ok(stats.delivered < 100 + 20, `delivered ${stats.delivered}`);
+    await assert.rejects(async () => {
+      while (!(await stalled.read()).done);
+    }, /too slow/);
+    broker.close();
+    await drained;
+    assert.equal(chunks, 1 + 100, "retry: and every event");
+  });
+
   test("close ends every stream cleanly and refuses new work", async () => {
     const broker = new Broker();
     const readers = [open(broker), open(broker)];
