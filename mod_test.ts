@@ -407,21 +407,23 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
     }
   });
 
-  test("SIGTERM ends open streams and exits 0", async () => {
-    const server = await startServer({ TICK_MS: "50" });
-    const readers = [
-      await subscribe(`${server.url}events`),
-      await subscribe(`${server.url}events`),
-    ];
-    await Promise.all(readers.map((reader) => reader.event()));
-    const started = Date.now();
-    server.signal("SIGTERM");
-    for (const reader of readers) {
-      while ((await reader.next()) !== null); // the stream ends, not errors
-    }
-    assert.equal(await server.exited, 0);
-    assert.ok(Date.now() - started < 2500, "exits within the shutdown deadline");
-  });
+  for (const signal of ["SIGTERM", "SIGINT"] as const) {
+    test(`${signal} ends open streams and exits 0`, async () => {
+      const server = await startServer({ TICK_MS: "50" });
+      const readers = [
+        await subscribe(`${server.url}events`),
+        await subscribe(`${server.url}events`),
+      ];
+      await Promise.all(readers.map((reader) => reader.event()));
+      const started = Date.now();
+      server.signal(signal);
+      for (const reader of readers) {
+        while ((await reader.next()) !== null); // the stream ends, not errors
+      }
+      assert.equal(await server.exited, 0);
+      assert.ok(Date.now() - started < 2500, "exits within the shutdown deadline");
+    });
+  }
 
   test("refuses an invalid setting with a one-line reason and exit 1", async () => {
     await assert.rejects(startServer({ PORT: "eighty" }), /PORT must be a non-negative integer/);

@@ -95,6 +95,7 @@ const tickMs = integer(runtime, "TICK_MS", 1000);
 
 const broker = new Broker({
   history: integer(runtime, "HISTORY", 1000),
+  historyBytes: integer(runtime, "HISTORY_BYTES", 0) || Infinity,
   heartbeat: integer(runtime, "HEARTBEAT_MS", 15_000),
   retry: integer(runtime, "RETRY_MS", 2000),
   maxQueueBytes: integer(runtime, "MAX_QUEUE_BYTES", 1 << 20),
