@@ -297,6 +297,15 @@ export interface BrokerOptions {
   maxQueueBytes?: number;
   /** Extra headers on every stream. Default `access-control-allow-origin: *`. */
   headers?: HeadersInit;
+  /** Streams open at once; beyond it subscribing gets `503` with `Retry-After`. Default unlimited. */
+  maxClients?: number;
+  /** Topics one client may name; more get `400`. Default 32. */
+  maxTopics?: number;
+  /**
+   * Called with one line per connect, disconnect and slow-client cut, for
+   * your logger. Off by default; the lines hold no request data.
+   */
+  log?: (line: string) => void;
 }
 
 /**
@@ -419,6 +428,10 @@ export class Broker {
   readonly #history: History;
   readonly #heartbeatMs: number;
   readonly #maxQueueBytes: number;
+  readonly #maxClients: number;
+  readonly #maxTopics: number;
+  readonly #retryAfter: string;
+  readonly #log: ((line: string) => void) | undefined;
   readonly #headers: Headers;
   readonly #hello: Uint8Array;
   readonly #clients = new Set<Client>();
@@ -444,7 +457,11 @@ export class Broker {
     this.#history = new History(history, historyBytes);
     this.#heartbeatMs = checkCount("heartbeat", options.heartbeat ?? 15_000);
     this.#maxQueueBytes = checkCount("maxQueueBytes", options.maxQueueBytes ?? 1 << 20);
+    this.#maxClients = checkCount("maxClients", options.maxClients ?? Infinity);
+    this.#maxTopics = checkCount("maxTopics", options.maxTopics ?? 32);
+    this.#log = options.log;
     const retry = options.retry === undefined ? 2000 : options.retry;
+    this.#retryAfter = String(Math.max(1, Math.ceil((retry ?? 0) / 1000)));
     // The first bytes must go out at once: Bun sends no headers before the
     // first body chunk, and an EventSource stays "connecting" until then.
     this.#hello = encodeMessage(retry === null ? { comment: "" } : { retry });
@@ -466,7 +483,8 @@ export class Broker {
    * its id, then live events, with nothing lost or repeated at the seam. If
    * its id cannot be placed in the history (too old, from an earlier run of
    * the server, or malformed), it is sent a `gap` event and then every
-   * retained event. Answers `400` for an invalid topic and `503` once closed.
+   * retained event. Answers `400` for an invalid topic or too many, and
+   * `503` once closed or when `maxClients` streams are open.
    *
    * @example
    * ```ts
@@ -486,8 +504,14 @@ export class Broker {
    */
   subscribe(request: Request, options: SubscribeOptions = {}): Response {
     if (this.#closed) return errorResponse(503, "the broker is closed");
+    if (this.#clients.size >= this.#maxClients) {
+      return errorResponse(503, "too many clients", { "retry-after": this.#retryAfter });
+    }
     const url = new URL(request.url);
     const topics = options.topics ?? url.searchParams.getAll("topic");
+    if (topics.length > this.#maxTopics) {
+      return errorResponse(400, `at most ${this.#maxTopics} topics per client`);
+    }
     const invalid = topics.find((topic) => !isTopic(topic));
     if (invalid !== undefined) {
       return errorResponse(400, `invalid topic ${JSON.stringify(invalid.slice(0, 64))}`);
@@ -635,6 +659,7 @@ export class Broker {
         set.add(client);
       }
     }
+    this.#log?.(`client connected (${this.#clients.size} open)`);
     if (this.#heartbeatTimer === undefined && this.#heartbeatMs > 0) {
       this.#heartbeatTimer = setInterval(() => this.#heartbeat(), this.#heartbeatMs);
     }
@@ -643,6 +668,7 @@ export class Broker {
   /** Forgets a client; idempotent, as several signals may report one disconnect. */
   #remove(client: Client): void {
     if (!this.#clients.delete(client)) return;
+    this.#log?.(`client disconnected (${this.#clients.size} open)`);
     if (client.topics === undefined) this.#everyone.delete(client);
     else {
       for (const topic of client.topics) {
@@ -674,6 +700,7 @@ export class Broker {
    */
   #cut(client: Client): void {
     this.#slowDisconnects++;
+    this.#log?.(`client cut: more than ${this.#maxQueueBytes} bytes behind`);
     this.#remove(client);
     client.controller.error(new Error("client too slow"));
   }
@@ -780,6 +807,84 @@ function checkCount(name: string, value: number): number {
 export interface HandlerOptions {
   /** The largest `POST /publish` body, in bytes; larger ones get `413`. Default 64 KiB. */
   maxBodyBytes?: number;
+  /**
+   * Decides whether a request may subscribe or publish; `false` answers
+   * `401`. Default: everyone may. {@linkcode tokenAuth} checks bearer
+   * tokens; pass your own function to verify a JWT or a session instead.
+   */
+  authorize?: Authorize;
+  /**
+   * The origins that browsers may call from: `"*"` (the default) or a list,
+   * answered with the caller's origin when it is on it.
+   */
+  allowOrigin?: "*" | readonly string[];
+}
+
+/**
+ * Decides whether `request` may perform `action`, for
+ * {@linkcode HandlerOptions.authorize}.
+ *
+ * @example
+ * ```ts
+ * import type { Authorize } from "./mod.ts";
+ *
+ * // Anyone may subscribe; publishing needs a header set by your gateway.
+ * const authorize: Authorize = (request, action) =>
+ *   action === "subscribe" || request.headers.get("x-role") === "publisher";
+ * ```
+ */
+export type Authorize = (
+  request: Request,
+  action: "subscribe" | "publish",
+) => boolean | Promise<boolean>;
+
+/**
+ * An {@linkcode Authorize} that requires bearer tokens: `publish` in an
+ * `Authorization: Bearer` header, `subscribe` in that header or in
+ * `?token=` (a browser's `EventSource` cannot set headers). An action with
+ * no token (`undefined` or empty) is open. Tokens are compared in constant
+ * time, so response times do not reveal how much of a guess was right.
+ *
+ * @example
+ * ```ts
+ * import { Broker, createHandler, tokenAuth } from "./mod.ts";
+ *
+ * const handler = createHandler(new Broker(), {
+ *   authorize: tokenAuth({ publish: "s3cret" }),
+ * });
+ * const response = await handler(new Request("http://localhost/publish", {
+ *   method: "POST",
+ *   body: "hi",
+ * }));
+ * console.log(response.status); // 401
+ * ```
+ *
+ * @param tokens The token each action needs.
+ * @returns The check, for {@linkcode HandlerOptions.authorize}.
+ */
+export function tokenAuth(tokens: { publish?: string; subscribe?: string }): Authorize {
+  const expected = {
+    publish: tokens.publish ? encoder.encode(tokens.publish) : undefined,
+    subscribe: tokens.subscribe ? encoder.encode(tokens.subscribe) : undefined,
+  };
+  return (request, action) => {
+    const secret = expected[action];
+    if (secret === undefined) return true;
+    const header = /^Bearer +(\S+) *$/i.exec(request.headers.get("authorization") ?? "");
+    const given = header?.[1] ??
+      (action === "subscribe" ? new URL(request.url).searchParams.get("token") : null);
+    return given !== null && timingSafeEqual(encoder.encode(given), secret);
+  };
+}
+
+/**
+ * Compares in a time that depends only on the secret's length: every byte
+ * of `secret` is visited whatever `given` holds.
+ */
+function timingSafeEqual(given: Uint8Array, secret: Uint8Array): boolean {
+  let difference = given.length ^ secret.length;
+  for (let i = 0; i < secret.length; i++) difference |= (given[i] ?? 0) ^ secret[i];
+  return difference === 0;
 }
 
 /**
@@ -811,6 +916,9 @@ export interface FetchServer {
  * - `GET /stats`: the broker's {@linkcode BrokerStats} as JSON.
  *
  * Other paths get `404` and other methods `405` with an `Allow` header.
+ * `OPTIONS` answers CORS preflights (allowing `authorization`,
+ * `content-type` and `last-event-id`). A request that `authorize` refuses
+ * gets `401` with `WWW-Authenticate`; `/stats` is open to all.
  *
  * @example
  * ```ts ignore
@@ -830,41 +938,94 @@ export function createHandler(
   options: HandlerOptions = {},
 ): (request: Request, server?: FetchServer) => Promise<Response> {
   const maxBodyBytes = checkCount("maxBodyBytes", options.maxBodyBytes ?? 64 * 1024);
-  const routes: Record<string, Record<string, Route>> = {
+  const authorize = options.authorize ?? (() => true);
+  const allowOrigin = options.allowOrigin ?? "*";
+  const allowed = new Set(allowOrigin === "*" ? [] : allowOrigin);
+  const routes: Record<string, Route> = {
     "/events": {
-      GET: (request, _url, server) => {
-        server?.timeout?.(request, 0);
-        return broker.subscribe(request);
+      action: "subscribe",
+      methods: {
+        GET: (request, _url, server) => {
+          server?.timeout?.(request, 0);
+          return broker.subscribe(request);
+        },
       },
     },
     "/publish": {
-      POST: async (request, url) => {
-        const { message, topic } = await readPublication(request, url, maxBodyBytes);
-        return Response.json({ id: await broker.publish(message, { topic }) });
+      action: "publish",
+      methods: {
+        POST: async (request, url) => {
+          const { message, topic } = await readPublication(request, url, maxBodyBytes);
+          return Response.json({ id: await broker.publish(message, { topic }) });
+        },
       },
     },
-    "/stats": { GET: () => Response.json(broker.stats()) },
+    "/stats": { methods: { GET: () => Response.json(broker.stats()) } },
   };
-  return async (request, server) => {
+
+  /** Sets the CORS headers of a response to this request. */
+  const withCors = (request: Request, response: Response): Response => {
+    const headers = response.headers;
+    if (allowOrigin === "*") headers.set("access-control-allow-origin", "*");
+    else {
+      const origin = request.headers.get("origin");
+      if (origin !== null && allowed.has(origin)) {
+        headers.set("access-control-allow-origin", origin);
+      } else headers.delete("access-control-allow-origin");
+      headers.append("vary", "origin");
+    }
+    return response;
+  };
+
+  const respond = async (request: Request, server?: FetchServer): Promise<Response> => {
     const url = new URL(request.url);
-    const methods = routes[url.pathname];
-    if (methods === undefined) return errorResponse(404, "not found");
-    const route = methods[request.method];
-    if (route === undefined) {
-      const allow = Object.keys(methods).join(", ");
+    const route = routes[url.pathname];
+    if (route === undefined) return errorResponse(404, "not found");
+    const methods = Object.keys(route.methods);
+    if (request.method === "OPTIONS") {
+      return new Response(null, {
+        status: 204,
+        headers: {
+          "access-control-allow-methods": methods.join(", "),
+          "access-control-allow-headers": "authorization, content-type, last-event-id",
+          "access-control-max-age": "86400",
+        },
+      });
+    }
+    const handle = Object.hasOwn(route.methods, request.method)
+      ? route.methods[request.method]
+      : undefined;
+    if (handle === undefined) {
+      const allow = methods.join(", ");
       return errorResponse(405, `use ${allow}`, { allow });
     }
+    if (route.action !== undefined && !(await authorize(request, route.action))) {
+      return errorResponse(401, "a valid token is required", {
+        "www-authenticate": 'Bearer realm="sse"',
+      });
+    }
     try {
-      return await route(request, url, server);
+      return await handle(request, url, server);
     } catch (error) {
       if (error instanceof MessageError) return errorResponse(400, error.message);
       if (error instanceof HttpError) return errorResponse(error.status, error.message);
       throw error;
     }
   };
+  return async (request, server) => withCors(request, await respond(request, server));
 }
 
-type Route = (request: Request, url: URL, server?: FetchServer) => Response | Promise<Response>;
+/** One path: a function per method, and the action `authorize` is asked about. */
+interface Route {
+  action?: "subscribe" | "publish";
+  methods: Record<string, RouteHandler>;
+}
+
+type RouteHandler = (
+  request: Request,
+  url: URL,
+  server?: FetchServer,
+) => Response | Promise<Response>;
 
 class HttpError extends Error {
   constructor(readonly status: number, message: string) {

@@ -263,6 +263,23 @@ describe("Broker", () => {
     assert.equal(chunks, 1 + 100, "retry: and every event");
   });
 
+  test("log gets one line per connect, disconnect and cut, and nothing by default", async () => {
+    const lines: string[] = [];
+    const broker = new Broker({ log: (line) => lines.push(line), maxQueueBytes: 1024 });
+    const body = broker.subscribe(new Request("http://x/?token=secret")).body!;
+    await body.cancel();
+    broker.subscribe(new Request("http://x/"));
+    await broker.publish({ data: "x".repeat(2048) });
+    assert.deepEqual(lines, [
+      "client connected (1 open)",
+      "client disconnected (0 open)",
+      "client connected (1 open)",
+      "client cut: more than 1024 bytes behind",
+      "client disconnected (0 open)",
+    ]);
+    broker.close();
+  });
+
   test("close ends every stream cleanly and refuses new work", async () => {
     const broker = new Broker();
     const readers = [open(broker), open(broker)];
@@ -361,6 +378,29 @@ describe("createHandler", () => {
     assert.equal(response.status, 413);
     assert.ok(pulled < 10, "stopped reading once over the limit");
     assert.equal(broker.stats().published, 0);
+    broker.close();
+  });
+
+  test("authorize is a hook: any function decides, per action", async () => {
+    const broker = new Broker();
+    const asked: string[] = [];
+    const handler = createHandler(broker, {
+      authorize: (request, action) => {
+        asked.push(action);
+        return action === "subscribe" || request.headers.get("x-role") === "publisher";
+      },
+    });
+    const post = (headers: HeadersInit) =>
+      handler(new Request("http://x/publish", { method: "POST", body: "hi", headers }));
+    const refused = await post({});
+    assert.equal(refused.status, 401);
+    assert.match(refused.headers.get("www-authenticate")!, /^Bearer/);
+    assert.equal((await post({ "x-role": "publisher" })).status, 200);
+    const stream = await handler(new Request("http://x/events"));
+    assert.equal(stream.status, 200);
+    await stream.body!.cancel();
+    assert.equal((await handler(new Request("http://x/stats"))).status, 200);
+    assert.deepEqual(asked, ["publish", "publish", "subscribe"], "/stats is open");
     broker.close();
   });
 

@@ -10,7 +10,7 @@
  *
  * @module
  */
-import { Broker, createHandler, type FetchServer } from "./mod.ts";
+import { Broker, createHandler, type FetchServer, tokenAuth } from "./mod.ts";
 import { PAGE } from "./page.ts";
 
 type Handler = (request: Request, server?: FetchServer) => Response | Promise<Response>;
@@ -99,8 +99,18 @@ const broker = new Broker({
   heartbeat: integer(runtime, "HEARTBEAT_MS", 15_000),
   retry: integer(runtime, "RETRY_MS", 2000),
   maxQueueBytes: integer(runtime, "MAX_QUEUE_BYTES", 1 << 20),
+  maxClients: integer(runtime, "MAX_CLIENTS", 0) || Infinity,
+  maxTopics: integer(runtime, "MAX_TOPICS", 32),
 });
-const handleBroker = createHandler(broker, { maxBodyBytes: integer(runtime, "MAX_BODY", 65536) });
+const corsOrigin = runtime.env("CORS_ORIGIN") || "*";
+const handleBroker = createHandler(broker, {
+  maxBodyBytes: integer(runtime, "MAX_BODY", 65536),
+  authorize: tokenAuth({
+    publish: runtime.env("PUBLISH_TOKEN"),
+    subscribe: runtime.env("SUBSCRIBE_TOKEN"),
+  }),
+  allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
+});
 
 const handler: Handler = (request, server) => {
   if (new URL(request.url).pathname === "/") {
