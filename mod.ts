@@ -394,6 +394,8 @@ class Client {
    * events and never outruns the client. `undefined` once live.
    */
   cursor: number | undefined;
+  /** Events resent from the history to this client. */
+  replayed = 0;
   /** Whether anything was sent since the last heartbeat tick. */
   active = false;
 
@@ -480,10 +482,11 @@ export class Broker {
    * Topics come from `?topic=` (repeatable) and the resume point from the
    * `Last-Event-ID` header or `?lastEventId=`, unless `options` says
    * otherwise. A resuming client first receives every retained event after
-   * its id, then live events, with nothing lost or repeated at the seam. If
-   * its id cannot be placed in the history (too old, from an earlier run of
-   * the server, or malformed), it is sent a `gap` event and then every
-   * retained event. Answers `400` for an invalid topic or too many, and
+   * its id, then an `event: replayed` with `data: {"count": N}`, then live
+   * events, with nothing lost or repeated at the seam. If its id cannot be
+   * placed in the history (too old, from an earlier run of the server, or
+   * malformed), it is first sent an `event: gap` and then every retained
+   * event. Neither of these two events carries an id. Answers `400` for an invalid topic or too many, and
    * `503` once closed or when `maxClients` streams are open.
    *
    * @example
@@ -649,6 +652,7 @@ export class Broker {
       // Publishing may go on before the first pull: those events land in the
       // history and the cursor picks them up, so the seam has no gap.
       if (seq < this.#history.lastSeq) client.cursor = seq;
+      else client.controller.enqueue(replayedMessage(0));
     }
     this.#clients.add(client);
     if (client.topics === undefined) this.#everyone.add(client);
@@ -756,10 +760,12 @@ export class Broker {
       client.cursor = event.seq;
       if (client.wants(event)) {
         controller.enqueue(event.bytes);
+        client.replayed++;
         this.#replayed++;
       }
     }
     client.cursor = undefined;
+    controller.enqueue(replayedMessage(client.replayed));
   }
 
   #heartbeat(): void {
@@ -776,6 +782,11 @@ export class Broker {
 }
 
 const HEARTBEAT = encodeMessage({ comment: "" });
+
+/** Tells a resuming client that it has caught up, and how many events it missed. */
+function replayedMessage(count: number): Uint8Array {
+  return encodeMessage({ event: "replayed", data: JSON.stringify({ count }) });
+}
 
 function isTopic(topic: unknown): boolean {
   // deno-lint-ignore no-control-regex -- control characters are what we refuse

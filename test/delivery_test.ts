@@ -37,6 +37,8 @@ describe("replay", () => {
         ? await subscribe(url, { "last-event-id": ids[2] })
         : await subscribe(`${url}&lastEventId=${ids[2]}`);
       assert.deepEqual(data(await again.events(4)), ["4", "5", "6", "7"]);
+      const caughtUp = await again.event();
+      assert.deepEqual([caughtUp.event, JSON.parse(caughtUp.data)], ["replayed", { count: 4 }]);
       await publish(server.url, { data: "live", topic: `r-${via}` });
       assert.equal((await again.event()).data, "live", "then live, with no duplicate");
       await again.cancel();
@@ -59,8 +61,12 @@ describe("replay", () => {
     const reader = await subscribe(`${server.url}events?topic=${topic}`, {
       "last-event-id": ids[19],
     });
-    const events = await reader.until((event) => event.data === "end");
+    const received = await reader.until((event) => event.data === "end");
     await publishing;
+    const markers = received.filter((event) => event.event === "replayed");
+    assert.equal(markers.length, 1, "one replayed event, at the seam");
+    assert.ok(JSON.parse(markers[0].data).count >= 20);
+    const events = received.filter((event) => event.event === "message");
     const seqs = events.map((event) => seqOf(event.lastEventId));
     assert.equal(seqs[0], seqOf(ids[19]) + 1, "starts right after the client's id");
     assert.ok(seqs.every((seq, i) => i === 0 || seq === seqs[i - 1] + 1), "no gap, no duplicate");
@@ -82,6 +88,7 @@ describe("replay", () => {
     // HISTORY=50: ids[10] is the oldest event still retained.
     assert.deepEqual(JSON.parse(gap.data), { oldestId: ids[10] });
     assert.deepEqual(data(await reader.events(50)), ids.slice(10).map((_, i) => `${i + 10}`));
+    assert.deepEqual(JSON.parse((await reader.event()).data), { count: 50 });
     await reader.cancel();
   });
 
@@ -111,9 +118,10 @@ test("ids keep increasing across a restart, and resuming across it reports a gap
     const [oldEpoch, newEpoch] = [oldId, newId].map((id) => Number(id.split("-")[0]));
     assert.ok(newEpoch > oldEpoch, `${newId} sorts after ${oldId}`);
     const reader = await subscribe(`${server.url}events`, { "last-event-id": oldId });
-    const [gap, event] = await reader.events(2);
+    const [gap, event, replayed] = await reader.events(3);
     assert.deepEqual([gap.event, JSON.parse(gap.data)], ["gap", { oldestId: newId }]);
     assert.deepEqual([event.data, event.lastEventId], ["after", newId]);
+    assert.deepEqual([replayed.event, replayed.data], ["replayed", '{"count":1}']);
     await reader.cancel();
   } finally {
     assert.equal(await server.stop(), 0);
@@ -146,6 +154,14 @@ test("topics filter live events and replay", async () => {
 
     const resumed = await subscribe(`${server.url}events?topic=a`, { "last-event-id": start });
     assert.deepEqual(data(await resumed.until(isEnd)), ["to a", "to a and c", "end"]);
+    assert.deepEqual(JSON.parse((await resumed.event()).data), { count: 3 });
+    // Up to date already: told so at once.
+    const current = await subscribe(`${server.url}events?topic=a`, {
+      "last-event-id": (await stats(server.url)).lastEventId as unknown as string,
+    });
+    const upToDate = await current.event();
+    assert.deepEqual([upToDate.event, upToDate.data], ["replayed", '{"count":0}']);
+    await current.cancel();
     for (const reader of [everything, onlyA, bAndC, resumed]) await reader.cancel();
   } finally {
     assert.equal(await server.stop(), 0);
