@@ -100,7 +100,7 @@ const encoder = new TextEncoder();
  * // "event: greeting\ndata: hello\ndata: world\n\n"
  * ```
  */
-export function encodeMessage(message: ServerSentEventMessage): Uint8Array {
+export function encodeMessage(message: ServerSentEventMessage): Uint8Array<ArrayBuffer> {
   return encoder.encode(formatMessage(message));
 }
 
@@ -435,7 +435,7 @@ export class Broker {
   readonly #retryAfter: string;
   readonly #log: ((line: string) => void) | undefined;
   readonly #headers: Headers;
-  readonly #hello: Uint8Array;
+  readonly #hello: Uint8Array<ArrayBuffer>;
   readonly #clients = new Set<Client>();
   /** Clients that named no topic. */
   readonly #everyone = new Set<Client>();
@@ -486,8 +486,11 @@ export class Broker {
    * events, with nothing lost or repeated at the seam. If its id cannot be
    * placed in the history (too old, from an earlier run of the server, or
    * malformed), it is first sent an `event: gap` and then every retained
-   * event. Neither of these two events carries an id. Answers `400` for an invalid topic or too many, and
-   * `503` once closed or when `maxClients` streams are open.
+   * event. Neither of these two events carries an id.
+   *
+   * Answers `400` for an invalid topic or too many, and `503` when
+   * `maxClients` streams are open. Once the broker is closed, the stream
+   * holds only the `retry:` and ends, so clients retry later.
    *
    * @example
    * ```ts
@@ -506,7 +509,10 @@ export class Broker {
    * @returns The event stream, or an error response.
    */
   subscribe(request: Request, options: SubscribeOptions = {}): Response {
-    if (this.#closed) return errorResponse(503, "the broker is closed");
+    // A closed broker ends new streams at once, as it ended the open ones:
+    // an EventSource then retries (and finds the restarted server), where a
+    // 503 would make it give up for good.
+    if (this.#closed) return new Response(this.#hello, { headers: this.#headers });
     if (this.#clients.size >= this.#maxClients) {
       return errorResponse(503, "too many clients", { "retry-after": this.#retryAfter });
     }
@@ -597,7 +603,8 @@ export class Broker {
   /**
    * Ends every stream cleanly (clients see the end of the response and
    * reconnect, here or elsewhere) and stops the heartbeat. Later
-   * subscriptions get `503` and publishes are refused. Safe to call twice.
+   * subscriptions get a stream that ends at once, so clients retry, and
+   * publishes are refused. Safe to call twice.
    *
    * @example
    * ```ts
@@ -605,7 +612,8 @@ export class Broker {
    *
    * const broker = new Broker();
    * broker.close();
-   * console.log(broker.subscribe(new Request("http://localhost/")).status); // 503
+   * const response = broker.subscribe(new Request("http://localhost/"));
+   * console.log(await response.text()); // "retry: 2000\n\n", then the end
    * ```
    */
   close(): void {

@@ -291,7 +291,10 @@ describe("Broker", () => {
       assert.equal(await reader.next(), null);
     }
     assert.equal(broker.stats().clients, 0);
-    assert.equal(broker.subscribe(new Request("http://localhost/")).status, 503);
+    // New clients get a stream that ends at once, so they retry (a 503 would stop an EventSource).
+    const late = broker.subscribe(new Request("http://localhost/"));
+    assert.equal(late.status, 200);
+    assert.equal(await late.text(), "retry: 2000\n\n");
     await assert.rejects(broker.publish({ data: "x" }), /closed/);
   });
 
@@ -439,7 +442,7 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
       assert.equal((await stats(server.url)).clients, 2);
       const page = await fetch(server.url);
       assert.match(page.headers.get("content-type")!, /text\/html/);
-      assert.match(await page.text(), /new EventSource\("\/events"\)/);
+      assert.match(await page.text(), /new EventSource\(/);
       await a.cancel();
       await b.cancel();
     } finally {
