@@ -1,93 +1,306 @@
 /**
  * The demo's live page: one self-contained HTML document (no build step, no
- * external assets). It is a module rather than a file so that the server
- * needs no read permission and works when imported by URL.
+ * external assets, works offline). It is a module rather than a file so the
+ * server needs no read permission and still works when imported by URL.
  *
  * @module
  */
 
+/** What the page needs to know about the server that serves it. */
+export interface PageConfig {
+  /** The `retry:` the server sends, for the reconnection countdown. */
+  retryMs: number;
+  /** Whether publishing needs a token, to show the token field. */
+  publishToken: boolean;
+}
+
 /** The page served at `GET /`. */
-export const PAGE = `<!doctype html>
+export function renderPage(config: PageConfig): string {
+  // `<` escaped so that nothing in the JSON can close the script element.
+  const json = JSON.stringify(config).replaceAll("<", "\\u003c");
+  return PAGE.replace("{{config}}", json);
+}
+
+const PAGE = `<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>SSE broker</title>
+<title>SSE broker: live</title>
+<link rel="icon" href="data:,">
 <style>
-  :root { color-scheme: light dark; --accent: #0b62c4; --ok: #137333; --warn: #a15c00; }
-  body { font: 16px/1.5 system-ui, sans-serif; margin: 0 auto; max-width: 46rem; padding: 1rem; }
-  header { display: flex; flex-wrap: wrap; gap: .5rem 1.5rem; align-items: baseline; }
-  h1 { font-size: 1.4rem; margin: 0; }
-  #state { font-weight: 600; }
-  #state[data-state="open"] { color: var(--ok); }
-  #state[data-state="connecting"], #state[data-state="reconnecting"] { color: var(--warn); }
-  #clock { font: 600 2rem/1.2 ui-monospace, monospace; margin: .75rem 0; }
-  form { display: flex; flex-wrap: wrap; gap: .5rem; align-items: end; margin: 1rem 0; }
-  label { display: flex; flex-direction: column; font-size: .85rem; }
-  input, button { font: inherit; padding: .35rem .5rem; }
-  button { background: var(--accent); color: #fff; border: 0; border-radius: .25rem; cursor: pointer; }
-  button:focus-visible, input:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
-  #log { list-style: none; padding: 0; margin: 0; max-height: 50vh; overflow-y: auto;
-         font: .9rem/1.4 ui-monospace, monospace; border-top: 1px solid #8884; }
-  #log li { padding: .25rem 0; border-bottom: 1px solid #8884; overflow-wrap: anywhere; }
-  #log .meta { opacity: .75; }
+  :root {
+    color-scheme: light dark;
+    --bg: #fff; --fg: #1b1f24; --muted: #57606a; --line: #d0d7de; --card: #f6f8fa;
+    --accent: #0550ae; --ok: #116329; --warn: #8a4600; --bad: #a40e26;
+  }
+  @media (prefers-color-scheme: dark) {
+    :root {
+      --bg: #0d1117; --fg: #e6edf3; --muted: #9da7b3; --line: #30363d; --card: #161b22;
+      --accent: #79c0ff; --ok: #56d364; --warn: #e3b341; --bad: #ff7b72;
+    }
+  }
+  * { box-sizing: border-box; }
+  [hidden] { display: none !important; }
+  body { margin: 0; background: var(--bg); color: var(--fg);
+         font: 16px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; }
+  main { max-width: 64rem; margin: 0 auto; padding: 1rem; display: grid; gap: 1rem;
+         grid-template-columns: minmax(0, 1fr); }
+  @media (min-width: 48rem) { main { grid-template-columns: 20rem minmax(0, 1fr); }
+                              .wide { grid-column: 1 / -1; } }
+  header { display: flex; flex-wrap: wrap; gap: .5rem 1.5rem; align-items: center; }
+  h1 { font-size: 1.35rem; margin: 0 auto 0 0; }
+  h2 { font-size: 1rem; margin: 0 0 .5rem; }
+  section, fieldset { background: var(--card); border: 1px solid var(--line); border-radius: .5rem;
+                      padding: .75rem 1rem; margin: 0; min-width: 0; }
+  .pill { display: inline-flex; gap: .4rem; align-items: center; font-weight: 600; }
+  .dot { width: .7rem; height: .7rem; border-radius: 50%; background: var(--muted); }
+  [data-state="open"] .dot { background: var(--ok); }
+  [data-state="connecting"] .dot, [data-state="reconnecting"] .dot { background: var(--warn); }
+  [data-state="closed"] .dot { background: var(--bad); }
+  #clock { font: 600 2.2rem/1.2 ui-monospace, SFMono-Regular, Menlo, monospace; }
+  .muted { color: var(--muted); font-size: .875rem; }
+  #notice:empty { display: none; }
+  #notice { border-left: 4px solid var(--accent); padding: .5rem .75rem; background: var(--card); }
+  form { display: grid; gap: .6rem; }
+  label { display: grid; gap: .2rem; font-size: .875rem; font-weight: 600; }
+  input { font: inherit; padding: .4rem .5rem; border: 1px solid var(--line); border-radius: .3rem;
+          background: var(--bg); color: var(--fg); width: 100%; }
+  .check { display: flex; gap: .4rem; align-items: center; font-weight: 400; }
+  .check input { width: auto; }
+  button { font: inherit; font-weight: 600; padding: .45rem .9rem; border: 0; border-radius: .3rem;
+           background: var(--accent); color: var(--bg); cursor: pointer; justify-self: start; }
+  :focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+  #publish-error { color: var(--bad); font-size: .875rem; margin: 0; }
+  .log { max-height: 60vh; overflow: auto; border: 1px solid var(--line); border-radius: .3rem; }
+  table { width: 100%; border-collapse: collapse; font: .875rem/1.4 ui-monospace, monospace; }
+  th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line);
+           vertical-align: top; }
+  th { position: sticky; top: 0; background: var(--card); }
+  td.data { overflow-wrap: anywhere; white-space: pre-wrap; }
+  tr.replayed td:first-child { border-left: 3px solid var(--warn); }
+  tr.control td { color: var(--accent); }
 </style>
 </head>
 <body>
-<header>
-  <h1>SSE broker</h1>
-  <span>Stream: <span id="state" data-state="connecting" role="status">connecting</span></span>
-  <span>Clients: <span id="clients">?</span></span>
-</header>
-<div id="clock" aria-live="off">--:--:--</div>
-<form id="publish">
-  <label>Data <input name="data" required autocomplete="off"></label>
-  <button>Publish</button>
-</form>
-<h2>Events</h2>
-<ol id="log" aria-live="polite"></ol>
+<main>
+  <header class="wide">
+    <h1>SSE broker</h1>
+    <span id="state" class="pill" data-state="connecting" role="status">
+      <span class="dot" aria-hidden="true"></span><span id="state-text">connecting</span>
+    </span>
+    <span class="muted">clients: <strong id="clients">?</strong></span>
+    <span class="muted">last id: <strong id="last-id">none</strong></span>
+  </header>
+  <p id="notice" class="wide" role="status" aria-live="polite"></p>
+
+  <div style="display: grid; gap: 1rem; align-content: start;">
+    <section aria-labelledby="clock-title">
+      <h2 id="clock-title">Server time</h2>
+      <div id="clock" aria-live="off">--:--:--</div>
+      <div class="muted">published by the ticker on topic <code>time</code></div>
+    </section>
+
+    <form id="subscription" aria-describedby="subscription-help">
+      <fieldset>
+        <legend>Subscription</legend>
+        <label>Topics <input name="topics" placeholder="all topics" autocomplete="off"></label>
+        <p id="subscription-help" class="muted" style="margin: 0">
+          Comma-separated; empty receives every topic.
+        </p>
+        <label class="check"><input type="checkbox" name="ticks"> Log ticks too</label>
+        <button>Subscribe</button>
+      </fieldset>
+    </form>
+
+    <form id="publish">
+      <fieldset>
+        <legend>Publish</legend>
+        <label>Data <input name="data" required autocomplete="off"></label>
+        <label>Event name <input name="event" placeholder="message" autocomplete="off"></label>
+        <label>Topic <input name="topic" placeholder="none" autocomplete="off"></label>
+        <label id="token-field" hidden>Token
+          <input name="token" type="password" autocomplete="current-password"></label>
+        <button>Publish</button>
+        <p id="publish-error" role="alert"></p>
+      </fieldset>
+    </form>
+  </div>
+
+  <section aria-labelledby="log-title">
+    <h2 id="log-title">Events <span class="muted" id="log-count">(0)</span></h2>
+    <div class="log" tabindex="0" aria-label="received events">
+      <table>
+        <thead><tr><th scope="col">id</th><th scope="col">event</th><th scope="col">topic</th>
+          <th scope="col">data</th></tr></thead>
+        <tbody id="log"></tbody>
+      </table>
+    </div>
+  </section>
+</main>
+<script id="config" type="application/json">{{config}}</script>
 <script>
-  const state = document.getElementById("state");
-  const log = document.getElementById("log");
-  const clock = document.getElementById("clock");
-  const setState = (name) => { state.dataset.state = name; state.textContent = name; };
-  const show = (event) => {
-    const item = document.createElement("li");
-    const meta = document.createElement("span");
-    meta.className = "meta";
-    meta.textContent = "#" + (event.lastEventId || "-") + " " + event.type + " ";
-    item.append(meta, event.data);
-    log.prepend(item);
-    while (log.children.length > 200) log.lastChild.remove();
+"use strict";
+const config = JSON.parse(document.getElementById("config").textContent);
+const $ = (id) => document.getElementById(id);
+const token = new URLSearchParams(location.search).get("token");
+const MAX_ROWS = 500;
+
+let source = null;
+let topics = [];          // the current subscription; empty means all
+let logTicks = false;
+let countdown = null;
+let wasOpen = false;      // opened before, so the next open is a reconnect
+let replaying = false;    // between a reconnect and the "replayed" event
+let gap = false;          // the server said events may be missing before the replay
+const listening = new Set();
+let shown = 0;
+
+function setState(state, text) {
+  $("state").dataset.state = state;
+  $("state-text").textContent = text ?? state;
+}
+
+function startCountdown() {
+  clearInterval(countdown);
+  const until = Date.now() + config.retryMs;
+  const render = () => {
+    const left = Math.max(0, until - Date.now());
+    setState("reconnecting", left > 0 ? "reconnecting in " + (left / 1000).toFixed(1) + " s"
+                                      : "reconnecting");
   };
-  const source = new EventSource("/events");
-  source.onopen = () => setState("open");
-  source.onerror = () => setState(source.readyState === EventSource.CLOSED ? "closed" : "reconnecting");
-  source.onmessage = show;
+  render();
+  countdown = setInterval(render, 100);
+}
+
+function addRow(event, kind) {
+  const row = document.createElement("tr");
+  row.dataset.id = event.lastEventId;
+  row.dataset.event = event.type;
+  if (kind) row.className = kind;
+  const topic = event.type === "tick" ? "time" : topics.length === 1 ? topics[0] : "";
+  const shortId = event.lastEventId ? event.lastEventId.split("-").pop() : "";
+  for (const [text, className] of [[shortId, ""], [event.type, ""], [topic, ""],
+                                   [event.data, "data"]]) {
+    const cell = document.createElement("td");
+    cell.textContent = text;
+    if (className) cell.className = className;
+    row.append(cell);
+  }
+  if (kind === "control") row.firstChild.textContent = "";
+  $("log").prepend(row);
+  while ($("log").children.length > MAX_ROWS) $("log").lastChild.remove();
+  $("log-count").textContent = "(" + ++shown + ")";
+}
+
+function onEvent(event) {
+  $("last-id").textContent = event.lastEventId || "none";
+  addRow(event, replaying ? "replayed" : "");
+}
+
+function listen(name) {
+  if (!name || listening.has(name) || !source) return;
+  listening.add(name);
+  source.addEventListener(name, onEvent);
+}
+
+function subscribe() {
+  source?.close();
+  listening.clear();
+  wasOpen = false;
+  const url = new URL("/events", location.href);
+  for (const topic of topics) url.searchParams.append("topic", topic);
+  if (token) url.searchParams.set("token", token);
+  source = new EventSource(url);
+  setState("connecting");
+  source.onopen = () => {
+    clearInterval(countdown);
+    setState("open");
+    replaying = wasOpen;
+    wasOpen = true;
+  };
+  source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED) {
+      clearInterval(countdown);
+      setState("closed", "closed: reload to retry");
+    } else startCountdown();
+  };
+  source.onmessage = onEvent;
   source.addEventListener("tick", (event) => {
-    clock.textContent = new Date(event.data).toLocaleTimeString();
+    $("clock").textContent = new Date(event.data).toLocaleTimeString();
+    $("last-id").textContent = event.lastEventId;
+    if (logTicks) addRow(event, replaying ? "replayed" : "");
   });
-  source.addEventListener("gap", show);
-  document.getElementById("publish").addEventListener("submit", async (submit) => {
-    submit.preventDefault();
-    const form = new FormData(submit.target);
-    const body = { data: form.get("data") };
-    const response = await fetch("/publish", {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify(body),
-    });
-    if (!response.ok) alert((await response.json()).error);
-    else submit.target.reset();
+  source.addEventListener("gap", (event) => {
+    gap = true;
+    addRow(event, "control");
   });
-  const refreshStats = async () => {
-    try {
-      const stats = await (await fetch("/stats")).json();
-      document.getElementById("clients").textContent = stats.clients;
-    } catch { /* the server may be restarting */ }
-  };
-  refreshStats();
-  setInterval(refreshStats, 2000);
+  source.addEventListener("replayed", (event) => {
+    replaying = false;
+    const { count } = JSON.parse(event.data);
+    $("notice").textContent = "Resumed at " + new Date().toLocaleTimeString() + ": replayed " +
+      count + (count === 1 ? " missed event." : " missed events.") +
+      (gap ? " The server no longer had every event since this page's last one" +
+        " (it restarted, or its history is shorter), so some may be missing." : "");
+    $("notice").dataset.replayed = count;
+    gap = false;
+  });
+  for (const name of (localStorage.getItem("sse-events") ?? "").split(",")) listen(name);
+}
+
+$("subscription").addEventListener("submit", (submit) => {
+  submit.preventDefault();
+  const form = new FormData(submit.target);
+  topics = String(form.get("topics")).split(",").map((t) => t.trim()).filter(Boolean);
+  logTicks = form.get("ticks") === "on";
+  subscribe();
+});
+
+$("publish").addEventListener("submit", async (submit) => {
+  submit.preventDefault();
+  const form = new FormData(submit.target);
+  const body = { data: form.get("data") };
+  const event = String(form.get("event")).trim();
+  const topic = String(form.get("topic")).trim();
+  if (event) {
+    body.event = event;
+    // Show our own named events, here and after reloads.
+    listen(event);
+    const names = new Set((localStorage.getItem("sse-events") ?? "").split(",").filter(Boolean));
+    localStorage.setItem("sse-events", [...names.add(event)].join(","));
+  }
+  if (topic) body.topic = topic;
+  const headers = { "content-type": "application/json" };
+  const secret = form.get("token");
+  if (secret) headers.authorization = "Bearer " + secret;
+  $("publish-error").textContent = "";
+  try {
+    const response = await fetch("/publish", { method: "POST", headers, body: JSON.stringify(body) });
+    if (!response.ok) {
+      $("publish-error").textContent = (await response.json()).error;
+      return;
+    }
+    submit.target.elements.data.value = "";
+    submit.target.elements.data.focus();
+  } catch {
+    $("publish-error").textContent = "The server cannot be reached.";
+  }
+});
+
+async function refreshClients() {
+  if (source?.readyState !== EventSource.OPEN) return; // no noise while the server is away
+  try {
+    const stats = await (await fetch("/stats")).json();
+    $("clients").textContent = stats.clients;
+  } catch {
+    // the server went away between the check and the request; the stream will say so
+  }
+}
+
+$("token-field").hidden = !config.publishToken;
+subscribe();
+refreshClients();
+setInterval(refreshClients, 2000);
 </script>
 </body>
 </html>

@@ -11,7 +11,7 @@
  * @module
  */
 import { Broker, createHandler, type FetchServer, tokenAuth } from "./mod.ts";
-import { PAGE } from "./page.ts";
+import { renderPage } from "./page.ts";
 
 type Handler = (request: Request, server?: FetchServer) => Response | Promise<Response>;
 
@@ -92,12 +92,14 @@ const runtime = currentRuntime();
 const port = integer(runtime, "PORT", 8000);
 const hostname = runtime.env("HOSTNAME") || "127.0.0.1";
 const tickMs = integer(runtime, "TICK_MS", 1000);
+const retryMs = integer(runtime, "RETRY_MS", 2000);
+const publishToken = runtime.env("PUBLISH_TOKEN");
 
 const broker = new Broker({
   history: integer(runtime, "HISTORY", 1000),
   historyBytes: integer(runtime, "HISTORY_BYTES", 0) || Infinity,
   heartbeat: integer(runtime, "HEARTBEAT_MS", 15_000),
-  retry: integer(runtime, "RETRY_MS", 2000),
+  retry: retryMs,
   maxQueueBytes: integer(runtime, "MAX_QUEUE_BYTES", 1 << 20),
   maxClients: integer(runtime, "MAX_CLIENTS", 0) || Infinity,
   maxTopics: integer(runtime, "MAX_TOPICS", 32),
@@ -106,18 +108,19 @@ const corsOrigin = runtime.env("CORS_ORIGIN") || "*";
 const handleBroker = createHandler(broker, {
   maxBodyBytes: integer(runtime, "MAX_BODY", 65536),
   authorize: tokenAuth({
-    publish: runtime.env("PUBLISH_TOKEN"),
+    publish: publishToken,
     subscribe: runtime.env("SUBSCRIBE_TOKEN"),
   }),
   allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
 });
 
+const page = renderPage({ retryMs, publishToken: Boolean(publishToken) });
 const handler: Handler = (request, server) => {
   if (new URL(request.url).pathname === "/") {
     if (request.method !== "GET" && request.method !== "HEAD") {
       return Response.json({ error: "use GET" }, { status: 405, headers: { allow: "GET" } });
     }
-    return new Response(PAGE, { headers: { "content-type": "text/html; charset=utf-8" } });
+    return new Response(page, { headers: { "content-type": "text/html; charset=utf-8" } });
   }
   return handleBroker(request, server);
 };

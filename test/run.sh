@@ -6,6 +6,18 @@ PATH="$PWD/node_modules/.bin:$PATH"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
+# The browser test drives Debian's Chromium (never a downloaded browser).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium from Debian's packages for the browser test"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "error: the browser test needs /usr/bin/chromium: run 'apt-get install chromium' as root" >&2
+    exit 1
+  fi
+fi
+
 deno fmt --check
 deno lint
 deno check mod.ts server.ts

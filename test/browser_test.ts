@@ -1,0 +1,205 @@
+// The live page in a real browser: Debian's Chromium driven by playwright-core,
+// against server.ts running under the runtime that runs this file.
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdirSync } from "node:fs";
+import { createServer, type Server, type Socket } from "node:net";
+import type { AddressInfo } from "node:net";
+import { type Browser, chromium, type Page } from "playwright-core";
+import { publish, ROOT, RUNTIME, type ServerProcess, startServer } from "./helpers.ts";
+
+const CHROMIUM = "/usr/bin/chromium";
+const FLAGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
+/**
+ * A TCP proxy between the browser and the server, so a test can sever the
+ * browser's connection (and refuse new ones) without touching the server.
+ */
+class Proxy {
+  readonly #server: Server;
+  readonly #sockets = new Set<Socket>();
+  #up = true;
+
+  constructor(private target: number) {
+    this.#server = createServer((client) => {
+      if (!this.#up) return client.destroy();
+      const upstream = new (client.constructor as typeof Socket)();
+      upstream.connect(this.target, "127.0.0.1");
+      for (const socket of [client, upstream]) {
+        this.#sockets.add(socket);
+        socket.on("close", () => this.#sockets.delete(socket));
+        socket.on("error", () => {});
+      }
+      client.pipe(upstream).pipe(client);
+      client.on("close", () => upstream.destroy());
+      upstream.on("close", () => client.destroy());
+    });
+  }
+
+  listen(): Promise<number> {
+    return new Promise((resolve) =>
+      this.#server.listen(0, "127.0.0.1", () => {
+        resolve((this.#server.address() as AddressInfo).port);
+      })
+    );
+  }
+
+  /** Severs every connection and refuses new ones until `restore`. */
+  cut(): void {
+    this.#up = false;
+    for (const socket of this.#sockets) socket.destroy();
+  }
+
+  restore(): void {
+    this.#up = true;
+  }
+
+  close(): Promise<void> {
+    this.cut();
+    return new Promise((resolve) => this.#server.close(() => resolve()));
+  }
+}
+
+/** Ids of the rows the page shows for `data`, in the order shown. */
+function idsShown(page: Page, data: string): Promise<string[]> {
+  return page.$$eval(
+    "#log tr",
+    (rows, wanted) =>
+      rows.filter((row) => row.querySelector("td.data")?.textContent === wanted)
+        .map((row) => row.getAttribute("data-id")!),
+    data,
+  );
+}
+
+describe(`the live page in Chromium, server under ${RUNTIME}`, () => {
+  let browser: Browser;
+  let server: ServerProcess;
+  let proxy: Proxy;
+  let proxied: string; // the page's URL through the proxy
+  const errors: string[] = [];
+
+  const open = async (url: string): Promise<Page> => {
+    const page = await browser.newPage();
+    page.on("console", (message) => {
+      if (message.type() === "error") errors.push(`console: ${message.text()}`);
+    });
+    page.on("pageerror", (error) => errors.push(`page: ${error.message}`));
+    await page.goto(url);
+    await page.locator('#state[data-state="open"]').waitFor();
+    return page;
+  };
+
+  before(async () => {
+    server = await startServer({ TICK_MS: "200", RETRY_MS: "300" });
+    proxy = new Proxy(Number(new URL(server.url).port));
+    proxied = `http://127.0.0.1:${await proxy.listen()}/`;
+    browser = await chromium.launch({ executablePath: CHROMIUM, args: FLAGS });
+  });
+
+  after(async () => {
+    await browser?.close();
+    await proxy?.close();
+    assert.equal(await server.stop(), 0);
+  });
+
+  test("ticks appear, and a message published from the form reaches a second page", async () => {
+    const first = await open(proxied);
+    const second = await open(server.url);
+    await first.locator("#clock", { hasText: /\d/ }).waitFor();
+
+    // With the keyboard only: the fields are reachable by their labels.
+    await first.getByLabel("Data").focus();
+    await first.keyboard.type("hello from the first page");
+    await first.keyboard.press("Enter");
+    for (const page of [first, second]) {
+      await page.locator("#log td.data", { hasText: "hello from the first page" }).waitFor();
+    }
+    assert.equal(await first.getByLabel("Data").inputValue(), "", "the form is cleared");
+    assert.equal(await first.getByLabel("Token").isVisible(), false, "no token is needed");
+    await second.locator("#clients", { hasText: /^[1-9]/ }).waitFor();
+
+    mkdirSync(`${ROOT}test-output`, { recursive: true });
+    await first.screenshot({ path: `${ROOT}test-output/page-${RUNTIME}.png`, fullPage: true });
+    await second.close();
+    await first.close();
+  });
+
+  test("after the connection is cut, the page resumes and shows every missed event once", async () => {
+    const page = await open(proxied);
+    // Re-subscribe to one topic through the selector, so the ticker stays out of the count.
+    await page.getByLabel("Topics").fill("chat");
+    await page.getByRole("button", { name: "Subscribe" }).click();
+    await page.locator('#state[data-state="open"]').waitFor();
+    await publish(server.url, { data: "before the cut", topic: "chat" });
+    await page.locator("#log td.data", { hasText: "before the cut" }).waitFor();
+
+    proxy.cut();
+    await page.locator('#state[data-state="reconnecting"]').waitFor();
+    const missed = [];
+    for (let n = 1; n <= 5; n++) {
+      missed.push(await publish(server.url, { data: `missed ${n}`, topic: "chat" }));
+    }
+    proxy.restore();
+
+    await page.locator('#notice[data-replayed="5"]').waitFor();
+    await page.locator('#state[data-state="open"]').waitFor();
+    for (let n = 1; n <= 5; n++) {
+      assert.deepEqual(await idsShown(page, `missed ${n}`), [missed[n - 1]], `missed ${n} once`);
+    }
+    assert.equal((await idsShown(page, "before the cut")).length, 1);
+    const live = await publish(server.url, { data: "live again", topic: "chat" });
+    await page.locator("#log td.data", { hasText: "live again" }).waitFor();
+    assert.deepEqual(await idsShown(page, "live again"), [live]);
+    await page.close();
+  });
+
+  test("after the server restarts, the page reconnects and goes on", async () => {
+    const page = await open(proxied);
+    await page.locator("#last-id", { hasText: /\d/ }).waitFor(); // it has an event to resume from
+    const port = new URL(server.url).port;
+    assert.equal(await server.stop(), 0);
+    await page.locator('#state[data-state="reconnecting"]').waitFor();
+
+    server = await startServer({ PORT: port, TICK_MS: "200", RETRY_MS: "300" });
+    await page.locator('#state[data-state="open"]').waitFor();
+    // The new server cannot know what the old one sent after the page's last event: it says so.
+    await page.locator("#notice", { hasText: "some may be missing" }).waitFor();
+    await publish(server.url, { data: "after the restart" });
+    await page.locator("#log td.data", { hasText: "after the restart" }).waitFor();
+    await page.close();
+  });
+
+  test("with PUBLISH_TOKEN set, the page asks for the token and publishes with it", async () => {
+    const secured = await startServer({ PUBLISH_TOKEN: "page-token-42" });
+    try {
+      const page = await open(secured.url);
+      assert.equal(await page.getByLabel("Token").isVisible(), true);
+      await page.getByLabel("Data").fill("signed message");
+      await page.getByLabel("Token").fill("page-token-42");
+      await page.getByRole("button", { name: "Publish" }).click();
+      await page.locator("#log td.data", { hasText: "signed message" }).waitFor();
+      await page.close();
+    } finally {
+      assert.equal(await secured.stop(), 0);
+    }
+  });
+
+  test("no console errors", () => {
+    // Chromium itself logs each connection the tests break on purpose (the
+    // proxy's cut, attempts refused while the server restarts) as a network
+    // failure. Anything else counts: script errors, console.error, HTTP errors.
+    const own = errors.filter((error) =>
+      !/^console: Failed to load resource: net::ERR_/.test(error)
+    );
+    assert.deepEqual(own, []);
+  });
+});
