@@ -10,83 +10,9 @@
  *
  * @module
  */
-import { Broker, createHandler, type FetchServer, tokenAuth } from "./mod.ts";
+import { Broker, createHandler, tokenAuth } from "./mod.ts";
 import { renderPage } from "./page.ts";
-
-type Handler = (request: Request, server?: FetchServer) => Response | Promise<Response>;
-
-/** What this file needs of a runtime: its environment, a listener, signals and exit. */
-interface Runtime {
-  env(name: string): string | undefined;
-  serve(handler: Handler, port: number, hostname: string): { port: number; stop(): Promise<void> };
-  onSignal(signal: "SIGINT" | "SIGTERM", listener: () => void): void;
-  exit(code: number): never;
-}
-
-// Minimal shapes of the two runtimes' globals, so `deno check` needs no Bun types.
-interface BunGlobal {
-  env: Record<string, string | undefined>;
-  serve(options: {
-    port: number;
-    hostname: string;
-    fetch: Handler;
-    error?: (error: Error) => Response;
-  }): { port: number; stop(force?: boolean): Promise<void> };
-}
-interface ProcessGlobal {
-  on(signal: string, listener: () => void): void;
-  exit(code: number): never;
-}
-
-function currentRuntime(): Runtime {
-  const { Bun, process } = globalThis as { Bun?: BunGlobal; process?: ProcessGlobal };
-  // Bun first: it also defines some Deno-compatible globals in some setups.
-  if (Bun !== undefined && process !== undefined) {
-    return {
-      env: (name) => Bun.env[name],
-      serve(handler, port, hostname) {
-        // No `export default { fetch }` in this file: Bun would start a second
-        // server from it. We call Bun.serve ourselves, once.
-        const server = Bun.serve({ port, hostname, fetch: handler, error: internalError });
-        return { port: server.port, stop: () => server.stop() };
-      },
-      onSignal: (signal, listener) => process.on(signal, listener),
-      exit: (code) => process.exit(code),
-    };
-  }
-  if (typeof Deno !== "undefined") {
-    return {
-      env: (name) => Deno.env.get(name),
-      serve(handler, port, hostname) {
-        const server = Deno.serve(
-          { port, hostname, onListen() {}, onError: internalError },
-          (request) => handler(request),
-        );
-        return { port: server.addr.port, stop: () => server.shutdown() };
-      },
-      onSignal: (signal, listener) => Deno.addSignalListener(signal, listener),
-      exit: (code) => Deno.exit(code),
-    };
-  }
-  throw new Error("server.ts runs on Deno or Bun; import mod.ts on other runtimes");
-}
-
-function internalError(error: unknown): Response {
-  console.error("error:", error instanceof Error ? error.message : error);
-  return Response.json({ error: "internal error" }, { status: 500 });
-}
-
-/** Reads a non-negative integer setting, or stops with a one-line reason. */
-function integer(runtime: Runtime, name: string, fallback: number): number {
-  const text = runtime.env(name);
-  if (text === undefined || text === "") return fallback;
-  const value = Number(text);
-  if (!/^\d+$/.test(text) || !Number.isSafeInteger(value)) {
-    console.error(`error: ${name} must be a non-negative integer, got ${JSON.stringify(text)}`);
-    runtime.exit(1);
-  }
-  return value;
-}
+import { currentRuntime, type Handler, integer } from "./runtime.ts";
 
 const runtime = currentRuntime();
 const port = integer(runtime, "PORT", 8000);
