@@ -441,6 +441,16 @@ export class Broker {
   readonly #everyone = new Set<Client>();
   /** Clients by each topic they named. */
   readonly #byTopic = new Map<string, Set<Client>>();
+  /**
+   * Events accepted and kept but not yet handed to clients. Publishes that
+   * arrive in one turn of the event loop go out together, as one chunk per
+   * client: the per-chunk cost of a stream, paid per client, is what bounds
+   * fan-out, so a burst of publishes costs about as much as one.
+   */
+  #batch: StoredEvent[] = [];
+  #batchSent: Promise<void> | undefined;
+  /** The newest event handed to live clients; a catching-up client replays up to here. */
+  #liveSeq = 0;
   #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
   #closed = false;
   #published = 0;
@@ -552,8 +562,10 @@ export class Broker {
    * a message that carries its own `id` is refused.
    *
    * Encodes once and queues the same bytes for every client; it never waits
-   * for a client. Throws {@linkcode MessageError} (as a rejection) for a
-   * message that cannot be encoded; nothing is sent then.
+   * for a client. Publishes made in the same turn of the event loop are
+   * queued together, as one chunk per client; the promise resolves once the
+   * event is queued for every client. Rejects with {@linkcode MessageError}
+   * for a message that cannot be encoded; nothing is sent then.
    *
    * @example
    * ```ts
@@ -569,7 +581,6 @@ export class Broker {
    * @param options The event's topics.
    * @returns The id the event was given.
    */
-  // deno-lint-ignore require-await -- async so that invalid input rejects rather than throws
   async publish(
     message: Omit<ServerSentEventMessage, "id">,
     options: PublishOptions = {},
@@ -596,7 +607,14 @@ export class Broker {
       (id) => encoder.encode(`id: ${id}\n${text}`),
     );
     this.#published++;
-    this.#deliver(event);
+    this.#batch.push(event);
+    this.#batchSent ??= new Promise((resolve) =>
+      setTimeout(() => {
+        this.#flush();
+        resolve();
+      }, 0)
+    );
+    await this.#batchSent;
     return this.#history.idOf(event.seq);
   }
 
@@ -619,6 +637,7 @@ export class Broker {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#flush(); // accepted events go out before the streams end
     for (const client of [...this.#clients]) this.#end(client);
   }
 
@@ -659,7 +678,7 @@ export class Broker {
       }
       // Publishing may go on before the first pull: those events land in the
       // history and the cursor picks them up, so the seam has no gap.
-      if (seq < this.#history.lastSeq) client.cursor = seq;
+      if (seq < this.#liveSeq) client.cursor = seq;
       else client.controller.enqueue(replayedMessage(0));
     }
     this.#clients.add(client);
@@ -717,36 +736,46 @@ export class Broker {
     client.controller.error(new Error("client too slow"));
   }
 
-  #deliver(event: StoredEvent): void {
-    if (event.topics.length === 0) {
-      for (const client of this.#everyone) this.#send(client, event);
-      return;
+  /** Hands the batch to live clients: one chunk each, shared by all that want the same events. */
+  #flush(): void {
+    const batch = this.#batch;
+    if (batch.length === 0) return;
+    this.#batch = [];
+    this.#batchSent = undefined;
+    this.#liveSeq = batch[batch.length - 1].seq;
+    if (this.#everyone.size > 0) {
+      const chunk = concat(batch.map((event) => event.bytes));
+      for (const client of this.#everyone) this.#send(client, chunk, batch.length);
     }
-    for (const client of this.#everyone) this.#send(client, event);
-    // A client may have named several of the event's topics: send once.
-    const seen = event.topics.length > 1 ? new Set<Client>() : undefined;
-    for (const topic of event.topics) {
-      const set = this.#byTopic.get(topic);
-      if (set === undefined) continue;
-      for (const client of set) {
-        if (seen !== undefined) {
-          if (seen.has(client)) continue;
-          seen.add(client);
+    if (this.#byTopic.size === 0) return;
+    // Each client that named topics gets the events it named, in order and
+    // once, even if it named several of one event's topics.
+    const wanted = new Map<Client, StoredEvent[]>();
+    for (const event of batch) {
+      for (const topic of event.topics) {
+        for (const client of this.#byTopic.get(topic) ?? []) {
+          const events = wanted.get(client);
+          if (events === undefined) wanted.set(client, [event]);
+          else if (events[events.length - 1] !== event) events.push(event);
         }
-        this.#send(client, event);
       }
+    }
+    const chunks = new Map<string, Uint8Array>();
+    for (const [client, events] of wanted) {
+      const key = events.map((event) => event.seq).join();
+      let chunk = chunks.get(key);
+      if (chunk === undefined) chunks.set(key, chunk = concat(events.map((event) => event.bytes)));
+      this.#send(client, chunk, events.length);
     }
   }
 
-  #send(client: Client, event: StoredEvent): void {
-    // A client still catching up gets this event from the history, in order.
+  #send(client: Client, chunk: Uint8Array, events: number): void {
+    // A client still catching up gets these events from the history, in order.
     if (client.cursor !== undefined) return;
-    client.controller.enqueue(event.bytes);
+    client.controller.enqueue(chunk);
     client.active = true;
-    this.#delivered++;
-    if (client.controller.desiredSize! < 0) {
-      this.#cut(client);
-    }
+    this.#delivered += events;
+    if (client.controller.desiredSize! < 0) this.#cut(client);
   }
 
   /**
@@ -757,7 +786,7 @@ export class Broker {
   #replay(client: Client): void {
     if (client.cursor === undefined || !this.#clients.has(client)) return;
     const controller = client.controller;
-    while (client.cursor < this.#history.lastSeq) {
+    while (client.cursor < this.#liveSeq) {
       if (controller.desiredSize! <= this.#maxQueueBytes / 2) return;
       const event = this.#history.at(client.cursor + 1);
       if (event === undefined) {
@@ -790,6 +819,18 @@ export class Broker {
 }
 
 const HEARTBEAT = encodeMessage({ comment: "" });
+
+/** Joins chunks into one; a single chunk is returned as it is, not copied. */
+function concat(chunks: readonly Uint8Array[]): Uint8Array {
+  if (chunks.length === 1) return chunks[0];
+  const joined = new Uint8Array(chunks.reduce((size, chunk) => size + chunk.byteLength, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    joined.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return joined;
+}
 
 /** Tells a resuming client that it has caught up, and how many events it missed. */
 function replayedMessage(count: number): Uint8Array {
@@ -1114,14 +1155,8 @@ async function readText(request: Request, maxBytes: number): Promise<string> {
       chunks.push(read.value);
     }
   }
-  const bytes = new Uint8Array(size);
-  let offset = 0;
-  for (const chunk of chunks) {
-    bytes.set(chunk, offset);
-    offset += chunk.byteLength;
-  }
   try {
-    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+    return new TextDecoder("utf-8", { fatal: true }).decode(concat(chunks));
   } catch {
     throw new HttpError(400, "body is not valid UTF-8");
   }

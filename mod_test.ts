@@ -191,6 +191,31 @@ describe("Broker", () => {
     broker.close();
   });
 
+  test("publishes in one turn go out as one chunk per client, in order", async () => {
+    const broker = new Broker();
+    const reader = broker.subscribe(new Request("http://x/")).body!.getReader();
+    await reader.read(); // retry:
+    const ids = await Promise.all([1, 2, 3].map((n) => broker.publish({ data: `${n}` })));
+    const { items } = parseAll((await reader.read()).value!);
+    assert.deepEqual(items.map((item) => (item as SseEvent).data), ["1", "2", "3"]);
+    assert.deepEqual(items.map((item) => (item as SseEvent).lastEventId), ids);
+    assert.equal(broker.stats().delivered, 3);
+    broker.close();
+  });
+
+  test("a client that resumes while a burst is still pending gets each event once", async () => {
+    const broker = new Broker();
+    const before = await broker.publish({ data: "seen" });
+    const pending = broker.publish({ data: "pending" }); // kept, not yet sent
+    const reader = open(broker, "", { headers: { "last-event-id": before } });
+    await pending;
+    await broker.publish({ data: "later" });
+    // Up to date when it subscribed: told so at once; the pending event then arrives live.
+    const events = await reader.events(3);
+    assert.deepEqual(events.map((e) => e.data), ['{"count":0}', "pending", "later"]);
+    broker.close();
+  });
+
   test("a cancelled client is removed once and never receives again", async () => {
     const broker = new Broker();
     const gone = broker.subscribe(new Request("http://localhost/events")).body!;
