@@ -1,0 +1,294 @@
+// The benchmark: `npm run bench` (node bench/run.mjs). Not part of the tests.
+//
+// Starts each server as a real process pinned to core 0 (taskset), drives it
+// with bench/loadgen.c pinned to core 1, and writes bench/results/: the raw
+// runs (results.json), a table of medians with ratios to the ceiling on the
+// same runtime and to the Hono peer (RESULTS.md), and a chart (chart.svg).
+//
+// Environment: REPEAT (runs per figure, default 3), ONLY (a substring of the
+// server names to run, e.g. "deno").
+import { execFileSync, spawn } from "node:child_process";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import { fileURLToPath } from "node:url";
+
+const root = fileURLToPath(new URL("..", import.meta.url));
+const bin = (name) => `${root}node_modules/.bin/${name}`;
+const out = `${root}bench/results`;
+const build = `${root}bench/.build`;
+const REPEAT = Number(process.env.REPEAT ?? 3);
+const ONLY = process.env.ONLY ?? "";
+
+const SERVERS = ["deno", "bun"].flatMap((runtime) => [
+  { name: `sse-broker ${runtime}`, runtime, file: "server.ts", kind: "ours" },
+  { name: `ceiling ${runtime}`, runtime, file: "bench/servers/ceiling.ts", kind: "ceiling" },
+  { name: `hono ${runtime}`, runtime, file: "bench/servers/hono.ts", kind: "hono" },
+]).filter((server) => server.name.includes(ONLY));
+
+// 64-byte events, 8 publishes in flight, as in the issue.
+const SCENARIOS = [
+  { name: "fanout-1k", args: ["fanout", 1000, 2000, 8, 64], unit: "deliveries/s" },
+  { name: "fanout-10k", args: ["fanout", 10000, 200, 8, 64], unit: "deliveries/s" },
+  // Well below saturation, so this measures delivery, not queueing.
+  { name: "latency-1k", args: ["latency", 1000, 500, 8, 64, 50], unit: "ms" },
+  { name: "idle-10k", memory: 10000, unit: "KiB/connection" },
+  { name: "churn-5k", churn: 5000, unit: "KiB growth" },
+];
+
+function startServer(server) {
+  const command = server.runtime === "deno"
+    ? [bin("deno"), "run", "-A", server.file]
+    : [bin("bun"), "run", server.file];
+  const child = spawn("taskset", ["-c", "0", ...command], {
+    cwd: root,
+    env: { ...process.env, PORT: "0", TICK_MS: "0", HOSTNAME: "127.0.0.1" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  return new Promise((resolve, reject) => {
+    let output = "";
+    child.stdout.on("data", (chunk) => {
+      output += chunk;
+      const match = /^http:\/\/[^:]+:(\d+)\//.exec(output);
+      if (match) resolve({ child, port: Number(match[1]) });
+    });
+    child.on("exit", (code) => reject(new Error(`${server.name} exited ${code}: ${output}`)));
+  });
+}
+
+async function stopServer({ child }) {
+  const exited = new Promise((resolve) => child.on("exit", resolve));
+  child.kill("SIGTERM");
+  await Promise.race([exited, sleep(3000).then(() => child.kill("SIGKILL"))]);
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Resident memory of the server process (taskset execs it, so the pid is the server's). */
+function rssKiB(pid) {
+  return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]);
+}
+
+function loadgen(args, { stdin = "ignore" } = {}) {
+  return spawn("taskset", ["-c", "1", `${build}/loadgen`, ...args.map(String)], {
+    stdio: [stdin, "pipe", "inherit"],
+  });
+}
+
+function runLoadgen(args) {
+  const child = loadgen(args);
+  let output = "";
+  child.stdout.on("data", (chunk) => output += chunk);
+  return new Promise((resolve, reject) =>
+    child.on("exit", (code) => {
+      try {
+        resolve({ ...JSON.parse(output), exitCode: code });
+      } catch {
+        reject(new Error(`loadgen ${args.join(" ")} exited ${code}: ${output}`));
+      }
+    })
+  );
+}
+
+async function clientsOf(port) {
+  const response = await fetch(`http://127.0.0.1:${port}/stats`);
+  return (await response.json()).clients;
+}
+
+async function measure(server, scenario) {
+  const started = await startServer(server);
+  const pid = started.child.pid;
+  try {
+    if (scenario.args) {
+      const [mode, ...rest] = scenario.args;
+      const result = await runLoadgen([mode, started.port, ...rest]);
+      const lost = result.clientsComplete !== result.clients;
+      return {
+        value: mode === "latency" ? result.p99ms : result.deliveriesPerSecond,
+        p50ms: result.p50ms,
+        p99ms: result.p99ms,
+        lost,
+        raw: result,
+      };
+    }
+    if (scenario.memory) {
+      await sleep(500);
+      const before = rssKiB(pid);
+      const child = loadgen(["idle", started.port, scenario.memory], { stdin: "pipe" });
+      await new Promise((resolve, reject) => {
+        child.stdout.on("data", (chunk) => String(chunk).includes("ready") && resolve());
+        child.on("exit", (code) => reject(new Error(`idle loadgen exited ${code}`)));
+      });
+      await sleep(1000);
+      const after = rssKiB(pid);
+      const clients = await clientsOf(started.port);
+      child.stdin.end();
+      return { value: (after - before) / scenario.memory, clients, before, after };
+    }
+    // Churn: one round of 5,000 cycles to warm up (heaps grow to their working
+    // size), then the growth over a second round of 5,000.
+    await runLoadgen(["churn", started.port, scenario.churn]);
+    await sleep(500);
+    const before = rssKiB(pid);
+    const result = await runLoadgen(["churn", started.port, scenario.churn]);
+    let clients = await clientsOf(started.port);
+    for (let i = 0; i < 50 && clients !== 0; i++) {
+      await sleep(100);
+      clients = await clientsOf(started.port);
+    }
+    const after = rssKiB(pid);
+    return { value: after - before, clients, before, after, seconds: result.seconds };
+  } finally {
+    await stopServer(started);
+  }
+}
+
+const median = (values) => {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+};
+
+function version(command, args) {
+  try {
+    return execFileSync(command, args, { encoding: "utf8" }).split("\n")[0].trim();
+  } catch {
+    return "unknown";
+  }
+}
+
+async function main() {
+  mkdirSync(out, { recursive: true });
+  mkdirSync(build, { recursive: true });
+  execFileSync("gcc", ["-O2", "-Wall", "-o", `${build}/loadgen`, `${root}bench/loadgen.c`]);
+  const machine = {
+    date: new Date().toISOString(),
+    cpu: os.cpus()[0]?.model ?? "unknown",
+    cores: os.cpus().length,
+    memoryGiB: Math.round(os.totalmem() / 2 ** 30),
+    kernel: os.release(),
+    deno: version(bin("deno"), ["--version"]),
+    bun: version(bin("bun"), ["--version"]),
+    hono: JSON.parse(readFileSync(`${root}node_modules/hono/package.json`, "utf8")).version,
+    repeat: REPEAT,
+  };
+  const runs = [];
+  for (let round = 0; round < REPEAT; round++) {
+    // Interleave servers within each round, so drift on the machine hits all alike.
+    for (const scenario of SCENARIOS) {
+      for (const server of SERVERS) {
+        const result = await measure(server, scenario);
+        runs.push({ server: server.name, scenario: scenario.name, round, ...result });
+        console.log(
+          `${scenario.name.padEnd(11)} ${server.name.padEnd(17)} ${fmt(result.value)}` +
+            (result.lost ? "  LOST EVENTS" : "") +
+            (result.clients !== undefined ? `  clients=${result.clients}` : ""),
+        );
+      }
+    }
+  }
+  const table = summarize(runs);
+  writeFileSync(`${out}/results.json`, JSON.stringify({ machine, runs, table }, null, 2) + "\n");
+  writeFileSync(`${out}/RESULTS.md`, markdown(machine, table));
+  writeFileSync(`${out}/chart.svg`, chart(table));
+  console.log(`\nwrote ${out}/RESULTS.md, results.json, chart.svg`);
+}
+
+function fmt(value) {
+  if (value === undefined || value === null || Number.isNaN(value)) return "-";
+  return value >= 1000 ? Math.round(value).toLocaleString("en-US") : value.toFixed(2);
+}
+
+function summarize(runs) {
+  const table = {};
+  for (const scenario of SCENARIOS) {
+    table[scenario.name] = {};
+    for (const server of SERVERS) {
+      const mine = runs.filter((r) => r.server === server.name && r.scenario === scenario.name);
+      if (mine.length === 0) continue;
+      table[scenario.name][server.name] = {
+        median: median(mine.map((r) => r.value)),
+        p50ms: mine[0].p50ms === undefined ? undefined : median(mine.map((r) => r.p50ms)),
+        lost: mine.some((r) => r.lost),
+        runs: mine.map((r) => r.value),
+      };
+    }
+  }
+  return table;
+}
+
+function markdown(machine, table) {
+  const lines = [
+    "# Benchmark results",
+    "",
+    `Taken ${machine.date} on ${machine.cores} cores (${machine.cpu}), ${machine.memoryGiB} GiB,`,
+    `Linux ${machine.kernel}; ${machine.deno}; Bun ${machine.bun}; Hono ${machine.hono}.`,
+    `Each server ran alone on core 0, the load generator on core 1. Medians of ${machine.repeat}`,
+    "runs; figures move a lot between runs on these machines, so compare the ratios, which come",
+    "from the same run. `npm run bench` makes this file.",
+    "",
+    "- fanout: deliveries per second (events × clients), 64-byte events published through",
+    "  `POST /publish` with 8 in flight; every client must receive every event.",
+    "- latency-1k: publish-to-receive over every delivery, 50 events/s to 1,000 clients; the",
+    "  figure is p99 (p50 beside it).",
+    "- idle-10k: resident memory added per idle connection, with 10,000 open.",
+    "- churn-5k: resident memory growth over 5,000 connect/disconnect cycles, after 5,000 to",
+    "  warm up; the client count must come back to 0.",
+    "",
+    "| scenario | server | median | × ceiling (same runtime) | × hono (same runtime) |",
+    "| --- | --- | ---: | ---: | ---: |",
+  ];
+  for (const scenario of SCENARIOS) {
+    for (const [name, row] of Object.entries(table[scenario.name])) {
+      const runtime = name.split(" ")[1];
+      const ceiling = table[scenario.name][`ceiling ${runtime}`]?.median;
+      const hono = table[scenario.name][`hono ${runtime}`]?.median;
+      const ratio = (base) => base ? (row.median / base).toFixed(2) : "-";
+      const value = scenario.name === "latency-1k"
+        ? `${fmt(row.median)} ms (p50 ${fmt(row.p50ms)})`
+        : `${fmt(row.median)} ${scenario.unit}`;
+      lines.push(
+        `| ${scenario.name} | ${name}${row.lost ? " (LOST EVENTS)" : ""} | ${value} | ` +
+          `${ratio(ceiling)} | ${ratio(hono)} |`,
+      );
+    }
+  }
+  lines.push("", "Raw runs: [results.json](results.json). Chart: [chart.svg](chart.svg).", "");
+  return lines.join("\n");
+}
+
+/** Grouped horizontal bars of fan-out throughput, one group per scenario. */
+function chart(table) {
+  const groups = ["fanout-1k", "fanout-10k"].filter((name) => table[name]);
+  const colors = { ours: "#0550ae", ceiling: "#8c959f", hono: "#bf8700" };
+  const rows = groups.flatMap((group) =>
+    Object.entries(table[group]).map(([name, row]) => ({ group, name, value: row.median }))
+  );
+  const max = Math.max(...rows.map((row) => row.value));
+  const barHeight = 22, gap = 6, left = 190, width = 760, top = 50;
+  let y = top;
+  const parts = [];
+  for (const group of groups) {
+    parts.push(`<text x="10" y="${y + 14}" font-weight="600">${group} (deliveries/s)</text>`);
+    y += 24;
+    for (const row of rows.filter((r) => r.group === group)) {
+      const kind = row.name.startsWith("sse-broker") ? "ours" : row.name.split(" ")[0];
+      const length = Math.max(1, (row.value / max) * (width - left - 110));
+      parts.push(
+        `<text x="${left - 8}" y="${y + 15}" text-anchor="end">${row.name}</text>`,
+        `<rect x="${left}" y="${y}" width="${length.toFixed(1)}" height="${barHeight}" fill="${
+          colors[kind]
+        }"/>`,
+        `<text x="${left + length + 6}" y="${y + 15}">${fmt(row.value)}</text>`,
+      );
+      y += barHeight + gap;
+    }
+    y += 16;
+  }
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${y + 10}" ` +
+    `font-family="system-ui, sans-serif" font-size="13">\n` +
+    `<rect width="100%" height="100%" fill="#fff"/>\n` +
+    `<text x="10" y="24" font-size="16" font-weight="700">SSE fan-out, server on one core ` +
+    `(higher is better)</text>\n${parts.join("\n")}\n</svg>\n`;
+}
+
+await main();
