@@ -20,7 +20,7 @@ fi
 
 deno fmt --check
 deno lint
-deno check mod.ts server.ts
+deno check mod.ts server.ts runtime.ts bench/servers/
 deno check --doc mod.ts   # the JSDoc examples type-check
 deno doc --lint mod.ts
 
