@@ -1,4 +1,6 @@
-// The benchmark: `npm run bench` (node bench/run.mjs). Not part of the tests.
+// The benchmark: `npm run bench`, which raises the open-file limit to the hard limit
+// (10,000 clients need 10,000 descriptors in the server and in the load generator) and
+// runs this file. Not part of the tests.
 //
 // Starts each server as a real process pinned to core 0 (taskset), drives it
 // with bench/loadgen.c pinned to core 1, and writes bench/results/: the raw

@@ -33,6 +33,8 @@ bun test 2>&1 | tee "$out/bun" || status=1
 # One plain summary line per runtime.
 strip() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
 deno_line=$(strip "$out/deno" | grep -E '^(ok|FAILED) \|' | tail -1)
+# Deno counts top-level tests, with the tests inside describe() as steps; Bun counts them all.
+echo "deno ran $(grep -oE '[0-9]+ passed \([0-9]+ steps?\)' <<<"$deno_line" || echo "its tests")"
 printf 'deno: %s passed, %s failed\n' \
   "$(grep -oE '[0-9]+ passed' <<<"$deno_line" | grep -oE '[0-9]+' || echo 0)" \
   "$(grep -oE '[0-9]+ failed' <<<"$deno_line" | grep -oE '[0-9]+' || echo 0)"
