@@ -103,7 +103,7 @@ describe("replay", () => {
     const reader = await subscribe(`${server.url}events?topic=old`, { "last-event-id": "abc" });
     assert.equal((await reader.event()).event, "gap");
     await reader.cancel();
-    assert.equal((await stats(server.url)).clients, 0);
+    await eventually(async () => (await stats(server.url)).clients === 0, 5000, "0 clients");
   });
 });
 
