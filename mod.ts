@@ -487,8 +487,6 @@ export class Broker {
    */
   #batch: StoredEvent[] = [];
   #batchSent: Promise<void> | undefined;
-  /** The newest event handed to live clients; a catching-up client replays up to here. */
-  #liveSeq = 0;
   #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
   #closed = false;
   #published = 0;
@@ -774,7 +772,6 @@ export class Broker {
     if (batch.length === 0) return;
     this.#batch = [];
     this.#batchSent = undefined;
-    this.#liveSeq = batch[batch.length - 1].seq;
     if (this.#everyone.size > 0) {
       const chunk = concat(batch.map((event) => event.bytes));
       for (const client of this.#everyone) this.#send(client, chunk, batch.length);
@@ -799,6 +796,14 @@ export class Broker {
       if (chunk === undefined) chunks.set(key, chunk = concat(events.map((event) => event.bytes)));
       this.#send(client, chunk, events.length);
     }
+  }
+
+  /**
+   * The newest event handed to live clients (the batch holds the ones after
+   * it); a catching-up client replays up to here, then goes live.
+   */
+  get #liveSeq(): number {
+    return this.#history.lastSeq - this.#batch.length;
   }
 
   #send(client: Client, chunk: Uint8Array, events: number): void {
