@@ -809,9 +809,14 @@ export class Broker {
   #send(client: Client, chunk: Uint8Array, events: number): void {
     // A client still catching up gets these events from the history, in order.
     if (client.cursor !== undefined) return;
-    client.controller.enqueue(chunk);
     client.active = true;
     this.#delivered += events;
+    this.#queue(client, chunk);
+  }
+
+  /** Queues live bytes for a client, and cuts it if that puts it too far behind. */
+  #queue(client: Client, chunk: Uint8Array): void {
+    client.controller.enqueue(chunk);
     if (queuedBytes(client) > this.#maxQueueBytes) this.#cut(client);
   }
 
@@ -844,12 +849,7 @@ export class Broker {
 
   #heartbeat(): void {
     for (const client of this.#clients) {
-      if (!client.active && client.cursor === undefined) {
-        client.controller.enqueue(HEARTBEAT);
-        if (queuedBytes(client) > this.#maxQueueBytes) {
-          this.#cut(client);
-        }
-      }
+      if (!client.active && client.cursor === undefined) this.#queue(client, HEARTBEAT);
       client.active = false;
     }
   }
