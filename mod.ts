@@ -413,10 +413,19 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
   /** Whether anything was sent since the last heartbeat tick. */
   active = false;
 
+  /**
+   * The client's topics as one string (sorted, one per line: topics hold no
+   * control characters). Clients with the same key want the same events, so
+   * a flush builds their chunk once.
+   */
+  readonly topicKey: string;
+
   constructor(
     readonly topics: ReadonlySet<string> | undefined,
     readonly events: ClientEvents,
-  ) {}
+  ) {
+    this.topicKey = topics === undefined ? "" : [...topics].sort().join("\n");
+  }
 
   start(controller: ReadableStreamDefaultController<Uint8Array>): void {
     this.controller = controller;
@@ -777,24 +786,24 @@ export class Broker {
       for (const client of this.#everyone) this.#send(client, chunk, batch.length);
     }
     if (this.#byTopic.size === 0) return;
-    // Each client that named topics gets the events it named, in order and
-    // once, even if it named several of one event's topics.
-    const wanted = new Map<Client, StoredEvent[]>();
+    // Each client that named topics gets one chunk of the events it wants, in
+    // order and once each, built once for all clients with the same topics.
+    const chunks = new Map<string, { chunk: Uint8Array; events: number }>();
+    const sent = new Set<Client>();
     for (const event of batch) {
       for (const topic of event.topics) {
         for (const client of this.#byTopic.get(topic) ?? []) {
-          const events = wanted.get(client);
-          if (events === undefined) wanted.set(client, [event]);
-          else if (events[events.length - 1] !== event) events.push(event);
+          if (sent.has(client)) continue;
+          sent.add(client);
+          let share = chunks.get(client.topicKey);
+          if (share === undefined) {
+            const wanted = batch.filter((candidate) => client.wants(candidate));
+            share = { chunk: concat(wanted.map((e) => e.bytes)), events: wanted.length };
+            chunks.set(client.topicKey, share);
+          }
+          this.#send(client, share.chunk, share.events);
         }
       }
-    }
-    const chunks = new Map<string, Uint8Array>();
-    for (const [client, events] of wanted) {
-      const key = events.map((event) => event.seq).join();
-      let chunk = chunks.get(key);
-      if (chunk === undefined) chunks.set(key, chunk = concat(events.map((event) => event.bytes)));
-      this.#send(client, chunk, events.length);
     }
   }
 

@@ -203,6 +203,34 @@ describe("Broker", () => {
     broker.close();
   });
 
+  test("a burst to topics: each client gets its events in order, once, as a shared chunk", async () => {
+    const broker = new Broker();
+    const reader = (query: string) =>
+      broker.subscribe(new Request(`http://x/${query}`)).body!.getReader();
+    const readers = {
+      a: reader("?topic=a"),
+      bc: reader("?topic=b&topic=c"),
+      cb: reader("?topic=c&topic=b"),
+    };
+    for (const r of Object.values(readers)) await r.read(); // retry:
+    await broker.publish({ data: "first" }, { topic: "a" }); // alone: the burst follows
+    await Promise.all([
+      broker.publish({ data: "to a" }, { topic: "a" }),
+      broker.publish({ data: "to b" }, { topic: "b" }),
+      broker.publish({ data: "to a and c" }, { topic: ["a", "c"] }),
+      broker.publish({ data: "to nobody" }),
+    ]);
+    const data = (chunk: Uint8Array) =>
+      parseAll(chunk).items.map((item) => (item as SseEvent).data);
+    assert.deepEqual(data((await readers.a.read()).value!), ["first"]);
+    assert.deepEqual(data((await readers.a.read()).value!), ["to a", "to a and c"]);
+    const bc = (await readers.bc.read()).value!;
+    const cb = (await readers.cb.read()).value!;
+    assert.deepEqual(data(bc), ["to b", "to a and c"]);
+    assert.ok(bc === cb, "clients with the same topics share one chunk");
+    broker.close();
+  });
+
   test("a client that resumes while a burst is still pending gets each event once", async () => {
     const broker = new Broker();
     const before = await broker.publish({ data: "seen" });
