@@ -1184,20 +1184,16 @@ async function readPublication(
     throw new HttpError(400, `unknown field ${JSON.stringify(unknown.slice(0, 64))}`);
   }
   const { data, event, topic, retry, comment, id } = fields;
-  if (data === undefined) throw new MessageError("data", "is required");
-  const topics = topic === undefined ? [] : Array.isArray(topic) ? topic : [topic];
-  if (!topics.every((t) => typeof t === "string")) {
-    throw new MessageError("topic", "must be a string or an array of strings");
-  }
-  // Types are checked by the encoder, which names the field; an `id` is
-  // passed on so that the broker refuses it with its reason.
+  // Only translated here: the broker validates every field and names the one
+  // it refuses (a missing `data` stays undefined, an `id` is refused there).
   const message = {
-    data: typeof data === "string" ? data : JSON.stringify(data),
+    data: typeof data === "string" || data === undefined ? data : JSON.stringify(data),
     event,
     retry,
     comment,
     id,
   } as Omit<ServerSentEventMessage, "id">;
+  const topics = (topic === undefined ? [] : Array.isArray(topic) ? topic : [topic]) as string[];
   return { message, topic: topics };
 }
 
