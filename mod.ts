@@ -174,55 +174,190 @@ export class ServerSentEventStream extends TransformStream<ServerSentEventMessag
 }
 
 // ---------------------------------------------------------------------------
-// History: the retained events, in publish order
+// The event log: where events are kept and ordered, and where ids come from
 // ---------------------------------------------------------------------------
 
-/** One published event as the broker keeps it: encoded once, shared by all. */
-interface StoredEvent {
-  readonly seq: number;
+/**
+ * One event as an {@linkcode EventLog} keeps it.
+ *
+ * @example
+ * ```ts
+ * import type { LogEvent } from "./mod.ts";
+ *
+ * const event: LogEvent = { id: "1-1", topics: ["news"], text: "data: hello\n\n" };
+ * ```
+ */
+export interface LogEvent {
+  /** The id the log gave the event; see {@linkcode EventLog} for its form. */
+  readonly id: string;
+  /** The topics it was published to; none means it goes to clients that named none. */
   readonly topics: readonly string[];
-  readonly bytes: Uint8Array;
+  /** The message's encoded fields without the `id:` line, ending with the blank line. */
+  readonly text: string;
 }
 
 /**
- * Where a reconnecting client resumes: after `seq`, or, when its id cannot be
- * placed in the history, from the oldest retained event with `gap` set.
+ * What {@linkcode EventLog.read} returns: retained events in log order.
+ *
+ * @example
+ * ```ts
+ * import type { LogRead } from "./mod.ts";
+ *
+ * const read: LogRead = { events: [], gap: false };
+ * ```
  */
-interface ResumePoint {
-  readonly seq: number;
+export interface LogRead {
+  /** Up to the number asked for, oldest first. */
+  readonly events: readonly LogEvent[];
+  /**
+   * The id read after is not one the log still holds (trimmed, from another
+   * log, malformed): events may be missing, and `events` starts at the oldest
+   * retained one.
+   */
   readonly gap: boolean;
 }
 
 /**
- * The retained events. Ids are `<epoch>-<seq>`: `epoch` is the time the log
- * was created, so ids from an earlier run of the server always compare older
- * than this run's, and a client resuming across a restart is never mistaken
- * for one that is ahead.
+ * Where a {@linkcode Broker} keeps events: it gives each one its id and its
+ * place in one order, keeps the newest for `Last-Event-ID` replay, and tells
+ * listeners of new ones. The default is a {@linkcode MemoryLog}; a shared
+ * log (such as the Redis Streams one in `redis.ts`) lets several processes
+ * serve one stream of events, each delivering every event in the log's order.
+ *
+ * Ids must be two non-negative integers joined by `-` (as Redis stream ids
+ * are), ordered by the first and then the second, increasing in log order:
+ * the broker compares them to join replay and live delivery without a gap
+ * or a duplicate.
+ *
+ * @example A log that forwards to another, counting appends
+ * ```ts
+ * import { Broker, type EventLog, MemoryLog } from "./mod.ts";
+ *
+ * const inner = new MemoryLog();
+ * let appended = 0;
+ * const counting: EventLog = {
+ *   get lastId() {
+ *     return inner.lastId;
+ *   },
+ *   append: (topics, text) => (appended++, inner.append(topics, text)),
+ *   read: (afterId, limit) => inner.read(afterId, limit),
+ *   listen: (listener) => inner.listen(listener),
+ * };
+ * const broker = new Broker({ eventLog: counting });
+ * await broker.publish({ data: "hi" });
+ * console.log(appended); // 1
+ * broker.close();
+ * ```
  */
-class History {
-  readonly epoch = Date.now();
-  #events: StoredEvent[] = [];
+export interface EventLog {
+  /** The id of the newest event listeners have been told of, or `null` before any. */
+  readonly lastId: string | null;
+  /**
+   * Stores an event and resolves with its id once it is stored; rejects if
+   * it was not.
+   */
+  append(topics: readonly string[], text: string): Promise<string>;
+  /**
+   * Reads up to `limit` retained events after the one with id `afterId`
+   * (`null`: from the oldest). May answer at once or with a promise.
+   */
+  read(afterId: string | null, limit: number): LogRead | Promise<LogRead>;
+  /**
+   * Calls `listener` with every event appended from now on, by any writer,
+   * each once and in log order; `lastId` is the newest of them when it runs.
+   * Returns a function that stops the calls.
+   */
+  listen(listener: (events: readonly LogEvent[]) => void): () => void;
+}
+
+/**
+ * Options for a {@linkcode MemoryLog}.
+ *
+ * @example
+ * ```ts
+ * import { MemoryLog, type MemoryLogOptions } from "./mod.ts";
+ *
+ * const options: MemoryLogOptions = { history: 100, historyBytes: 1 << 20 };
+ * const log = new MemoryLog(options);
+ * ```
+ */
+export interface MemoryLogOptions {
+  /** How many of the newest events to keep for replay. Default 1000. */
+  history?: number;
+  /** Also cap the kept events by their encoded size in bytes. Default unlimited. */
+  historyBytes?: number;
+}
+
+/**
+ * The default {@linkcode EventLog}: the newest events in this process's
+ * memory, and listeners told at once. Ids are `<epoch>-<seq>`, where
+ * `epoch` is the time the log was created, so ids from an earlier run of
+ * the server always compare older than this run's and a client resuming
+ * across a restart is never mistaken for one that is ahead.
+ *
+ * @example
+ * ```ts
+ * import { Broker, MemoryLog } from "./mod.ts";
+ *
+ * const broker = new Broker({ eventLog: new MemoryLog({ history: 10 }) });
+ * broker.close();
+ * ```
+ */
+export class MemoryLog implements EventLog {
+  readonly #epoch = Date.now();
+  readonly #maxEvents: number;
+  readonly #maxBytes: number;
+  readonly #listeners = new Set<(events: readonly LogEvent[]) => void>();
+  #events: LogEvent[] = [];
   #start = 0; // index of the oldest retained event in #events
   #bytes = 0;
   #lastSeq = 0;
 
-  constructor(readonly maxEvents: number, readonly maxBytes: number) {}
-
-  get lastSeq(): number {
-    return this.#lastSeq;
+  /**
+   * Creates an empty log.
+   *
+   * @param options See {@linkcode MemoryLogOptions}.
+   */
+  constructor(options: MemoryLogOptions = {}) {
+    this.#maxEvents = checkCount("history", options.history ?? 1000);
+    this.#maxBytes = checkCount("historyBytes", options.historyBytes ?? Infinity);
   }
 
-  idOf(seq: number): string {
-    return `${this.epoch}-${seq}`;
+  /**
+   * The id of the newest event, or `null` before any.
+   *
+   * @example
+   * ```ts
+   * import { MemoryLog } from "./mod.ts";
+   *
+   * console.log(new MemoryLog().lastId); // null
+   * ```
+   */
+  get lastId(): string | null {
+    return this.#lastSeq === 0 ? null : `${this.#epoch}-${this.#lastSeq}`;
   }
 
-  append(topics: readonly string[], encode: (id: string) => Uint8Array): StoredEvent {
-    const seq = ++this.#lastSeq;
-    const event = { seq, topics, bytes: encode(this.idOf(seq)) };
+  /**
+   * Keeps an event, drops the oldest beyond the limits, and tells listeners.
+   *
+   * @example
+   * ```ts
+   * import { MemoryLog } from "./mod.ts";
+   *
+   * const id = await new MemoryLog().append([], "data: hi\n\n");
+   * console.log(id); // "<epoch>-1"
+   * ```
+   *
+   * @param topics The event's topics.
+   * @param text The encoded message without its `id:` line.
+   * @returns The event's id.
+   */
+  append(topics: readonly string[], text: string): Promise<string> {
+    const event: LogEvent = { id: `${this.#epoch}-${++this.#lastSeq}`, topics, text };
     this.#events.push(event);
-    this.#bytes += event.bytes.byteLength;
-    while (this.size > this.maxEvents || (this.size > 0 && this.#bytes > this.maxBytes)) {
-      this.#bytes -= this.#events[this.#start].bytes.byteLength;
+    this.#bytes += bytesOf(event).byteLength;
+    while (this.#size > this.#maxEvents || (this.#size > 0 && this.#bytes > this.#maxBytes)) {
+      this.#bytes -= bytesOf(this.#events[this.#start]).byteLength;
       this.#start++;
     }
     // Compact now and then, so evicting stays O(1) amortised without a ring.
@@ -230,35 +365,122 @@ class History {
       this.#events = this.#events.slice(this.#start);
       this.#start = 0;
     }
-    return event;
+    const events = [event];
+    for (const listener of this.#listeners) listener(events);
+    return Promise.resolve(event.id);
   }
 
-  get size(): number {
+  /**
+   * Reads retained events after an id, at once.
+   *
+   * @example
+   * ```ts
+   * import { MemoryLog } from "./mod.ts";
+   *
+   * const log = new MemoryLog();
+   * const first = await log.append([], "data: 1\n\n");
+   * await log.append([], "data: 2\n\n");
+   * console.log(log.read(first, 10).events.length); // 1
+   * ```
+   *
+   * @param afterId The id to read after; `null` reads from the oldest.
+   * @param limit The most events to return.
+   * @returns The events, and whether `afterId` could not be placed.
+   */
+  read(afterId: string | null, limit: number): LogRead {
+    const firstSeq = this.#lastSeq - this.#size + 1;
+    let seq = firstSeq - 1;
+    let gap = false;
+    if (afterId !== null) {
+      const match = /^(\d{1,15})-(\d{1,15})$/.exec(afterId);
+      const wanted = match && Number(match[1]) === this.#epoch ? Number(match[2]) : -1;
+      // An id of this log that is still retained, or the newest one: no gap.
+      // Anything else (older than what is kept, from an earlier run,
+      // malformed, or ahead) may have missed events: resend all retained.
+      if (wanted >= firstSeq - 1 && wanted <= this.#lastSeq) seq = wanted;
+      else gap = true;
+    }
+    const from = this.#start + seq + 1 - firstSeq;
+    return { events: this.#events.slice(from, from + limit), gap };
+  }
+
+  /**
+   * Calls `listener` with each event as it is appended.
+   *
+   * @example
+   * ```ts
+   * import { MemoryLog } from "./mod.ts";
+   *
+   * const log = new MemoryLog();
+   * const stop = log.listen((events) => console.log(events[0].text));
+   * await log.append([], "data: hi\n\n"); // logs "data: hi\n\n"
+   * stop();
+   * ```
+   *
+   * @param listener Called with the new events.
+   * @returns A function that stops the calls.
+   */
+  listen(listener: (events: readonly LogEvent[]) => void): () => void {
+    const own = (events: readonly LogEvent[]) => listener(events);
+    this.#listeners.add(own);
+    return () => this.#listeners.delete(own);
+  }
+
+  get #size(): number {
     return this.#events.length - this.#start;
   }
+}
 
-  /** The oldest retained sequence number (lastSeq + 1 when empty). */
-  get firstSeq(): number {
-    return this.#lastSeq - this.size + 1;
+/**
+ * Thrown by {@linkcode Broker.publish} when the event log did not store the
+ * event (a shared log's server is unreachable, say): nothing was published,
+ * and the publisher may retry. {@linkcode createHandler} answers `503`.
+ *
+ * @example
+ * ```ts
+ * import { Broker, EventLogError } from "./mod.ts";
+ *
+ * try {
+ *   await new Broker().publish({ data: "x" });
+ * } catch (error) {
+ *   if (error instanceof EventLogError) console.log("retry later:", error.cause);
+ * }
+ * ```
+ */
+export class EventLogError extends Error {
+  /**
+   * Wraps the log's own error as `cause`.
+   *
+   * @param cause Why the log refused the event.
+   */
+  constructor(cause: unknown) {
+    super(`the event log did not store the event: ${(cause as Error)?.message ?? cause}`, {
+      cause,
+    });
+    this.name = "EventLogError";
   }
+}
 
-  /** The retained event with this sequence number, if still retained. */
-  at(seq: number): StoredEvent | undefined {
-    return seq >= this.firstSeq && seq <= this.#lastSeq
-      ? this.#events[this.#start + seq - this.firstSeq]
-      : undefined;
-  }
+/**
+ * Each event's bytes on the wire, encoded once per process and shared by
+ * every client and every replay; an event and its bytes go together.
+ */
+const encoded = new WeakMap<LogEvent, Uint8Array>();
 
-  /** Places a client's `Last-Event-ID` in this history. */
-  resume(lastEventId: string): ResumePoint {
-    const match = /^(\d{1,15})-(\d{1,15})$/.exec(lastEventId);
-    const seq = match && Number(match[1]) === this.epoch ? Number(match[2]) : -1;
-    // An id of this run that is still retained, or the newest one: no gap.
-    if (seq >= this.firstSeq - 1 && seq <= this.#lastSeq) return { seq, gap: false };
-    // Anything else (older than the history, from an earlier run, malformed,
-    // or ahead of us) may have missed events: resend all that is retained.
-    return { seq: this.firstSeq - 1, gap: true };
+function bytesOf(event: LogEvent): Uint8Array {
+  let bytes = encoded.get(event);
+  if (bytes === undefined) {
+    encoded.set(event, bytes = encoder.encode(`id: ${event.id}\n${event.text}`));
   }
+  return bytes;
+}
+
+/** Orders two log ids (`<integer>-<integer>`): negative when `a` is older. */
+function compareIds(a: string, b: string): number {
+  const i = a.indexOf("-");
+  const j = b.indexOf("-");
+  return Number(a.slice(0, i)) - Number(b.slice(0, j)) ||
+    Number(a.slice(i + 1)) - Number(b.slice(j + 1));
 }
 
 // ---------------------------------------------------------------------------
@@ -278,9 +500,15 @@ class History {
  * ```
  */
 export interface BrokerOptions {
-  /** How many published events to keep for `Last-Event-ID` replay. Default 1000. */
+  /**
+   * Where events are kept, ordered and given ids. Default: a
+   * {@linkcode MemoryLog} bounded by `history` and `historyBytes`. A shared
+   * log lets several processes serve the same events.
+   */
+  eventLog?: EventLog;
+  /** How many published events the default log keeps for `Last-Event-ID` replay. Default 1000. */
   history?: number;
-  /** Also cap the history by the size of the encoded events. Default unlimited. */
+  /** Also cap the default log by the size of the encoded events. Default unlimited. */
   historyBytes?: number;
   /**
    * Milliseconds between `:` comments on streams that sent nothing since the
@@ -403,12 +631,16 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
   /** Set in the stream's `start`, which runs inside the stream's constructor. */
   controller!: ReadableStreamDefaultController<Uint8Array>;
   /**
-   * While catching up from the history: the last sequence number sent. The
-   * stream's `pull` reads the history from here, so replay never copies
-   * events and never outruns the client. `undefined` once live.
+   * While catching up from the log: the id of the last event sent, or `null`
+   * to start from the oldest retained. The stream's `pull` reads the log from
+   * here, so replay never outruns the client. `undefined` once live.
    */
-  cursor: number | undefined;
-  /** Events resent from the history to this client. */
+  cursor: string | null | undefined;
+  /** Whether a read of the log for this client is under way. */
+  reading = false;
+  /** Whether the log has placed the client's `Last-Event-ID` yet. */
+  placed = false;
+  /** Events resent from the log to this client. */
   replayed = 0;
   /** Whether anything was sent since the last heartbeat tick. */
   active = false;
@@ -443,7 +675,7 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
     this.events.abort(this);
   }
 
-  wants(event: StoredEvent): boolean {
+  wants(event: LogEvent): boolean {
     return this.topics === undefined || event.topics.some((t) => this.topics!.has(t));
   }
 }
@@ -469,7 +701,8 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
  * ```
  */
 export class Broker {
-  readonly #history: History;
+  readonly #eventLog: EventLog;
+  readonly #stopListening: () => void;
   readonly #heartbeatMs: number;
   readonly #maxQueueBytes: number;
   readonly #maxClients: number;
@@ -494,8 +727,14 @@ export class Broker {
    * client: the per-chunk cost of a stream, paid per client, is what bounds
    * fan-out, so a burst of publishes costs about as much as one.
    */
-  #batch: StoredEvent[] = [];
-  #batchSent: Promise<void> | undefined;
+  #batch: LogEvent[] = [];
+  #flushTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The newest event handed to live clients; a catching-up client replays up to here. */
+  #liveId: string | null;
+  /** Settles at the next flush, for publishes waiting for their event to go out. */
+  #flushed: { promise: Promise<void>; resolve: () => void } | undefined;
+  /** Catching-up clients whose id is ahead of this broker (another process saw it first). */
+  readonly #ahead = new Set<Client>();
   #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
   #closed = false;
   #published = 0;
@@ -509,9 +748,14 @@ export class Broker {
    * @param options See {@linkcode BrokerOptions}.
    */
   constructor(options: BrokerOptions = {}) {
-    const history = checkCount("history", options.history ?? 1000);
-    const historyBytes = checkCount("historyBytes", options.historyBytes ?? Infinity);
-    this.#history = new History(history, historyBytes);
+    const { eventLog, history, historyBytes } = options;
+    if (eventLog !== undefined && (history ?? historyBytes) !== undefined) {
+      throw new TypeError("history and historyBytes bound the default log: bound your own log");
+    }
+    this.#eventLog = eventLog ??
+      new MemoryLog({ history, historyBytes });
+    this.#liveId = this.#eventLog.lastId;
+    this.#stopListening = this.#eventLog.listen((events) => this.#receive(events));
     this.#heartbeatMs = checkCount("heartbeat", options.heartbeat ?? 15_000);
     this.#maxQueueBytes = checkCount("maxQueueBytes", options.maxQueueBytes ?? 1 << 20);
     this.#maxClients = checkCount("maxClients", options.maxClients ?? Infinity);
@@ -596,15 +840,18 @@ export class Broker {
   }
 
   /**
-   * Publishes an event to every client subscribed to its topics and keeps it
-   * in the history. The broker assigns the id, so ids only ever increase;
-   * a message that carries its own `id` is refused.
+   * Publishes an event to every client subscribed to its topics: appends it
+   * to the event log, which gives it its id (so ids only ever increase; a
+   * message that carries its own `id` is refused), and every broker that
+   * listens to the log delivers it.
    *
    * Encodes once and queues the same bytes for every client; it never waits
-   * for a client. Publishes made in the same turn of the event loop are
+   * for a client. Events that arrive in the same turn of the event loop are
    * queued together, as one chunk per client; the promise resolves once the
-   * event is queued for every client. Rejects with {@linkcode MessageError}
-   * for a message that cannot be encoded; nothing is sent then.
+   * event is in the log and queued for this broker's clients. Rejects with
+   * {@linkcode MessageError} for a message that cannot be encoded, and with
+   * {@linkcode EventLogError} when the log did not store it; nothing is sent
+   * then.
    *
    * @example
    * ```ts
@@ -638,23 +885,22 @@ export class Broker {
     if (invalid !== undefined) {
       throw new MessageError("topic", "must be 1 to 256 printable characters");
     }
-    // Validate before the event takes a sequence number, so a refused
-    // message leaves no hole in the ids.
+    // Validate before the event reaches the log, so a refused message
+    // leaves no hole in the ids.
     const text = formatMessage(message);
-    const event = this.#history.append(
-      topics,
-      (id) => encoder.encode(`id: ${id}\n${text}`),
-    );
+    let id: string;
+    try {
+      id = await this.#eventLog.append(topics, text);
+    } catch (error) {
+      throw new EventLogError(error);
+    }
     this.#published++;
-    this.#batch.push(event);
-    this.#batchSent ??= new Promise((resolve) =>
-      setTimeout(() => {
-        this.#flush();
-        resolve();
-      }, 0)
-    );
-    await this.#batchSent;
-    return this.#history.idOf(event.seq);
+    // The event comes back through the log's listener, in the log's order.
+    while (!this.#closed && (this.#liveId === null || compareIds(id, this.#liveId) > 0)) {
+      this.#flushed ??= Promise.withResolvers();
+      await this.#flushed.promise;
+    }
+    return id;
   }
 
   /**
@@ -676,7 +922,9 @@ export class Broker {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#stopListening();
     this.#flush(); // accepted events go out before the streams end
+    this.#flushed?.resolve();
     for (const client of [...this.#clients]) this.#end(client);
   }
 
@@ -694,32 +942,18 @@ export class Broker {
    * ```
    */
   stats(): BrokerStats {
-    const last = this.#history.lastSeq;
     return {
       clients: this.#clients.size,
       published: this.#published,
       delivered: this.#delivered,
       replayed: this.#replayed,
       slowDisconnects: this.#slowDisconnects,
-      lastEventId: last === 0 ? null : this.#history.idOf(last),
+      lastEventId: this.#liveId,
     };
   }
 
   #add(client: Client, lastEventId: string | null): void {
-    if (lastEventId !== null) {
-      const { seq, gap } = this.#history.resume(lastEventId);
-      if (gap) {
-        const oldest = this.#history.at(seq + 1);
-        const oldestId = oldest ? this.#history.idOf(oldest.seq) : null;
-        client.controller.enqueue(
-          encodeMessage({ event: "gap", data: JSON.stringify({ oldestId }) }),
-        );
-      }
-      // Publishing may go on before the first pull: those events land in the
-      // history and the cursor picks them up, so the seam has no gap.
-      if (seq < this.#liveSeq) client.cursor = seq;
-      else client.controller.enqueue(replayedMessage(0));
-    }
+    if (lastEventId !== null) client.cursor = lastEventId;
     this.#clients.add(client);
     if (client.topics === undefined) this.#everyone.add(client);
     else {
@@ -730,6 +964,9 @@ export class Broker {
       }
     }
     this.#log?.(`client connected (${this.#clients.size} open)`);
+    // The log places the id as the replay's first read, which starts now.
+    // Events published meanwhile are in the log after it: the seam has no gap.
+    this.#replay(client);
     if (this.#heartbeatTimer === undefined && this.#heartbeatMs > 0) {
       this.#heartbeatTimer = setInterval(() => this.#heartbeat(), this.#heartbeatMs);
     }
@@ -738,6 +975,7 @@ export class Broker {
   /** Forgets a client; idempotent, as several signals may report one disconnect. */
   #remove(client: Client): void {
     if (!this.#clients.delete(client)) return;
+    this.#ahead.delete(client);
     this.#log?.(`client disconnected (${this.#clients.size} open)`);
     if (client.topics === undefined) this.#everyone.delete(client);
     else {
@@ -775,19 +1013,41 @@ export class Broker {
     client.controller.error(new Error("client too slow"));
   }
 
+  /** Takes new events from the log, to hand out together at the end of this turn. */
+  #receive(events: readonly LogEvent[]): void {
+    for (const event of events) this.#batch.push(event);
+    this.#flushTimer ??= setTimeout(() => this.#flush(), 0);
+  }
+
   /** Hands the batch to live clients: one chunk each, shared by all that want the same events. */
   #flush(): void {
+    clearTimeout(this.#flushTimer);
+    this.#flushTimer = undefined;
     const batch = this.#batch;
     if (batch.length === 0) return;
     this.#batch = [];
-    this.#batchSent = undefined;
+    this.#liveId = batch[batch.length - 1].id;
     if (this.#everyone.size > 0) {
-      const chunk = concat(batch.map((event) => event.bytes));
+      const chunk = concat(batch.map(bytesOf));
       for (const client of this.#everyone) this.#send(client, chunk, batch.length);
     }
-    if (this.#byTopic.size === 0) return;
-    // Each client that named topics gets one chunk of the events it wants, in
-    // order and once each, built once for all clients with the same topics.
+    if (this.#byTopic.size > 0) this.#flushTopics(batch);
+    for (const client of this.#ahead) {
+      if (compareIds(client.cursor!, this.#liveId) <= 0) {
+        this.#ahead.delete(client);
+        this.#replay(client);
+      }
+    }
+    const flushed = this.#flushed;
+    this.#flushed = undefined;
+    flushed?.resolve();
+  }
+
+  /**
+   * Each client that named topics gets one chunk of the events it wants, in
+   * order and once each, built once for all clients with the same topics.
+   */
+  #flushTopics(batch: readonly LogEvent[]): void {
     const chunks = new Map<string, { chunk: Uint8Array; events: number }>();
     const sent = new Set<Client>();
     for (const event of batch) {
@@ -798,7 +1058,7 @@ export class Broker {
           let share = chunks.get(client.topicKey);
           if (share === undefined) {
             const wanted = batch.filter((candidate) => client.wants(candidate));
-            share = { chunk: concat(wanted.map((e) => e.bytes)), events: wanted.length };
+            share = { chunk: concat(wanted.map(bytesOf)), events: wanted.length };
             chunks.set(client.topicKey, share);
           }
           this.#send(client, share.chunk, share.events);
@@ -807,16 +1067,8 @@ export class Broker {
     }
   }
 
-  /**
-   * The newest event handed to live clients (the batch holds the ones after
-   * it); a catching-up client replays up to here, then goes live.
-   */
-  get #liveSeq(): number {
-    return this.#history.lastSeq - this.#batch.length;
-  }
-
   #send(client: Client, chunk: Uint8Array, events: number): void {
-    // A client still catching up gets these events from the history, in order.
+    // A client still catching up gets these events from the log, in order.
     if (client.cursor !== undefined) return;
     client.active = true;
     this.#delivered += events;
@@ -830,30 +1082,95 @@ export class Broker {
   }
 
   /**
-   * Feeds a catching-up client from the history while its queue has room.
-   * Replay fills at most half the queue, leaving the rest for live events
-   * once it catches up.
+   * Feeds a catching-up client from the log while its queue has room, up to
+   * the newest event handed to live clients, then makes it live. Replay
+   * fills at most half the queue, leaving the rest for live events once it
+   * catches up; the stream's next `pull` goes on.
    */
   #replay(client: Client): void {
-    if (client.cursor === undefined || !this.#clients.has(client)) return;
-    const controller = client.controller;
-    while (client.cursor < this.#liveSeq) {
+    while (client.cursor !== undefined && !client.reading && this.#clients.has(client)) {
       if (queuedBytes(client) >= this.#maxQueueBytes / 2) return;
-      const event = this.#history.at(client.cursor + 1);
-      if (event === undefined) {
-        // The history moved past a client that reads slower than we publish.
-        this.#cut(client);
-        return;
+      if (client.placed && this.#caughtUp(client.cursor)) return this.#goLive(client);
+      const liveAtRead = this.#liveId;
+      const read = this.#eventLog.read(client.cursor, REPLAY_PAGE);
+      if (!("then" in read)) {
+        if (!this.#take(client, read, liveAtRead)) return;
+        continue;
       }
-      client.cursor = event.seq;
+      client.reading = true;
+      read.then((result) => {
+        client.reading = false;
+        if (this.#take(client, result, liveAtRead)) this.#replay(client);
+      }, (error) => {
+        client.reading = false;
+        // It reconnects after `retry` and resumes from its last event.
+        this.#log?.(`client ended: reading the event log failed: ${error?.message ?? error}`);
+        this.#end(client);
+      });
+      return;
+    }
+  }
+
+  /** Sends a catching-up client what a read found; returns whether to read on. */
+  #take(client: Client, read: LogRead, liveAtRead: string | null): boolean {
+    if (client.cursor === undefined || !this.#clients.has(client)) return false;
+    const { events, gap } = read;
+    if (gap) {
+      if (client.placed) {
+        // The log dropped events that this client, reading slower than
+        // others publish, had not read yet.
+        this.#cut(client);
+        return false;
+      }
+      const oldestId = events[0]?.id ?? null;
+      client.controller.enqueue(
+        encodeMessage({ event: "gap", data: JSON.stringify({ oldestId }) }),
+      );
+      client.cursor = null;
+    }
+    client.placed = true;
+    for (const event of events) {
+      // Events past the live ones reach this client live, as it is now current.
+      if (this.#liveId === null || compareIds(event.id, this.#liveId) > 0) {
+        this.#goLive(client);
+        return false;
+      }
+      client.cursor = event.id;
       if (client.wants(event)) {
-        controller.enqueue(event.bytes);
+        client.controller.enqueue(bytesOf(event));
         client.replayed++;
         this.#replayed++;
+        if (queuedBytes(client) >= this.#maxQueueBytes / 2) return false;
       }
     }
+    // The log holds nothing more up to the live events (it keeps none, say),
+    // unless some arrived while it was read.
+    if (events.length < REPLAY_PAGE && liveAtRead === this.#liveId) {
+      this.#goLive(client);
+      return false;
+    }
+    return true;
+  }
+
+  /** Whether a replay at `cursor` (`null`: before the oldest) has reached the live events. */
+  #caughtUp(cursor: string | null): boolean {
+    const live = this.#liveId;
+    return live === null || (cursor !== null && compareIds(cursor, live) >= 0);
+  }
+
+  /**
+   * Ends a client's replay. A client that resumed from an event this broker
+   * has not handed out yet (another process of a shared log was faster)
+   * waits for it, so it gets nothing twice.
+   */
+  #goLive(client: Client): void {
+    const cursor = client.cursor;
+    if (cursor && (this.#liveId === null || compareIds(cursor, this.#liveId) > 0)) {
+      this.#ahead.add(client);
+      return;
+    }
     client.cursor = undefined;
-    controller.enqueue(replayedMessage(client.replayed));
+    client.controller.enqueue(replayedMessage(client.replayed));
   }
 
   #heartbeat(): void {
@@ -865,6 +1182,8 @@ export class Broker {
 }
 
 const HEARTBEAT = encodeMessage({ comment: "" });
+/** Events per read of the log during a replay. */
+const REPLAY_PAGE = 512;
 const ONCE = { once: true };
 
 /**
@@ -1035,7 +1354,8 @@ export interface FetchServer {
  * - `POST /publish`: a JSON body `{"data", "event"?, "topic"?, "retry"?,
  *   "comment"?}` (non-string `data` is sent as its JSON text) or any other
  *   body as the data, with `?event=` and `?topic=` in the URL; answers
- *   `{"id"}`, or `400` with `{"error"}` naming the field;
+ *   `{"id"}`, `400` with `{"error"}` naming the field, or `503` with
+ *   `Retry-After` when the event log did not store it;
  * - `GET /stats`: the broker's {@linkcode BrokerStats} as JSON.
  *
  * Other paths get `404` and other methods `405` with an `Allow` header.
@@ -1132,6 +1452,11 @@ export function createHandler(
     } catch (error) {
       if (error instanceof MessageError) return errorResponse(400, error.message);
       if (error instanceof HttpError) return errorResponse(error.status, error.message);
+      if (error instanceof EventLogError) {
+        return errorResponse(503, "the event log is unavailable: try again", {
+          "retry-after": "1",
+        });
+      }
       throw error;
     }
   };

@@ -9,6 +9,10 @@ import {
   Broker,
   createHandler,
   encodeMessage,
+  type EventLog,
+  EventLogError,
+  type LogEvent,
+  MemoryLog,
   MessageError,
   type ServerSentEventMessage,
   ServerSentEventStream,
@@ -357,6 +361,129 @@ describe("Broker", () => {
     assert.equal(response.status, 400);
     assert.match((await response.json()).error, /topic/);
     broker.close();
+  });
+});
+
+describe("EventLog", () => {
+  /**
+   * A shared log as another process sees it: other writers append to the
+   * same memory log, reads answer later, and while `held` the news of new
+   * events is late, as it is for a process whose read of Redis lags.
+   */
+  function sharedLog() {
+    const memory = new MemoryLog();
+    const late: (() => void)[] = [];
+    const log = {
+      held: false,
+      memory,
+      release: () => late.splice(0).forEach((tell) => tell()),
+      lastId: memory.lastId,
+      append: (topics: readonly string[], text: string) => memory.append(topics, text),
+      read: async (afterId: string | null, limit: number) => {
+        await Promise.resolve();
+        return memory.read(afterId, limit);
+      },
+      listen: (listener: (events: readonly LogEvent[]) => void) =>
+        memory.listen((events) => {
+          if (log.held) late.push(() => listener(events));
+          else listener(events);
+        }),
+    } satisfies EventLog & Record<string, unknown>;
+    return log;
+  }
+
+  test("a client resuming from an event this broker has not seen yet gets nothing twice", async () => {
+    const log = sharedLog();
+    const broker = new Broker({ eventLog: log });
+    await broker.publish({ data: "1" });
+    log.held = true;
+    await log.memory.append([], "data: 2\n\n"); // published through another process
+    const third = await log.memory.append([], "data: 3\n\n");
+    // The client saw event 3 on the other process, and reconnects here.
+    const reader = open(broker, "", { headers: { "last-event-id": third } });
+    log.held = false;
+    log.release();
+    await broker.publish({ data: "4" });
+    await broker.publish({ data: "5" });
+    // Event 4 may come as replay or live; 2 and 3 must not come again.
+    const events = await reader.events(3);
+    assert.deepEqual(events.filter((e) => e.event === "message").map((e) => e.data), ["4", "5"]);
+    assert.equal(events.filter((e) => e.event === "replayed").length, 1);
+    broker.close();
+  });
+
+  test("with reads that answer later, replay and live events join with no gap", async () => {
+    const log = sharedLog();
+    const broker = new Broker({ eventLog: log });
+    const first = await broker.publish({ data: "1" });
+    const publishing = Array.from({ length: 20 }, (_, n) => broker.publish({ data: `${n + 2}` }));
+    const reader = open(broker, "", { headers: { "last-event-id": first } });
+    await Promise.all(publishing);
+    await broker.publish({ data: "end" });
+    const events = (await reader.until((e) => e.data === "end")).filter((e) =>
+      !e.event.length ||
+      e.event === "message"
+    );
+    assert.deepEqual(
+      events.map((e) => e.data),
+      [...Array.from({ length: 20 }, (_, n) => `${n + 2}`), "end"],
+    );
+    broker.close();
+  });
+
+  test("a log that does not store the event: publish rejects, the handler answers 503", async () => {
+    const log = new MemoryLog();
+    const failing: EventLog = {
+      get lastId() {
+        return log.lastId;
+      },
+      append: () => Promise.reject(new Error("connection lost")),
+      read: (afterId, limit) => log.read(afterId, limit),
+      listen: (listener) => log.listen(listener),
+    };
+    const broker = new Broker({ eventLog: failing });
+    const reader = open(broker);
+    await assert.rejects(broker.publish({ data: "x" }), (error) => {
+      assert.ok(error instanceof EventLogError);
+      assert.match(error.message, /connection lost/);
+      return true;
+    });
+    const response = await createHandler(broker)(
+      new Request("http://localhost/publish", { method: "POST", body: "x" }),
+    );
+    assert.equal(response.status, 503);
+    assert.equal(response.headers.get("retry-after"), "1");
+    assert.match((await response.json()).error, /event log is unavailable/);
+    assert.equal(broker.stats().published, 0);
+    // The stream is untouched: the next item is the end, at close.
+    broker.close();
+    assert.equal(await reader.next(), null);
+  });
+
+  test("a read that fails ends only the resuming client's stream, to be retried", async () => {
+    const log = new MemoryLog();
+    const broken: EventLog = {
+      get lastId() {
+        return log.lastId;
+      },
+      append: (topics, text) => log.append(topics, text),
+      read: () => Promise.reject(new Error("connection lost")),
+      listen: (listener) => log.listen(listener),
+    };
+    const lines: string[] = [];
+    const broker = new Broker({ eventLog: broken, log: (line) => lines.push(line) });
+    const live = open(broker);
+    const id = await broker.publish({ data: "1" });
+    const resuming = open(broker, "", { headers: { "last-event-id": id } });
+    assert.equal(await resuming.next(), null);
+    assert.ok(lines.some((line) => /reading the event log failed: connection lost/.test(line)));
+    await broker.publish({ data: "2" });
+    assert.deepEqual((await live.events(2)).map((e) => e.data), ["1", "2"]);
+    broker.close();
+  });
+
+  test("history options bound only the default log", () => {
+    assert.throws(() => new Broker({ eventLog: new MemoryLog(), history: 5 }), TypeError);
   });
 });
 
