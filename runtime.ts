@@ -11,10 +11,17 @@ import type { FetchServer } from "./mod.ts";
 /** A fetch handler; Bun passes its server as the second argument. */
 export type Handler = (request: Request, server?: FetchServer) => Response | Promise<Response>;
 
+/** Where to listen; `reusePort` lets several processes share the port (Linux). */
+export interface Address {
+  port: number;
+  hostname: string;
+  reusePort?: boolean;
+}
+
 /** The runtime's services this project uses. */
 export interface Runtime {
   env(name: string): string | undefined;
-  serve(handler: Handler, port: number, hostname: string): { port: number; stop(): Promise<void> };
+  serve(handler: Handler, address: Address): { port: number; stop(): Promise<void> };
   onSignal(signal: "SIGINT" | "SIGTERM", listener: () => void): void;
   exit(code: number): never;
 }
@@ -22,12 +29,12 @@ export interface Runtime {
 // Minimal shapes of the two runtimes' globals, so `deno check` needs no Bun types.
 interface BunGlobal {
   env: Record<string, string | undefined>;
-  serve(options: {
-    port: number;
-    hostname: string;
-    fetch: Handler;
-    error?: (error: Error) => Response;
-  }): { port: number; stop(force?: boolean): Promise<void> };
+  serve(
+    options: Address & {
+      fetch: Handler;
+      error?: (error: Error) => Response;
+    },
+  ): { port: number; stop(force?: boolean): Promise<void> };
 }
 interface ProcessGlobal {
   on(signal: string, listener: () => void): void;
@@ -41,10 +48,10 @@ export function currentRuntime(): Runtime {
   if (Bun !== undefined && process !== undefined) {
     return {
       env: (name) => Bun.env[name],
-      serve(handler, port, hostname) {
+      serve(handler, address) {
         // No `export default { fetch }` in the entry file: Bun would start a
         // second server from it. Bun.serve is called here, once.
-        const server = Bun.serve({ port, hostname, fetch: handler, error: internalError });
+        const server = Bun.serve({ ...address, fetch: handler, error: internalError });
         return { port: server.port, stop: () => server.stop() };
       },
       onSignal: (signal, listener) => process.on(signal, listener),
@@ -54,9 +61,9 @@ export function currentRuntime(): Runtime {
   if (typeof Deno !== "undefined") {
     return {
       env: (name) => Deno.env.get(name),
-      serve(handler, port, hostname) {
+      serve(handler, address) {
         const server = Deno.serve(
-          { port, hostname, onListen() {}, onError: internalError },
+          { ...address, onListen() {}, onError: internalError },
           (request) => handler(request),
         );
         return { port: server.addr.port, stop: () => server.shutdown() };

@@ -8,9 +8,14 @@
  * Configured by the environment (see README.md). The first line printed is
  * the URL it listens on. SIGINT and SIGTERM end every stream, then exit 0.
  *
+ * With `REDIS_URL` set, events live in a Redis stream shared by every
+ * process started with the same URL (see redis.ts), and the ticker ticks once
+ * per interval for all of them. `REUSE_PORT=1` lets several processes listen
+ * on one port (Deno needs `--unstable-net` for it).
+ *
  * @module
  */
-import { Broker, createHandler, tokenAuth } from "./mod.ts";
+import { Broker, createHandler, type EventLog, tokenAuth } from "./mod.ts";
 import { renderPage } from "./page.ts";
 import { currentRuntime, type Handler, integer } from "./runtime.ts";
 
@@ -20,10 +25,22 @@ const hostname = runtime.env("HOSTNAME") || "127.0.0.1";
 const tickMs = integer(runtime, "TICK_MS", 1000);
 const retryMs = integer(runtime, "RETRY_MS", 2000);
 const publishToken = runtime.env("PUBLISH_TOKEN");
+const history = integer(runtime, "HISTORY", 1000);
+const historyBytes = integer(runtime, "HISTORY_BYTES", 0) || Infinity;
+const redisUrl = runtime.env("REDIS_URL");
+
+// Loaded only when asked for, so the in-memory demo needs no npm package.
+const redis = redisUrl
+  ? await (await import("./redis.ts")).RedisLog.connect({ url: redisUrl, history })
+    .catch((error) => {
+      console.error(`error: ${error.message}`);
+      return runtime.exit(1);
+    })
+  : undefined;
+const eventLog: EventLog | undefined = redis;
 
 const broker = new Broker({
-  history: integer(runtime, "HISTORY", 1000),
-  historyBytes: integer(runtime, "HISTORY_BYTES", 0) || Infinity,
+  ...(eventLog ? { eventLog } : { history, historyBytes }),
   heartbeat: integer(runtime, "HEARTBEAT_MS", 15_000),
   retry: retryMs,
   maxQueueBytes: integer(runtime, "MAX_QUEUE_BYTES", 1 << 20),
@@ -51,16 +68,32 @@ const handler: Handler = (request, server) => {
   return handleBroker(request, server);
 };
 
-const server = runtime.serve(handler, port, hostname);
+const server = runtime.serve(handler, {
+  port,
+  hostname,
+  reusePort: runtime.env("REUSE_PORT") === "1",
+});
 const host = hostname.includes(":") ? `[${hostname}]` : hostname;
 console.log(`http://${host}:${server.port}/`);
 
-const ticker = tickMs > 0
-  ? setInterval(() => {
-    broker.publish({ event: "tick", data: new Date().toISOString() }, { topic: "time" })
-      .catch((error) => console.error("error: tick not published:", error.message));
-  }, tickMs)
-  : undefined;
+// Each tick publishes the start of its interval. With Redis every process
+// tries, and the one that claims the interval first publishes it.
+let tickFailing = false;
+async function tick(): Promise<void> {
+  const slot = Math.floor(Date.now() / tickMs);
+  try {
+    if (redis && !(await redis.claim(`tick:${slot}`, 2 * tickMs))) return;
+    await broker.publish({ event: "tick", data: new Date(slot * tickMs).toISOString() }, {
+      topic: "time",
+    });
+    tickFailing = false;
+  } catch (error) {
+    // Once per outage, not once per tick.
+    if (!tickFailing) console.error(`error: tick not published: ${(error as Error).message}`);
+    tickFailing = true;
+  }
+}
+const ticker = tickMs > 0 ? setInterval(tick, tickMs) : undefined;
 
 let stopping = false;
 async function shutdown(signal: string): Promise<void> {
@@ -73,6 +106,7 @@ async function shutdown(signal: string): Promise<void> {
   // A client that stopped reading never lets its stream finish: don't wait forever.
   const deadline = new Promise((resolve) => setTimeout(resolve, 2000));
   await Promise.race([server.stop(), deadline]);
+  redis?.close();
   runtime.exit(0);
 }
 runtime.onSignal("SIGINT", () => shutdown("SIGINT"));

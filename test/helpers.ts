@@ -194,13 +194,14 @@ export interface ServerProcess {
   rssKiB(): number;
 }
 
-/** Starts `server.ts` under `runtime` (default: the one running the tests). */
+/** Starts `server.ts` under `runtime` (default: the one running the tests), with extra Deno flags. */
 export function startServer(
   env: Record<string, string> = {},
   runtime: "bun" | "deno" = RUNTIME,
+  denoFlags: string[] = [],
 ): Promise<ServerProcess> {
   const args = runtime === "deno"
-    ? ["run", "--allow-net", "--allow-env", "server.ts"]
+    ? ["run", "--allow-net", "--allow-env", ...denoFlags, "server.ts"]
     : ["run", "server.ts"];
   const child = spawn(binary(runtime), args, {
     cwd: ROOT,

@@ -6,21 +6,25 @@ PATH="$PWD/node_modules/.bin:$PATH"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-# The browser test drives Debian's Chromium (never a downloaded browser).
-if [ ! -x /usr/bin/chromium ]; then
+# The browser test drives Debian's Chromium (never a downloaded browser); the
+# cluster test runs Debian's redis-server. Installed here when missing.
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing chromium from Debian's packages for the browser test"
+    echo "installing ${missing[*]} from Debian's packages for the tests"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "error: the browser test needs /usr/bin/chromium: run 'apt-get install chromium' as root" >&2
+    echo "error: the tests need ${missing[*]}: run 'apt-get install ${missing[*]}' as root" >&2
     exit 1
   fi
 fi
 
 deno fmt --check
 deno lint
-deno check mod.ts server.ts runtime.ts bench/servers/
+deno check mod.ts redis.ts server.ts runtime.ts bench/servers/ test/
 deno check --doc mod.ts   # the JSDoc examples type-check
 deno doc --lint mod.ts
 

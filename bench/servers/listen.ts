@@ -9,8 +9,7 @@ export function listen(handler: Handler): void {
       bun?.timeout?.(request, 0);
       return handler(request);
     },
-    integer(runtime, "PORT", 0),
-    "127.0.0.1",
+    { port: integer(runtime, "PORT", 0), hostname: "127.0.0.1" },
   );
   console.log(`http://127.0.0.1:${server.port}/`);
   for (const signal of ["SIGINT", "SIGTERM"] as const) {

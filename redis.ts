@@ -1,0 +1,258 @@
+/**
+ * An {@linkcode EventLog} on a Redis stream, so that several server
+ * processes (on one machine or many) serve one stream of events: a publish
+ * on any process reaches the clients of every process, in one order, and a
+ * client resumes its `Last-Event-ID` on whichever process it reconnects to.
+ *
+ * Redis gives what the broker needs: `XADD` assigns ids in one global order
+ * (`<ms>-<seq>`, the form the broker compares), `MAXLEN ~` bounds the
+ * history, `XRANGE` reads after an id, and a blocking `XREAD` tells each
+ * process of new events. Everything else stays in the process: every event
+ * is encoded once per process and coalesced for its clients as before.
+ *
+ * This module needs the npm package `redis`; `mod.ts` needs nothing.
+ *
+ * @example
+ * ```ts ignore
+ * import { Broker, createHandler } from "./mod.ts";
+ * import { RedisLog } from "./redis.ts";
+ *
+ * const eventLog = await RedisLog.connect({ url: "redis://127.0.0.1:6379" });
+ * Deno.serve(createHandler(new Broker({ eventLog })));
+ * ```
+ *
+ * @module
+ */
+import { createClient } from "redis";
+import type { EventLog, LogEvent, LogRead } from "./mod.ts";
+
+/** Options for {@linkcode RedisLog.connect}. */
+export interface RedisLogOptions {
+  /** The server, as `redis://[user:password@]host:port[/db]` (`rediss://` for TLS). */
+  url: string;
+  /** The stream's key; processes that share it share the events. Default `sse:events`. */
+  key?: string;
+  /** About how many events the stream keeps for replay (`MAXLEN ~`). Default 1000. */
+  history?: number;
+  /** Told when the connection is lost and when it is back. Default `console.error`. */
+  log?: (line: string) => void;
+}
+
+/** The shape of a stream entry in the replies of `XRANGE` and `XREAD`. */
+interface Entry {
+  id: string;
+  message: Record<string, string>;
+}
+
+type Client = ReturnType<typeof connection>;
+
+/** Ids the broker can compare, and small enough for Redis to parse. */
+const ID = /^\d{1,15}-\d{1,15}$/;
+
+/**
+ * An event log kept in one Redis stream. Events are entries with two
+ * fields: `t`, the topics one per line, and `m`, the encoded message.
+ *
+ * When Redis is lost while running, `append` rejects at once (the broker's
+ * handler answers `503`), reads for resuming clients fail (they end, and
+ * their `EventSource` retries), open streams stay open, and the client
+ * reconnects by itself; the log then reads on from the last event it saw,
+ * so every event Redis stored is delivered, once. Events survive a restart
+ * of Redis itself only if Redis persists them: run it with
+ * `--appendonly yes` (and `--appendfsync always` so that no acknowledged
+ * event can be lost).
+ */
+export class RedisLog implements EventLog {
+  readonly #writer: Client;
+  readonly #reader: Client;
+  readonly #key: string;
+  readonly #history: number;
+  readonly #log: (line: string) => void;
+  readonly #listeners = new Set<(events: readonly LogEvent[]) => void>();
+  #lastId: string | null = null;
+  #started = false;
+  #following = false;
+  #closed = false;
+  #lost = false;
+
+  private constructor(options: RedisLogOptions) {
+    this.#key = options.key ?? "sse:events";
+    this.#history = options.history ?? 1000;
+    if (!Number.isSafeInteger(this.#history) || this.#history < 1) {
+      throw new RangeError("history must be a positive integer");
+    }
+    this.#log = options.log ?? ((line) => console.error(line));
+    // Give up at start; once running, reconnect forever.
+    this.#writer = connection(options.url, () => this.#started);
+    this.#reader = connection(options.url, () => this.#started); // XREAD blocks its connection
+    for (const client of [this.#writer, this.#reader]) {
+      client.on("error", (error: Error) => this.#onError(error));
+      client.on("ready", () => this.#onReady());
+    }
+  }
+
+  /**
+   * Connects, and rejects with a clear error if Redis cannot be reached:
+   * a server should not start without its log.
+   *
+   * @param options See {@linkcode RedisLogOptions}.
+   * @returns The log, following the stream from its newest event.
+   */
+  static async connect(options: RedisLogOptions): Promise<RedisLog> {
+    const log = new RedisLog(options);
+    try {
+      await log.#writer.connect();
+      await log.#reader.connect();
+      const newest = await log.#writer.xRevRange(log.#key, "+", "-", { COUNT: 1 }) as Entry[];
+      log.#lastId = newest[0]?.id ?? null;
+    } catch (error) {
+      log.close();
+      const reason = (error as Error).message;
+      throw new Error(`cannot reach Redis at ${redact(options.url)}: ${reason}`);
+    }
+    log.#started = true;
+    return log;
+  }
+
+  /** The id of the newest event this log has told its listeners of. */
+  get lastId(): string | null {
+    return this.#lastId;
+  }
+
+  /**
+   * Adds an event to the stream, trimming it to about `history` events.
+   *
+   * @param topics The event's topics.
+   * @param text The encoded message without its `id:` line.
+   * @returns The id Redis gave it.
+   */
+  async append(topics: readonly string[], text: string): Promise<string> {
+    return await this.#writer.xAdd(this.#key, "*", { t: topics.join("\n"), m: text }, {
+      TRIM: { strategy: "MAXLEN", strategyModifier: "~", threshold: this.#history },
+    });
+  }
+
+  /**
+   * Reads up to `limit` events after `afterId`. The id is looked up first:
+   * one the stream no longer holds (trimmed, from a stream that Redis lost,
+   * malformed) is a gap, and the events then start at the oldest.
+   *
+   * @param afterId The id to read after; `null` reads from the oldest.
+   * @param limit The most events to return.
+   * @returns The events, and whether `afterId` could not be placed.
+   */
+  async read(afterId: string | null, limit: number): Promise<LogRead> {
+    if (afterId !== null && ID.test(afterId)) {
+      const [found, after] = await this.#writer.multi()
+        .xRange(this.#key, afterId, afterId)
+        .xRange(this.#key, "(" + afterId, "+", { COUNT: limit })
+        .exec() as unknown as [Entry[], Entry[]];
+      if (found.length > 0) return { events: after.map(toEvent), gap: false };
+    }
+    const oldest = await this.#writer.xRange(this.#key, "-", "+", { COUNT: limit }) as Entry[];
+    return { events: oldest.map(toEvent), gap: afterId !== null };
+  }
+
+  /**
+   * Calls `listener` with every event added to the stream from now on, by
+   * any process, in the stream's order.
+   *
+   * @param listener Called with the new events.
+   * @returns A function that stops the calls.
+   */
+  listen(listener: (events: readonly LogEvent[]) => void): () => void {
+    const own = (events: readonly LogEvent[]) => listener(events);
+    this.#listeners.add(own);
+    if (!this.#following) {
+      this.#following = true;
+      this.#follow();
+    }
+    return () => this.#listeners.delete(own);
+  }
+
+  /**
+   * Claims `name` for `ms` milliseconds: true for exactly one caller of all
+   * the processes sharing this Redis (`SET NX PX`). Runs a job once per
+   * cluster, such as one tick per second: claim that second.
+   *
+   * @param name What is claimed, such as `"tick:1700000000"`.
+   * @param ms How long the claim holds.
+   * @returns Whether this caller got it.
+   */
+  async claim(name: string, ms: number): Promise<boolean> {
+    const reply = await this.#writer.set(`${this.#key}:claim:${name}`, "1", { NX: true, PX: ms });
+    return reply === "OK";
+  }
+
+  /** Stops following the stream and closes both connections. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#writer.destroy();
+    this.#reader.destroy();
+  }
+
+  /** Reads new entries with a blocking `XREAD`, one after another, until closed. */
+  async #follow(): Promise<void> {
+    let failures = 0;
+    while (!this.#closed) {
+      let reply;
+      try {
+        reply = await this.#reader.xRead(
+          { key: this.#key, id: this.#lastId ?? "0-0" },
+          { BLOCK: 1000, COUNT: 1000 },
+        ) as { messages: Entry[] }[] | null;
+        failures = 0;
+      } catch {
+        // Redis is away; the client reconnects by itself. Then read on from
+        // the last event seen, so nothing Redis stored is missed.
+        await new Promise((resolve) => setTimeout(resolve, Math.min(50 * 2 ** failures++, 1000)));
+        continue;
+      }
+      const entries = reply?.[0]?.messages ?? [];
+      if (entries.length === 0 || this.#closed) continue;
+      const events = entries.map(toEvent);
+      this.#lastId = events[events.length - 1].id;
+      for (const listener of this.#listeners) listener(events);
+    }
+  }
+
+  #onError(error: Error): void {
+    // Until started, an error is the failure that `connect` reports.
+    if (!this.#started || this.#lost || this.#closed) return;
+    this.#lost = true;
+    this.#log(`redis: connection lost (${error.message}); publishing answers 503 until it is back`);
+  }
+
+  #onReady(): void {
+    if (!this.#lost || this.#closed) return;
+    this.#lost = false;
+    this.#log("redis: connection back");
+  }
+}
+
+/**
+ * A connection that fails at once while Redis is away: a publisher gets its
+ * 503 now rather than a request that hangs in an offline queue.
+ */
+function connection(url: string, reconnect: () => boolean) {
+  return createClient({
+    url,
+    disableOfflineQueue: true,
+    socket: {
+      connectTimeout: 5000,
+      // Give up at start; once running, reconnect forever, backing off.
+      reconnectStrategy: (retries, cause) =>
+        reconnect() ? Math.min(50 * 2 ** retries, 1000) : cause,
+    },
+  });
+}
+
+function toEvent({ id, message }: Entry): LogEvent {
+  return { id, topics: message.t ? message.t.split("\n") : [], text: message.m };
+}
+
+/** The URL without its password, for error messages. */
+function redact(url: string): string {
+  return url.replace(/\/\/([^:@/]*):[^@/]*@/, "//$1:***@");
+}

@@ -1,0 +1,318 @@
+// Scale-out: several server.ts processes sharing one event log in a real
+// redis-server (Debian's), over real sockets. Each group starts its own Redis
+// on a free port of 127.0.0.1, with a fresh data directory.
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import {
+  type EventReader,
+  eventually,
+  publish,
+  RUNTIME,
+  type ServerProcess,
+  type SseEvent,
+  startServer,
+  subscribe,
+} from "./helpers.ts";
+
+const OTHER_RUNTIME = RUNTIME === "deno" ? "bun" : "deno";
+
+/** A redis-server process that persists every write before acknowledging it. */
+class Redis {
+  readonly dir = mkdtempSync(join(tmpdir(), "sse-redis-"));
+  #child: ChildProcess | undefined;
+  #exited: Promise<unknown> | undefined;
+
+  constructor(readonly port: number) {}
+
+  get url(): string {
+    return `redis://127.0.0.1:${this.port}`;
+  }
+
+  async start(): Promise<void> {
+    const child = spawn("redis-server", [
+      "--port",
+      String(this.port),
+      "--bind",
+      "127.0.0.1",
+      "--dir",
+      this.dir,
+      "--save",
+      "",
+      "--appendonly",
+      "yes",
+      "--appendfsync",
+      "always",
+    ], { stdio: ["ignore", "pipe", "pipe"] });
+    this.#child = child;
+    this.#exited = new Promise((resolve) => child.on("exit", resolve));
+    let output = "";
+    await new Promise<void>((resolve, reject) => {
+      child.stdout!.on("data", (chunk: Buffer) => {
+        output += chunk.toString();
+        if (output.includes("Ready to accept connections")) resolve();
+      });
+      this.#exited!.then(() => reject(new Error(`redis-server exited:\n${output}`)));
+    });
+  }
+
+  /** Kills it outright, as a crash would. */
+  async kill(): Promise<void> {
+    this.#child?.kill("SIGKILL");
+    await this.#exited;
+  }
+
+  async stop(): Promise<void> {
+    await this.kill();
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+async function startRedis(): Promise<Redis> {
+  const port = await new Promise<number>((resolve) => {
+    const probe = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = probe.address() as { port: number };
+      probe.close(() => resolve(port));
+    });
+  });
+  const redis = new Redis(port);
+  await redis.start();
+  return redis;
+}
+
+/** Publishes and reports the status, with the id when it was accepted. */
+async function tryPublish(base: string, data: string): Promise<{ status: number; id?: string }> {
+  const response = await fetch(new URL("/publish", base), { method: "POST", body: data });
+  const body = await response.json();
+  return { status: response.status, id: body.id };
+}
+
+const ids = (events: SseEvent[]) => events.map((event) => event.lastEventId);
+
+describe("a cluster on Redis", () => {
+  let redis: Redis;
+  let servers: ServerProcess[];
+  before(async () => {
+    redis = await startRedis();
+    const env = { REDIS_URL: redis.url };
+    // The third process runs on the other runtime: one log, any mix of processes.
+    servers = await Promise.all([
+      startServer(env),
+      startServer(env),
+      startServer(env, OTHER_RUNTIME),
+    ]);
+  });
+  after(async () => {
+    for (const server of servers) assert.equal(await server.stop(), 0);
+    await redis.stop();
+  });
+
+  test("a subscriber on each process gets every event, in the same order", async () => {
+    const readers = await Promise.all(servers.map((server) => subscribe(`${server.url}events`)));
+    // 60 publishes in flight at once, 20 through each process.
+    const published = await Promise.all(
+      Array.from({ length: 60 }, (_, n) => publish(servers[n % 3].url, { data: `e${n}` })),
+    );
+    const received = await Promise.all(readers.map((reader) => reader.events(60)));
+    for (const events of received) {
+      assert.deepEqual(ids(events), ids(received[0]), "one order on every process");
+      assert.deepEqual(new Set(ids(events)), new Set(published), "each event once");
+    }
+    const byId = new Map(received[0].map((event) => [event.lastEventId, event.data]));
+    published.forEach((id, n) => assert.equal(byId.get(id), `e${n}`));
+    await Promise.all(readers.map((reader) => reader.cancel()));
+  });
+
+  test("a client cut from one process resumes on another with exactly what it missed", async () => {
+    const [a, b, c] = servers;
+    const first = await subscribe(`${a.url}events?topic=resume`);
+    for (const n of [1, 2, 3]) await publish(a.url, { data: `${n}`, topic: "resume" });
+    const seen = await first.events(3);
+    await first.cancel();
+    for (const n of [4, 5, 6, 7]) await publish(c.url, { data: `${n}`, topic: "resume" });
+
+    const again = await subscribe(`${b.url}events?topic=resume`, {
+      "last-event-id": seen[2].lastEventId,
+    });
+    assert.deepEqual((await again.events(4)).map((event) => event.data), ["4", "5", "6", "7"]);
+    const caughtUp = await again.event();
+    assert.deepEqual([caughtUp.event, JSON.parse(caughtUp.data)], ["replayed", { count: 4 }]);
+    await publish(a.url, { data: "live", topic: "resume" });
+    assert.equal((await again.event()).data, "live", "then live, with no duplicate");
+    await again.cancel();
+  });
+
+  test("an id that Redis no longer holds is a gap, on any process", async () => {
+    const reader = await subscribe(`${servers[1].url}events`, { "last-event-id": "1-1" });
+    const gap = await reader.event();
+    assert.equal(gap.event, "gap");
+    await reader.cancel();
+  });
+});
+
+describe("the ticker of a cluster", () => {
+  let redis: Redis;
+  let servers: ServerProcess[];
+  before(async () => {
+    redis = await startRedis();
+    const env = { REDIS_URL: redis.url, TICK_MS: "50" };
+    servers = await Promise.all([startServer(env), startServer(env)]);
+  });
+  after(async () => {
+    for (const server of servers) assert.equal(await server.stop(), 0);
+    await redis.stop();
+  });
+
+  test("ticks once per interval for all processes, not once per process", async () => {
+    const readers = await Promise.all(
+      servers.map((server) => subscribe(`${server.url}events?topic=time`)),
+    );
+    // Each tick carries the start of its interval: a second process ticking
+    // too would repeat one.
+    const ticks = await Promise.all(readers.map((reader) => reader.events(20)));
+    assert.deepEqual(ids(ticks[1]), ids(ticks[0]));
+    const times = ticks[0].map((tick) => Date.parse(tick.data));
+    assert.equal(new Set(times).size, 20, `no interval ticked twice: ${times}`);
+    for (const time of times) assert.equal(time % 50, 0);
+    await Promise.all(readers.map((reader) => reader.cancel()));
+  });
+});
+
+describe("Redis lost while running", () => {
+  let redis: Redis;
+  let servers: ServerProcess[];
+  before(async () => {
+    redis = await startRedis();
+    const env = { REDIS_URL: redis.url, HEARTBEAT_MS: "100" };
+    servers = await Promise.all([startServer(env), startServer(env)]);
+  });
+  after(async () => {
+    for (const server of servers) assert.equal(await server.stop(), 0);
+    await redis.stop();
+  });
+
+  test("streams stay open, publishing answers 503, and nothing accepted is lost", async () => {
+    const [a, b] = servers;
+    const streams = await Promise.all(
+      servers.map(async (server) => collect(await subscribe(`${server.url}events`))),
+    );
+    const accepted: string[] = [];
+    const refused: number[] = [];
+    // Publish through both processes, one after another, across the crash
+    // and the restart (bounded: at most 5000 publishes).
+    let publishing = true;
+    const publisher = (async () => {
+      for (let n = 0; publishing && n < 5000; n++) {
+        const result = await tryPublish(servers[n % 2].url, `p${n}`);
+        if (result.status === 200) accepted.push(result.id!);
+        else {
+          refused.push(result.status);
+          await new Promise((resolve) => setTimeout(resolve, 10)); // pace retries
+        }
+      }
+    })();
+    await eventually(() => accepted.length >= 20, 10_000, "publishes before the crash");
+    await redis.kill();
+    await eventually(() => refused.length >= 5, 10_000, "publishes refused while Redis is down");
+    assert.deepEqual([...new Set(refused)], [503]);
+
+    // Both streams stay open: heartbeats go on arriving.
+    const heartbeats = streams.map((stream) => stream.comments);
+    await eventually(
+      () => streams.every((stream, i) => stream.comments >= heartbeats[i] + 2),
+      5_000,
+      "heartbeats while Redis is down",
+    );
+    assert.ok(streams.every((stream) => !stream.ended));
+    const resume = await subscribe(`${b.url}events`, { "last-event-id": accepted[0] });
+    assert.equal(await resume.next(), null, "a resume that needs Redis ends, to be retried");
+
+    await redis.start();
+    const before = accepted.length;
+    await eventually(() => accepted.length >= before + 20, 10_000, "publishes after the restart");
+    publishing = false;
+    await publisher;
+    const last = await publish(a.url, { data: "last" });
+
+    for (const stream of streams) {
+      await eventually(() => stream.ids.includes(last), 5_000, "the last event");
+      assert.equal(new Set(stream.ids).size, stream.ids.length, "nothing twice");
+      const missing = accepted.filter((id) => !stream.ids.includes(id));
+      assert.deepEqual(missing, [], "every accepted event arrives");
+      assert.deepEqual(stream.ids, stream.ids.toSorted(compareIds), "in the log's order");
+      await stream.reader.cancel();
+    }
+    // Redis kept them through the crash: a late client replays them all.
+    const late = await subscribe(`${a.url}events`, { "last-event-id": accepted[0] });
+    const replay = await late.until((event) => event.event === "replayed");
+    assert.deepEqual(
+      ids(replay.slice(0, -1)).filter((id) => accepted.includes(id)),
+      accepted.slice(1).toSorted(compareIds),
+    );
+    await late.cancel();
+  });
+});
+
+/** Reads a stream in the background, keeping its event ids and counting heartbeats. */
+function collect(reader: EventReader) {
+  const stream = { reader, ids: [] as string[], comments: 0, ended: false };
+  (async () => {
+    try {
+      for (let item = await reader.next(); item !== null; item = await reader.next()) {
+        if (item.type === "comment") stream.comments++;
+        else stream.ids.push(item.lastEventId);
+      }
+    } catch {
+      // cancelled by the test
+    }
+    stream.ended = true;
+  })();
+  return stream;
+}
+
+describe("starting a cluster", () => {
+  test("Redis unreachable at start: a clear error and exit 1", async () => {
+    const redis = await startRedis();
+    await redis.stop(); // a port where nothing listens now
+    await assert.rejects(
+      startServer({ REDIS_URL: redis.url }),
+      /exited \(1\)[\s\S]*error: cannot reach Redis at redis:\/\/127\.0\.0\.1:\d+: .*ECONNREFUSED/,
+    );
+  });
+
+  test("REUSE_PORT=1 lets several processes serve one port", async () => {
+    const redis = await startRedis();
+    const first = await startServer({ REDIS_URL: redis.url, REUSE_PORT: "1" }, RUNTIME, [
+      "--unstable-net",
+    ]);
+    const port = new URL(first.url).port;
+    const second = await startServer(
+      { REDIS_URL: redis.url, REUSE_PORT: "1", PORT: port },
+      RUNTIME,
+      [
+        "--unstable-net",
+      ],
+    );
+    assert.equal(second.url, first.url);
+    // The kernel spreads connections over both; every client gets the event.
+    const readers = await Promise.all(
+      Array.from({ length: 8 }, () => subscribe(`${first.url}events`)),
+    );
+    const id = await publish(first.url, { data: "to all" });
+    for (const reader of readers) assert.equal((await reader.event()).lastEventId, id);
+    await Promise.all(readers.map((reader) => reader.cancel()));
+    assert.equal(await first.stop(), 0);
+    assert.equal(await second.stop(), 0);
+    await redis.stop();
+  });
+});
+
+function compareIds(a: string, b: string): number {
+  const [am, as] = a.split("-").map(Number);
+  const [bm, bs] = b.split("-").map(Number);
+  return am - bm || as - bs;
+}
