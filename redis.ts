@@ -26,6 +26,8 @@
 import { createClient } from "redis";
 import type { EventLog, LogEvent, LogRead } from "./mod.ts";
 
+export type { EventLog, LogEvent, LogRead };
+
 /** Options for {@linkcode RedisLog.connect}. */
 export interface RedisLogOptions {
   /** The server, as `redis://[user:password@]host:port[/db]` (`rediss://` for TLS). */

@@ -14,11 +14,11 @@ import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { fileURLToPath } from "node:url";
 
-const root = fileURLToPath(new URL("..", import.meta.url));
+export const root = fileURLToPath(new URL("..", import.meta.url));
 const bin = (name) => `${root}node_modules/.bin/${name}`;
-const out = `${root}bench/results`;
+export const out = `${root}bench/results`;
 const build = `${root}bench/.build`;
-const REPEAT = Number(process.env.REPEAT ?? 3);
+export const REPEAT = Number(process.env.REPEAT ?? 3);
 const ONLY = process.env.ONLY ?? "";
 
 const SERVERS = ["deno", "bun"].flatMap((runtime) => [
@@ -37,13 +37,18 @@ const SCENARIOS = [
   { name: "churn-5k", churn: 5000, unit: "KiB growth" },
 ];
 
-function startServer(server) {
+/**
+ * Starts one server process, pinned to `cpu` unless it is `null`; resolves
+ * with the port it printed.
+ */
+export function startServer(server, { cpu = 0, env = {} } = {}) {
   const command = server.runtime === "deno"
-    ? [bin("deno"), "run", "-A", server.file]
+    ? [bin("deno"), "run", "-A", "--unstable-net", server.file]
     : [bin("bun"), "run", server.file];
-  const child = spawn("taskset", ["-c", "0", ...command], {
+  const pinned = cpu === null ? command : ["taskset", "-c", String(cpu), ...command];
+  const child = spawn(pinned[0], pinned.slice(1), {
     cwd: root,
-    env: { ...process.env, PORT: "0", TICK_MS: "0", HOSTNAME: "127.0.0.1" },
+    env: { ...process.env, PORT: "0", TICK_MS: "0", HOSTNAME: "127.0.0.1", ...env },
     stdio: ["ignore", "pipe", "inherit"],
   });
   return new Promise((resolve, reject) => {
@@ -57,27 +62,27 @@ function startServer(server) {
   });
 }
 
-async function stopServer({ child }) {
+export async function stopServer({ child }) {
   const exited = new Promise((resolve) => child.on("exit", resolve));
   child.kill("SIGTERM");
   await Promise.race([exited, sleep(3000).then(() => child.kill("SIGKILL"))]);
 }
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** Resident memory of the server process (taskset execs it, so the pid is the server's). */
 function rssKiB(pid) {
   return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]);
 }
 
-function loadgen(args, { stdin = "ignore" } = {}) {
-  return spawn("taskset", ["-c", "1", `${build}/loadgen`, ...args.map(String)], {
-    stdio: [stdin, "pipe", "inherit"],
-  });
+function loadgen(args, { stdin = "ignore", cpu = 1 } = {}) {
+  const command = [`${build}/loadgen`, ...args.map(String)];
+  const pinned = cpu === null ? command : ["taskset", "-c", String(cpu), ...command];
+  return spawn(pinned[0], pinned.slice(1), { stdio: [stdin, "pipe", "inherit"] });
 }
 
-function runLoadgen(args) {
-  const child = loadgen(args);
+export function runLoadgen(args, options) {
+  const child = loadgen(args, options);
   let output = "";
   child.stdout.on("data", (chunk) => output += chunk);
   return new Promise((resolve, reject) =>
@@ -144,13 +149,13 @@ async function measure(server, scenario) {
   }
 }
 
-const median = (values) => {
+export const median = (values) => {
   const sorted = [...values].sort((a, b) => a - b);
   const middle = Math.floor(sorted.length / 2);
   return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
 };
 
-function version(command, args) {
+export function version(command, args) {
   try {
     return execFileSync(command, args, { encoding: "utf8" }).split("\n")[0].trim();
   } catch {
@@ -158,11 +163,12 @@ function version(command, args) {
   }
 }
 
-async function main() {
+/** Builds the load generator; returns the machine and versions, for the results. */
+export function prepare() {
   mkdirSync(out, { recursive: true });
   mkdirSync(build, { recursive: true });
   execFileSync("gcc", ["-O2", "-Wall", "-o", `${build}/loadgen`, `${root}bench/loadgen.c`]);
-  const machine = {
+  return {
     date: new Date().toISOString(),
     cpu: os.cpus()[0]?.model ?? "unknown",
     cores: os.cpus().length,
@@ -173,6 +179,10 @@ async function main() {
     hono: JSON.parse(readFileSync(`${root}node_modules/hono/package.json`, "utf8")).version,
     repeat: REPEAT,
   };
+}
+
+async function main() {
+  const machine = prepare();
   const runs = [];
   for (let round = 0; round < REPEAT; round++) {
     // Interleave servers within each round, so drift on the machine hits all alike.
@@ -195,7 +205,7 @@ async function main() {
   console.log(`\nwrote ${out}/RESULTS.md, results.json, chart.svg`);
 }
 
-function fmt(value) {
+export function fmt(value) {
   if (value === undefined || value === null || Number.isNaN(value)) return "-";
   return value >= 1000 ? Math.round(value).toLocaleString("en-US") : value.toFixed(2);
 }
@@ -293,4 +303,4 @@ function chart(table) {
     `(higher is better)</text>\n${parts.join("\n")}\n</svg>\n`;
 }
 
-await main();
+if (process.argv[1] === fileURLToPath(import.meta.url)) await main();

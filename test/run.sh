@@ -26,7 +26,7 @@ deno fmt --check
 deno lint
 deno check mod.ts redis.ts server.ts runtime.ts bench/servers/ test/
 deno check --doc mod.ts   # the JSDoc examples type-check
-deno doc --lint mod.ts
+deno doc --lint mod.ts redis.ts
 
 # The same test files on both runtimes. A runtime's failure fails the run,
 # after both have run, so one red runtime does not hide the other.
