@@ -3,8 +3,9 @@
  * loads by URL and runs unchanged on Deno, Bun and other WinterTC runtimes.
  *
  * The module reads top to bottom: the message type and its encoding, the
- * retained history, the {@linkcode Broker}, and an HTTP handler that mounts
- * the broker on any server.
+ * {@linkcode EventLog} that keeps events (in memory by default; shared by
+ * several processes with `redis.ts`), the {@linkcode Broker}, and an HTTP
+ * handler that mounts the broker on any server.
  *
  * @example Broadcast to every browser that opens /events
  * ```ts ignore
@@ -604,7 +605,7 @@ export interface BrokerStats {
   published: number;
   /** Events handed to clients live (one per client per event). */
   delivered: number;
-  /** Events resent from the history to reconnecting clients. */
+  /** Events resent from the event log to reconnecting clients. */
   replayed: number;
   /** Clients disconnected because they fell more than `maxQueueBytes` behind. */
   slowDisconnects: number;
@@ -686,7 +687,7 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
  * Each event is encoded once and the same bytes are queued for every client;
  * a publish never waits for any client. A client whose queue passes
  * `maxQueueBytes` is disconnected rather than waited for, and resumes from
- * the history when it reconnects with its `Last-Event-ID`.
+ * the event log when it reconnects with its `Last-Event-ID`.
  *
  * @example
  * ```ts
@@ -722,7 +723,7 @@ export class Broker {
   /** Clients by each topic they named. */
   readonly #byTopic = new Map<string, Set<Client>>();
   /**
-   * Events accepted and kept but not yet handed to clients. Publishes that
+   * Events the log reported but not yet handed to clients. Events that
    * arrive in one turn of the event loop go out together, as one chunk per
    * client: the per-chunk cost of a stream, paid per client, is what bounds
    * fan-out, so a burst of publishes costs about as much as one.
@@ -783,7 +784,7 @@ export class Broker {
    * otherwise. A resuming client first receives every retained event after
    * its id, then an `event: replayed` with `data: {"count": N}`, then live
    * events, with nothing lost or repeated at the seam. If its id cannot be
-   * placed in the history (too old, from an earlier run of the server, or
+   * placed in the event log (too old, from an earlier run of the server, or
    * malformed), it is first sent an `event: gap` and then every retained
    * event. Neither of these two events carries an id.
    *
@@ -905,7 +906,8 @@ export class Broker {
 
   /**
    * Ends every stream cleanly (clients see the end of the response and
-   * reconnect, here or elsewhere) and stops the heartbeat. Later
+   * reconnect, here or elsewhere), stops the heartbeat and stops listening
+   * to the event log (closing a log you passed in is yours to do). Later
    * subscriptions get a stream that ends at once, so clients retry, and
    * publishes are refused. Safe to call twice.
    *
@@ -1004,7 +1006,7 @@ export class Broker {
   /**
    * Cuts a client that fell too far behind. Erroring the stream discards its
    * queue at once (closing would keep it until the client read it all) and
-   * aborts the response, so the client reconnects and replays from history.
+   * aborts the response, so the client reconnects and replays from the event log.
    */
   #cut(client: Client): void {
     this.#slowDisconnects++;
