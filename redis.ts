@@ -62,7 +62,9 @@ const ID = /^\d{1,15}-\d{1,15}$/;
  * so every event Redis stored is delivered, once. Events survive a restart
  * of Redis itself only if Redis persists them: run it with
  * `--appendonly yes` (and `--appendfsync always` so that no acknowledged
- * event can be lost).
+ * event can be lost). A publish whose connection breaks after Redis took it
+ * but before the reply came back is refused and still delivered: a
+ * publisher that retries on `503` may publish it twice.
  */
 export class RedisLog implements EventLog {
   readonly #writer: Client;
