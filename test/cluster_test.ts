@@ -171,6 +171,9 @@ describe("the ticker of a cluster", () => {
     const readers = await Promise.all(
       servers.map((server) => subscribe(`${server.url}events?topic=time`)),
     );
+    // Both readers start at the same point of the log: after this event.
+    await publish(servers[0].url, { data: "start", topic: "time" });
+    await Promise.all(readers.map((reader) => reader.until((event) => event.data === "start")));
     // Each tick carries the start of its interval: a second process ticking
     // too would repeat one.
     const ticks = await Promise.all(readers.map((reader) => reader.events(20)));
