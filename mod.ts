@@ -422,9 +422,8 @@ export class MemoryLog implements EventLog {
    * @returns A function that stops the calls.
    */
   listen(listener: (events: readonly LogEvent[]) => void): () => void {
-    const own = (events: readonly LogEvent[]) => listener(events);
-    this.#listeners.add(own);
-    return () => this.#listeners.delete(own);
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
   }
 
   get #size(): number {
@@ -1035,7 +1034,7 @@ export class Broker {
     }
     if (this.#byTopic.size > 0) this.#flushTopics(batch);
     for (const client of this.#ahead) {
-      if (compareIds(client.cursor!, this.#liveId) <= 0) {
+      if (!this.#isNewer(client.cursor!)) {
         this.#ahead.delete(client);
         this.#replay(client);
       }
@@ -1133,7 +1132,7 @@ export class Broker {
     client.placed = true;
     for (const event of events) {
       // Events past the live ones reach this client live, as it is now current.
-      if (this.#liveId === null || compareIds(event.id, this.#liveId) > 0) {
+      if (this.#isNewer(event.id)) {
         this.#goLive(client);
         return false;
       }
@@ -1154,6 +1153,11 @@ export class Broker {
     return true;
   }
 
+  /** Whether event `id` is newer than every event handed to live clients. */
+  #isNewer(id: string): boolean {
+    return this.#liveId === null || compareIds(id, this.#liveId) > 0;
+  }
+
   /** Whether a replay at `cursor` (`null`: before the oldest) has reached the live events. */
   #caughtUp(cursor: string | null): boolean {
     const live = this.#liveId;
@@ -1167,7 +1171,7 @@ export class Broker {
    */
   #goLive(client: Client): void {
     const cursor = client.cursor;
-    if (cursor && (this.#liveId === null || compareIds(cursor, this.#liveId) > 0)) {
+    if (cursor && this.#isNewer(cursor)) {
       this.#ahead.add(client);
       return;
     }

@@ -165,13 +165,12 @@ export class RedisLog implements EventLog {
    * @returns A function that stops the calls.
    */
   listen(listener: (events: readonly LogEvent[]) => void): () => void {
-    const own = (events: readonly LogEvent[]) => listener(events);
-    this.#listeners.add(own);
+    this.#listeners.add(listener);
     if (!this.#following) {
       this.#following = true;
       this.#follow();
     }
-    return () => this.#listeners.delete(own);
+    return () => this.#listeners.delete(listener);
   }
 
   /**

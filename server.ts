@@ -15,7 +15,7 @@
  *
  * @module
  */
-import { Broker, createHandler, type EventLog, tokenAuth } from "./mod.ts";
+import { Broker, createHandler, tokenAuth } from "./mod.ts";
 import { renderPage } from "./page.ts";
 import { currentRuntime, type Handler, integer } from "./runtime.ts";
 
@@ -37,10 +37,10 @@ const redis = redisUrl
       return runtime.exit(1);
     })
   : undefined;
-const eventLog: EventLog | undefined = redis;
 
 const broker = new Broker({
-  ...(eventLog ? { eventLog } : { history, historyBytes }),
+  // Redis trims its stream to about HISTORY events itself.
+  ...(redis ? { eventLog: redis } : { history, historyBytes }),
   heartbeat: integer(runtime, "HEARTBEAT_MS", 15_000),
   retry: retryMs,
   maxQueueBytes: integer(runtime, "MAX_QUEUE_BYTES", 1 << 20),
