@@ -91,31 +91,37 @@ async function tryPublish(base: string, data: string): Promise<{ status: number;
   return { status: response.status, id: body.id };
 }
 
+/**
+ * A Redis and one server.ts process on it per runtime listed, started before
+ * the tests of the enclosing describe and stopped after them.
+ */
+function useCluster(env: Record<string, string>, runtimes: ("bun" | "deno")[]) {
+  const cluster = { redis: undefined as unknown as Redis, servers: [] as ServerProcess[] };
+  before(async () => {
+    cluster.redis = await startRedis();
+    const shared = { REDIS_URL: cluster.redis.url, ...env };
+    cluster.servers = await Promise.all(runtimes.map((runtime) => startServer(shared, runtime)));
+  });
+  after(async () => {
+    for (const server of cluster.servers) assert.equal(await server.stop(), 0);
+    await cluster.redis.stop();
+  });
+  return cluster;
+}
+
 const ids = (events: SseEvent[]) => events.map((event) => event.lastEventId);
 
 describe("a cluster on Redis", () => {
-  let redis: Redis;
-  let servers: ServerProcess[];
-  before(async () => {
-    redis = await startRedis();
-    const env = { REDIS_URL: redis.url };
-    // The third process runs on the other runtime: one log, any mix of processes.
-    servers = await Promise.all([
-      startServer(env),
-      startServer(env),
-      startServer(env, OTHER_RUNTIME),
-    ]);
-  });
-  after(async () => {
-    for (const server of servers) assert.equal(await server.stop(), 0);
-    await redis.stop();
-  });
+  // The third process runs on the other runtime: one log, any mix of processes.
+  const cluster = useCluster({}, [RUNTIME, RUNTIME, OTHER_RUNTIME]);
 
   test("a subscriber on each process gets every event, in the same order", async () => {
-    const readers = await Promise.all(servers.map((server) => subscribe(`${server.url}events`)));
+    const readers = await Promise.all(
+      cluster.servers.map((server) => subscribe(`${server.url}events`)),
+    );
     // 60 publishes in flight at once, 20 through each process.
     const published = await Promise.all(
-      Array.from({ length: 60 }, (_, n) => publish(servers[n % 3].url, { data: `e${n}` })),
+      Array.from({ length: 60 }, (_, n) => publish(cluster.servers[n % 3].url, { data: `e${n}` })),
     );
     const received = await Promise.all(readers.map((reader) => reader.events(60)));
     for (const events of received) {
@@ -128,7 +134,7 @@ describe("a cluster on Redis", () => {
   });
 
   test("a client cut from one process resumes on another with exactly what it missed", async () => {
-    const [a, b, c] = servers;
+    const [a, b, c] = cluster.servers;
     const first = await subscribe(`${a.url}events?topic=resume`);
     for (const n of [1, 2, 3]) await publish(a.url, { data: `${n}`, topic: "resume" });
     const seen = await first.events(3);
@@ -147,7 +153,7 @@ describe("a cluster on Redis", () => {
   });
 
   test("an id that Redis no longer holds is a gap, on any process", async () => {
-    const reader = await subscribe(`${servers[1].url}events`, { "last-event-id": "1-1" });
+    const reader = await subscribe(`${cluster.servers[1].url}events`, { "last-event-id": "1-1" });
     const gap = await reader.event();
     assert.equal(gap.event, "gap");
     await reader.cancel();
@@ -155,24 +161,14 @@ describe("a cluster on Redis", () => {
 });
 
 describe("the ticker of a cluster", () => {
-  let redis: Redis;
-  let servers: ServerProcess[];
-  before(async () => {
-    redis = await startRedis();
-    const env = { REDIS_URL: redis.url, TICK_MS: "50" };
-    servers = await Promise.all([startServer(env), startServer(env)]);
-  });
-  after(async () => {
-    for (const server of servers) assert.equal(await server.stop(), 0);
-    await redis.stop();
-  });
+  const cluster = useCluster({ TICK_MS: "50" }, [RUNTIME, RUNTIME]);
 
   test("ticks once per interval for all processes, not once per process", async () => {
     const readers = await Promise.all(
-      servers.map((server) => subscribe(`${server.url}events?topic=time`)),
+      cluster.servers.map((server) => subscribe(`${server.url}events?topic=time`)),
     );
     // Both readers start at the same point of the log: after this event.
-    await publish(servers[0].url, { data: "start", topic: "time" });
+    await publish(cluster.servers[0].url, { data: "start", topic: "time" });
     await Promise.all(readers.map((reader) => reader.until((event) => event.data === "start")));
     // Each tick carries the start of its interval: a second process ticking
     // too would repeat one.
@@ -186,22 +182,12 @@ describe("the ticker of a cluster", () => {
 });
 
 describe("Redis lost while running", () => {
-  let redis: Redis;
-  let servers: ServerProcess[];
-  before(async () => {
-    redis = await startRedis();
-    const env = { REDIS_URL: redis.url, HEARTBEAT_MS: "100" };
-    servers = await Promise.all([startServer(env), startServer(env)]);
-  });
-  after(async () => {
-    for (const server of servers) assert.equal(await server.stop(), 0);
-    await redis.stop();
-  });
+  const cluster = useCluster({ HEARTBEAT_MS: "100" }, [RUNTIME, RUNTIME]);
 
   test("streams stay open, publishing answers 503, and nothing accepted is lost", async () => {
-    const [a, b] = servers;
+    const [a, b] = cluster.servers;
     const streams = await Promise.all(
-      servers.map(async (server) => collect(await subscribe(`${server.url}events`))),
+      cluster.servers.map(async (server) => collect(await subscribe(`${server.url}events`))),
     );
     const accepted: string[] = [];
     const refused: number[] = [];
@@ -210,7 +196,7 @@ describe("Redis lost while running", () => {
     let publishing = true;
     const publisher = (async () => {
       for (let n = 0; publishing && n < 5000; n++) {
-        const result = await tryPublish(servers[n % 2].url, `p${n}`);
+        const result = await tryPublish(cluster.servers[n % 2].url, `p${n}`);
         if (result.status === 200) accepted.push(result.id!);
         else {
           refused.push(result.status);
@@ -219,7 +205,7 @@ describe("Redis lost while running", () => {
       }
     })();
     await eventually(() => accepted.length >= 20, 10_000, "publishes before the crash");
-    await redis.kill();
+    await cluster.redis.kill();
     await eventually(() => refused.length >= 5, 10_000, "publishes refused while Redis is down");
     assert.deepEqual([...new Set(refused)], [503]);
 
@@ -234,7 +220,7 @@ describe("Redis lost while running", () => {
     const resume = await subscribe(`${b.url}events`, { "last-event-id": accepted[0] });
     assert.equal(await resume.next(), null, "a resume that needs Redis ends, to be retried");
 
-    await redis.start();
+    await cluster.redis.start();
     const before = accepted.length;
     await eventually(() => accepted.length >= before + 20, 10_000, "publishes after the restart");
     publishing = false;
