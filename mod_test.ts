@@ -1,10 +1,6 @@
 // Runs unchanged under `deno test` and `bun test` (node:test, node:assert).
-import { describe, test } from "node:test";
+import { describe, test, track } from "./test/harness.ts";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { createServer } from "node:http";
-import { readFile } from "node:fs/promises";
-import type { AddressInfo } from "node:net";
 import {
   Broker,
   createHandler,
@@ -12,23 +8,16 @@ import {
   type EventLog,
   EventLogError,
   type LogEvent,
+  type LogRead,
   MemoryLog,
   MessageError,
   type ServerSentEventMessage,
   ServerSentEventStream,
+  tokenAuth,
 } from "./mod.ts";
-import {
-  binary,
-  EventReader,
-  parseAll,
-  publish,
-  ROOT,
-  RUNTIME,
-  type SseEvent,
-  startServer,
-  stats,
-  subscribe,
-} from "./test/helpers.ts";
+import { spawn } from "node:child_process";
+import process from "node:process";
+import { EventReader, eventually, parseAll, RUNTIME, type SseEvent } from "./test/helpers.ts";
 
 const text = (message: ServerSentEventMessage) => new TextDecoder().decode(encodeMessage(message));
 
@@ -101,28 +90,38 @@ describe("encodeMessage", () => {
 
   test("a numeric id is written as an integer", () => {
     assert.equal(text({ id: 42 }), "id: 42\n\n");
-    assert.throws(() => encodeMessage({ id: 1.5 }), { name: "MessageError" });
   });
 
-  const refused: [ServerSentEventMessage, string][] = [
-    [{ event: "a\nb" }, "event"],
-    [{ event: "a\rb" }, "event"],
-    [{ id: "1\n" }, "id"],
-    [{ id: "1\r2" }, "id"],
-    [{ id: "a\0b" }, "id"],
-    [{ retry: -1 }, "retry"],
-    [{ retry: 1.5 }, "retry"],
-    [{ retry: NaN }, "retry"],
-    [{ retry: "5" as unknown as number }, "retry"],
-    [{ data: 5 as unknown as string }, "data"],
-    [{ comment: {} as unknown as string }, "comment"],
+  test("a retry of 0 is written: reconnect at once", () => {
+    assert.equal(text({ retry: 0 }), "retry: 0\n\n");
+  });
+
+  const refused: [unknown, string][] = [
+    [null, "message must be an object"],
+    ["data", "message must be an object"],
+    [{ event: "a\nb" }, "event must not contain a line break"],
+    [{ event: "a\rb" }, "event must not contain a line break"],
+    [{ event: 5 }, "event must be a string"],
+    [{ id: "1\n" }, "id must not contain a line break"],
+    [{ id: "1\r2" }, "id must not contain a line break"],
+    [{ id: "a\0b" }, "id must not contain NUL"],
+    [{ id: 1.5 }, "id must be an integer"],
+    [{ id: {} }, "id must be a string"],
+    [{ retry: -1 }, "retry must be a non-negative integer"],
+    [{ retry: 1.5 }, "retry must be a non-negative integer"],
+    [{ retry: NaN }, "retry must be a non-negative integer"],
+    [{ retry: "5" }, "retry must be a non-negative integer"],
+    [{ data: 5 }, "data must be a string"],
+    [{ comment: {} }, "comment must be a string"],
   ];
-  for (const [message, field] of refused) {
-    test(`refuses ${JSON.stringify(message)} naming ${field}`, () => {
-      assert.throws(() => encodeMessage(message), (error) => {
+  for (const [message, reason] of refused) {
+    const field = reason.split(" ")[0];
+    test(`refuses ${JSON.stringify(message)}: ${reason}`, () => {
+      assert.throws(() => encodeMessage(message as ServerSentEventMessage), (error) => {
         assert.ok(error instanceof MessageError);
+        assert.equal(error.name, "MessageError");
         assert.equal(error.field, field);
-        assert.match(error.message, new RegExp(`^${field} `));
+        assert.equal(error.message, reason);
         return true;
       });
     });
@@ -232,6 +231,10 @@ describe("Broker", () => {
     const cb = (await readers.cb.read()).value!;
     assert.deepEqual(data(bc), ["to b", "to a and c"]);
     assert.ok(bc === cb, "clients with the same topics share one chunk");
+    await broker.publish({ data: "end" }, { topic: ["a", "b", "c"] });
+    for (const r of Object.values(readers)) {
+      assert.deepEqual(data((await r.read()).value!), ["end"]);
+    }
     broker.close();
   });
 
@@ -320,6 +323,17 @@ describe("Broker", () => {
     assert.equal(chunks, 1 + 100, "retry: and every event");
   });
 
+  test("a client exactly maxQueueBytes behind is kept; one more event and it is cut", async () => {
+    // retry: null starts the stream with 4 bytes; each event here is 20 bytes.
+    const broker = new Broker({ eventLog: new ListLog(), retry: null, maxQueueBytes: 104 });
+    broker.subscribe(new Request("http://x/"));
+    await publishMany(broker, 5);
+    assert.deepEqual([broker.stats().clients, broker.stats().slowDisconnects], [1, 0]);
+    await publishMany(broker, 1);
+    assert.deepEqual([broker.stats().clients, broker.stats().slowDisconnects], [0, 1]);
+    broker.close();
+  });
+
   test("log gets one line per connect, disconnect and cut, and nothing by default", async () => {
     const lines: string[] = [];
     const broker = new Broker({ log: (line) => lines.push(line), maxQueueBytes: 1024 });
@@ -360,6 +374,619 @@ describe("Broker", () => {
     const response = broker.subscribe(new Request("http://localhost/?topic=a%00b"));
     assert.equal(response.status, 400);
     assert.match((await response.json()).error, /topic/);
+    broker.close();
+  });
+});
+
+describe("Broker options and limits", () => {
+  test("refuses options that are not non-negative integers, naming them", () => {
+    const options = ["heartbeat", "maxQueueBytes", "maxClients", "maxTopics"];
+    for (const name of options) {
+      for (const value of [-1, 1.5, NaN]) {
+        assert.throws(() => new Broker({ [name]: value }), {
+          name: "RangeError",
+          message: `${name} must be a non-negative integer`,
+        });
+      }
+    }
+    assert.throws(() => new Broker({ eventLog: new MemoryLog(), historyBytes: 5 }), {
+      name: "TypeError",
+      message: "history and historyBytes bound the default log: bound your own log",
+    });
+  });
+
+  test("history and historyBytes bound the default log", async () => {
+    for (const options of [{ history: 2 }, { historyBytes: 60 }]) {
+      const broker = new Broker(options);
+      const [first] = await publishMany(broker, 4);
+      const reader = open(broker, "", { headers: { "last-event-id": first } });
+      assert.equal((await reader.event()).event, "gap", JSON.stringify(options));
+      broker.close();
+    }
+  });
+
+  test("headers are added to every stream's, and may replace the CORS default", async () => {
+    const broker = new Broker({
+      headers: { "x-served-by": "test", "access-control-allow-origin": "https://a.example" },
+    });
+    const response = broker.subscribe(new Request("http://x/"));
+    assert.equal(response.headers.get("x-served-by"), "test");
+    assert.equal(response.headers.get("access-control-allow-origin"), "https://a.example");
+    assert.equal(response.headers.get("content-type"), "text/event-stream");
+    await response.body!.cancel();
+    broker.close();
+  });
+
+  test("retry: null starts streams with a comment, and Retry-After is at least a second", async () => {
+    const broker = new Broker({ retry: null, maxClients: 1 });
+    const body = broker.subscribe(new Request("http://x/")).body!;
+    const reader = body.getReader();
+    assert.equal(new TextDecoder().decode((await reader.read()).value), ": \n\n");
+    const full = broker.subscribe(new Request("http://x/"));
+    assert.equal(full.headers.get("retry-after"), "1");
+    await reader.cancel();
+    broker.close();
+  });
+
+  test("maxClients: one stream too many gets 503 with Retry-After in whole seconds", async () => {
+    const broker = new Broker({ maxClients: 2, retry: 2500 });
+    const bodies = [0, 1].map(() => broker.subscribe(new Request("http://x/")).body!);
+    const full = broker.subscribe(new Request("http://x/"));
+    assert.equal(full.status, 503);
+    assert.equal(full.headers.get("retry-after"), "3");
+    assert.deepEqual(await full.json(), { error: "too many clients" });
+    await bodies[0].cancel();
+    const again = broker.subscribe(new Request("http://x/"));
+    assert.equal(again.status, 200, "a place freed is taken");
+    await again.body!.cancel();
+    broker.close();
+  });
+
+  test("maxTopics: a client may name that many topics and no more", async () => {
+    const broker = new Broker({ maxTopics: 2 });
+    const two = broker.subscribe(new Request("http://x/?topic=a&topic=b"));
+    assert.equal(two.status, 200);
+    await two.body!.cancel();
+    const three = broker.subscribe(new Request("http://x/?topic=a&topic=b&topic=c"));
+    assert.equal(three.status, 400);
+    assert.deepEqual(await three.json(), { error: "at most 2 topics per client" });
+    broker.close();
+  });
+
+  test("topics are 1 to 256 printable characters; a refused one is named, cut to 64", async () => {
+    const broker = new Broker();
+    const long = "t".repeat(256);
+    const ok = broker.subscribe(new Request(`http://x/?topic=${long}&topic=news`));
+    assert.equal(ok.status, 200);
+    await ok.body!.cancel();
+    await broker.publish({ data: "x" }, { topic: long });
+    for (const topic of [long + "t", "a\u0001b", "\u007f", ""]) {
+      const response = broker.subscribe(
+        new Request(`http://x/?topic=${encodeURIComponent(topic)}`),
+      );
+      assert.equal(response.status, 400, JSON.stringify(topic));
+      const error = `invalid topic ${JSON.stringify(topic.slice(0, 64))}`;
+      assert.deepEqual(await response.json(), { error });
+      await assert.rejects(broker.publish({ data: "x" }, { topic }), {
+        name: "MessageError",
+        field: "topic",
+        message: "topic must be 1 to 256 printable characters",
+      });
+    }
+    broker.close();
+  });
+
+  test("publish refuses what is not a message, naming the field", async () => {
+    const broker = new Broker();
+    const cases: [unknown, string][] = [
+      [null, "message must be an object"],
+      ["data", "message must be an object"],
+      [{ data: "x", id: "1" }, "id is assigned by the broker"],
+      [{ event: "x" }, "data is required"],
+      [{ data: "x", retry: -1 }, "retry must be a non-negative integer"],
+    ];
+    for (const [message, reason] of cases) {
+      await assert.rejects(broker.publish(message as ServerSentEventMessage), (error) => {
+        assert.ok(error instanceof MessageError, reason);
+        assert.equal(error.message, reason);
+        return true;
+      });
+    }
+    assert.equal(broker.stats().published, 0);
+    broker.close();
+  });
+
+  test("an event with no topic does not reach clients that named topics", async () => {
+    const broker = new Broker();
+    const news = open(broker, "?topic=news");
+    await broker.publish({ data: "to all" });
+    await broker.publish({ data: "news" }, { topic: "news" });
+    assert.equal((await news.event()).data, "news");
+    broker.close();
+  });
+
+  test("an event to a topic nobody named is delivered to those who named no topic", async () => {
+    const broker = new Broker();
+    const news = open(broker, "?topic=news");
+    const everything = open(broker);
+    await broker.publish({ data: "sport" }, { topic: "sport" });
+    await broker.publish({ data: "news" }, { topic: "news" });
+    assert.deepEqual((await everything.events(2)).map((e) => e.data), ["sport", "news"]);
+    assert.equal((await news.event()).data, "news");
+    broker.close();
+  });
+
+  test("clients with topics `ab` and `a`+`b` want different events", async () => {
+    const broker = new Broker();
+    const ab = open(broker, "?topic=ab");
+    const aAndB = open(broker, "?topic=a&topic=b");
+    await Promise.all([
+      broker.publish({ data: "to a" }, { topic: "a" }),
+      broker.publish({ data: "to ab" }, { topic: "ab" }),
+    ]);
+    assert.deepEqual((await ab.events(1)).map((e) => e.data), ["to ab"]);
+    assert.deepEqual((await aAndB.events(1)).map((e) => e.data), ["to a"]);
+    await broker.publish({ data: "end" }, { topic: ["a", "ab"] });
+    assert.equal((await ab.event()).data, "end");
+    assert.equal((await aAndB.event()).data, "end");
+    broker.close();
+  });
+
+  test("a client that named topics and left gets nothing more; the others go on", async () => {
+    const broker = new Broker();
+    const leaving = broker.subscribe(new Request("http://x/?topic=a&topic=b")).body!;
+    const staying = open(broker, "?topic=a");
+    await leaving.cancel();
+    await broker.publish({ data: "after" }, { topic: ["a", "b"] });
+    assert.equal((await staying.event()).data, "after");
+    assert.equal(broker.stats().delivered, 1);
+    broker.close();
+  });
+
+  test("a request already aborted when it subscribes is never counted", async () => {
+    const broker = new Broker();
+    const response = broker.subscribe(new Request("http://x/", { signal: AbortSignal.abort() }));
+    assert.equal(broker.stats().clients, 0);
+    assert.equal(await response.text(), "retry: 2000\n\n");
+    broker.close();
+  });
+
+  test("close delivers the events of its own turn, stops listening to the log, then ends", async () => {
+    let listening = 0;
+    const memory = new MemoryLog();
+    const log: EventLog = {
+      get lastId() {
+        return memory.lastId;
+      },
+      append: (topics, text) => memory.append(topics, text),
+      read: (afterId, limit) => memory.read(afterId, limit),
+      listen: (listener) => {
+        listening++;
+        const stop = memory.listen(listener);
+        return () => (listening--, stop());
+      },
+    };
+    const broker = new Broker({ eventLog: log });
+    assert.equal(listening, 1);
+    const reader = open(broker);
+    const published = broker.publish({ data: "last" });
+    broker.close();
+    broker.close();
+    assert.equal(listening, 0, "stopped once");
+    assert.equal((await reader.event()).data, "last");
+    assert.equal(await reader.next(), null);
+    assert.match(await published, /-1$/);
+    const late = broker.subscribe(new Request("http://x/"));
+    assert.equal(late.headers.get("content-type"), "text/event-stream");
+    await late.body!.cancel();
+  });
+});
+
+describe("heartbeats", () => {
+  const delay = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  /** Reads items until the event with data `marker`; returns the comments before it. */
+  async function commentsBefore(reader: EventReader, marker: string): Promise<string[]> {
+    const comments = [];
+    for (;;) {
+      const item = await reader.next();
+      assert.ok(item !== null, "the stream ended");
+      if (item.type === "comment") comments.push(item.text);
+      else if (item.data === marker) return comments;
+    }
+  }
+
+  test("an idle stream gets `: ` once per interval, from the first interval on", async () => {
+    const broker = new Broker({ heartbeat: 50 });
+    const raw = broker.subscribe(new Request("http://x/")).body!.getReader();
+    assert.equal(new TextDecoder().decode((await raw.read()).value), "retry: 2000\n\n");
+    assert.equal(new TextDecoder().decode((await raw.read()).value), ": \n\n");
+    const reader = open(broker);
+    // Timers of different lengths fire in order, so the marker always comes
+    // after the ticks due before it, however late both are.
+    setTimeout(() => broker.publish({ data: "at 1.5 intervals" }), 75);
+    assert.equal((await commentsBefore(reader, "at 1.5 intervals")).length, 1);
+    broker.close();
+  });
+
+  test("one interval serves every client, and it goes on while any client is left", async () => {
+    const broker = new Broker({ heartbeat: 40 });
+    const readers = [open(broker), open(broker)];
+    const leaving = broker.subscribe(new Request("http://x/")).body!;
+    await leaving.cancel();
+    setTimeout(() => broker.publish({ data: "at 3.5 intervals" }), 140);
+    for (const reader of readers) {
+      const comments = await commentsBefore(reader, "at 3.5 intervals");
+      // Three ticks are due; a late timer may fold some together, never add one.
+      assert.ok(comments.length >= 1 && comments.length <= 3, `${comments.length} comments`);
+    }
+    broker.close();
+  });
+
+  test("a stream that was sent an event since the last tick gets no comment", async () => {
+    const broker = new Broker({ heartbeat: 100 });
+    const reader = open(broker);
+    const until = Date.now() + 350;
+    while (Date.now() < until) {
+      await broker.publish({ data: "busy" });
+      await delay(10);
+    }
+    await broker.publish({ data: "end" });
+    assert.deepEqual(await commentsBefore(reader, "end"), []);
+    broker.close();
+  });
+
+  test("a stream still replaying gets no comment between replayed events", async () => {
+    const broker = new Broker({ heartbeat: 20, maxQueueBytes: 1024 });
+    const first = await broker.publish({ data: "first" });
+    await publishMany(broker, 40);
+    const replaying = open(broker, "", { headers: { "last-event-id": first } });
+    const idle = open(broker);
+    assert.equal((await idle.next())?.type, "comment"); // a tick went by
+    assert.equal((await idle.next())?.type, "comment"); // and another
+    const items = [];
+    for (let item = await replaying.next(); item?.type !== "event" || item.event !== "replayed";) {
+      items.push(item!.type);
+      item = await replaying.next();
+    }
+    assert.deepEqual(items, Array(40).fill("event"));
+    broker.close();
+  });
+
+  test("heartbeat: 0 sends none", async () => {
+    const broker = new Broker({ heartbeat: 0 });
+    const reader = open(broker);
+    await delay(50);
+    await broker.publish({ data: "first" });
+    assert.deepEqual(await commentsBefore(reader, "first"), []);
+    broker.close();
+  });
+
+  test("a broker whose clients have all left lets the process exit", async () => {
+    const program = `
+      const { Broker } = await import(${JSON.stringify(new URL("./mod.ts", import.meta.url).href)});
+      const broker = new Broker({ heartbeat: 10 });
+      const body = broker.subscribe(new Request("http://x/")).body;
+      await new Promise((resolve) => setTimeout(resolve, 30));
+      await body.cancel();
+      console.log("left");`;
+    const args = RUNTIME === "deno" ? ["eval", "--no-config", program] : ["-e", program];
+    const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
+    const untrack = track(() => child.kill("SIGKILL"));
+    let output = "";
+    child.stdout.on("data", (chunk) => output += chunk);
+    const code = await new Promise((resolve) => child.on("exit", resolve));
+    untrack();
+    assert.equal(code, 0);
+    assert.equal(output, "left\n");
+  });
+});
+
+describe("MemoryLog", () => {
+  /** Appends `count` events with data `1`, `2`, ... and returns their ids. */
+  async function fill(log: MemoryLog, count: number): Promise<string[]> {
+    const ids = [];
+    for (let n = 1; n <= count; n++) ids.push(await log.append([], `data: ${n}\n\n`));
+    return ids;
+  }
+  const data = (read: { events: readonly LogEvent[] }) =>
+    read.events.map((event) => event.text.slice(6, -2));
+
+  test("is empty at first: no last id, nothing to read, no gap", () => {
+    const log = new MemoryLog();
+    assert.equal(log.lastId, null);
+    assert.deepEqual(log.read(null, 10), { events: [], gap: false });
+  });
+
+  test("ids are <epoch>-<seq>, the epoch the same for a log, the seq counting from 1", async () => {
+    const log = new MemoryLog();
+    const ids = await fill(log, 12);
+    const epoch = ids[0].split("-")[0];
+    assert.match(epoch, /^\d{13}$/);
+    assert.deepEqual(ids, Array.from({ length: 12 }, (_, n) => `${epoch}-${n + 1}`));
+    assert.equal(log.lastId, ids[11]);
+    assert.deepEqual(log.read(null, 3).events.map((event) => event.id), ids.slice(0, 3));
+  });
+
+  test("keeps the newest `history` events; reading after the newest evicted one is no gap", async () => {
+    const log = new MemoryLog({ history: 3 });
+    const ids = await fill(log, 5);
+    assert.deepEqual(data(log.read(null, 10)), ["3", "4", "5"]);
+    assert.deepEqual(log.read(ids[1], 10), { events: log.read(null, 10).events, gap: false });
+    assert.deepEqual(log.read(ids[0], 10).gap, true, "an older id: events were dropped");
+    assert.deepEqual(data(log.read(ids[0], 10)), ["3", "4", "5"]);
+    assert.deepEqual(log.read(ids[4], 10), { events: [], gap: false }, "the newest: up to date");
+    assert.deepEqual(data(log.read(ids[2], 1)), ["4"], "at most `limit`");
+  });
+
+  test("historyBytes bounds the retained events by their size on the wire", async () => {
+    const probe = new MemoryLog();
+    const [id] = await fill(probe, 1);
+    const size = new TextEncoder().encode(`id: ${id}\ndata: 1\n\n`).byteLength;
+    for (const [historyBytes, kept] of [[3 * size, ["3", "4", "5"]], [3 * size - 1, ["4", "5"]]]) {
+      const log = new MemoryLog({ historyBytes: historyBytes as number });
+      await fill(log, 5);
+      assert.deepEqual(data(log.read(null, 10)), kept, `historyBytes ${historyBytes}`);
+    }
+    const tiny = new MemoryLog({ historyBytes: 1 });
+    await fill(tiny, 2);
+    assert.deepEqual(data(tiny.read(null, 10)), [], "an event larger than the cap is not kept");
+    assert.equal(tiny.lastId?.endsWith("-2"), true, "yet it has its id");
+  });
+
+  test("evicted events never come back, however many were evicted", async () => {
+    const log = new MemoryLog({ history: 10 });
+    const ids = await fill(log, 3000);
+    assert.deepEqual(data(log.read(null, 100)), ids.slice(-10).map((_, n) => `${2991 + n}`));
+    assert.equal(log.read(ids[2000], 100).gap, true);
+    assert.deepEqual(data(log.read(ids[2995], 100)), ["2997", "2998", "2999", "3000"]);
+  });
+
+  test("an id it cannot place is a gap: malformed, from another log, or ahead", async () => {
+    const log = new MemoryLog();
+    const ids = await fill(log, 12);
+    const [epoch] = ids[0].split("-");
+    for (
+      const id of [
+        `x${ids[0]}`,
+        `${ids[0]}x`,
+        `${epoch}-`,
+        "1-1",
+        `${Number(epoch) + 1}-1`,
+        `${epoch}-13`,
+      ]
+    ) {
+      const read = log.read(id, 20);
+      assert.equal(read.gap, true, id);
+      assert.equal(read.events.length, 12, id);
+    }
+    assert.deepEqual(data(log.read(`${epoch}-10`, 20)), ["11", "12"], "a two-digit seq");
+  });
+
+  test("listeners get each appended event until they stop listening", async () => {
+    const log = new MemoryLog();
+    const heard: string[] = [];
+    const stop = log.listen((events) => heard.push(...events.map((event) => event.id)));
+    const [first] = await fill(log, 1);
+    stop();
+    await fill(log, 1);
+    assert.deepEqual(heard, [first]);
+  });
+
+  test("refuses options that are not non-negative integers, naming them", () => {
+    for (const options of [{ history: -1 }, { history: 1.5 }, { historyBytes: NaN }]) {
+      const name = Object.keys(options)[0];
+      assert.throws(() => new MemoryLog(options), {
+        name: "RangeError",
+        message: `${name} must be a non-negative integer`,
+      });
+    }
+  });
+});
+
+/**
+ * An event log whose ids the test chooses (`1-1001`, `1-1002`, ... unless
+ * told otherwise), so every event of the same data has the same size on the
+ * wire. Keeps the newest `history` events; reads answer later when `late`.
+ */
+class ListLog implements EventLog {
+  readonly events: LogEvent[] = [];
+  readonly #listeners = new Set<(events: readonly LogEvent[]) => void>();
+  readonly #idOf: (n: number) => string;
+  readonly #history: number;
+  /** Reads answer after a microtask when `true`, after that many milliseconds when a number. */
+  late: boolean | number = false;
+  lastId: string | null = null;
+  #appended = 0;
+
+  constructor(options: { idOf?: (n: number) => string; history?: number } = {}) {
+    this.#idOf = options.idOf ?? ((n) => `1-${1000 + n}`);
+    this.#history = options.history ?? Infinity;
+  }
+
+  append(topics: readonly string[], text: string): Promise<string> {
+    const event = { id: this.#idOf(++this.#appended), topics, text };
+    this.events.push(event);
+    if (this.events.length > this.#history) this.events.shift();
+    this.lastId = event.id;
+    for (const listener of this.#listeners) listener([event]);
+    return Promise.resolve(event.id);
+  }
+
+  read(afterId: string | null, limit: number): LogRead | Promise<LogRead> {
+    const at = afterId === null ? -1 : this.events.findIndex((event) => event.id === afterId);
+    const gap = afterId !== null && at === -1;
+    const read = { events: this.events.slice(at + 1, at + 1 + limit), gap };
+    if (this.late === false) return read;
+    const ms = this.late === true ? undefined : this.late;
+    return new Promise((resolve) =>
+      ms === undefined ? queueMicrotask(() => resolve(read)) : setTimeout(() => resolve(read), ms)
+    );
+  }
+
+  listen(listener: (events: readonly LogEvent[]) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+}
+
+/** Publishes `count` events with data `x` in one turn and returns their ids. */
+function publishMany(broker: Broker, count: number): Promise<string[]> {
+  return Promise.all(Array.from({ length: count }, () => broker.publish({ data: "x" })));
+}
+
+describe("replay", () => {
+  const resume = (broker: Broker, id: string, query = "") =>
+    open(broker, query, { headers: { "last-event-id": id } });
+
+  test("a resuming client gets what it missed, then `replayed` with the count, then live events", async () => {
+    const broker = new Broker();
+    const [a, b, c] = await Promise.all(["a", "b", "c"].map((data) => broker.publish({ data })));
+    const reader = resume(broker, a);
+    const d = await broker.publish({ data: "d" });
+    assert.deepEqual(await reader.events(4), [
+      { type: "event", event: "message", data: "b", lastEventId: b },
+      { type: "event", event: "message", data: "c", lastEventId: c },
+      { type: "event", event: "replayed", data: '{"count":2}', lastEventId: c },
+      { type: "event", event: "message", data: "d", lastEventId: d },
+    ]);
+    assert.equal(broker.stats().replayed, 2);
+    assert.equal(broker.stats().delivered, 1);
+    broker.close();
+  });
+
+  test("the resume point comes from ?lastEventId=, or the lastEventId option over the request's", async () => {
+    const broker = new Broker();
+    const [a, b] = await Promise.all(["a", "b"].map((data) => broker.publish({ data })));
+    const byQuery = open(broker, `?lastEventId=${a}`);
+    const request = new Request("http://x/", { headers: { "last-event-id": a } });
+    const byOption = new EventReader(broker.subscribe(request, { lastEventId: b }).body!);
+    const notResuming = new EventReader(broker.subscribe(request, { lastEventId: null }).body!);
+    await broker.publish({ data: "c" });
+    assert.deepEqual((await byQuery.events(3)).map((e) => e.data), ["b", '{"count":1}', "c"]);
+    assert.deepEqual((await byOption.events(2)).map((e) => e.data), ['{"count":0}', "c"]);
+    assert.deepEqual((await notResuming.event()).data, "c");
+    broker.close();
+  });
+
+  test("an id the log cannot place: a gap event naming the oldest retained id, then all retained", async () => {
+    const broker = new Broker({ history: 2 });
+    const [first, , third] = await publishMany(broker, 4);
+    const reader = resume(broker, first);
+    const events = await reader.events(4);
+    assert.deepEqual(events.map((e) => [e.event, e.data]), [
+      ["gap", JSON.stringify({ oldestId: third })],
+      ["message", "x"],
+      ["message", "x"],
+      ["replayed", '{"count":2}'],
+    ]);
+    assert.equal(events[1].lastEventId, third);
+    const empty = new Broker();
+    const fresh = resume(empty, "1-1");
+    assert.deepEqual((await fresh.events(2)).map((e) => [e.event, e.data]), [
+      ["gap", '{"oldestId":null}'],
+      ["replayed", '{"count":0}'],
+    ]);
+    broker.close();
+    empty.close();
+  });
+
+  test("a client that named topics replays only events of its topics", async () => {
+    const broker = new Broker();
+    const start = await broker.publish({ data: "start" });
+    await broker.publish({ data: "to a" }, { topic: "a" });
+    await broker.publish({ data: "to b" }, { topic: "b" });
+    await broker.publish({ data: "to none" });
+    await broker.publish({ data: "to b and a" }, { topic: ["b", "a"] });
+    const reader = resume(broker, start, "?topic=a");
+    assert.deepEqual((await reader.events(3)).map((e) => e.data), [
+      "to a",
+      "to b and a",
+      '{"count":2}',
+    ]);
+    broker.close();
+  });
+
+  test("is placed at subscribe: events published before the client first reads are no gap", async () => {
+    const broker = new Broker({ history: 3 });
+    const first = await broker.publish({ data: "seen" });
+    const reader = resume(broker, first);
+    const later = await publishMany(broker, 5);
+    const events = await reader.events(6);
+    assert.deepEqual(events.map((e) => e.event), ["replayed", ...later.map(() => "message")]);
+    assert.deepEqual(events.slice(1).map((e) => e.lastEventId), later);
+    broker.close();
+  });
+
+  test("queues all of a backlog longer than one read of the log at once when the queue has room", async () => {
+    const log = new ListLog();
+    const broker = new Broker({ eventLog: log });
+    const [first, ...rest] = await publishMany(broker, 1500);
+    const reader = resume(broker, first);
+    assert.equal(broker.stats().replayed, 1499);
+    const events = await reader.events(1500);
+    assert.deepEqual(events.slice(0, -1).map((e) => e.lastEventId), rest);
+    assert.equal(events[1499].data, '{"count":1499}');
+    broker.close();
+  });
+
+  test("fills half of maxQueueBytes, then goes on as the client reads", async () => {
+    // With retry: null the stream starts with 4 bytes (": \n\n"); each event
+    // here is 20 bytes ("id: 1-1001\n" and "data: x\n\n"): 4 + 10 * 20 is
+    // half of 408.
+    const broker = new Broker({ eventLog: new ListLog(), retry: null, maxQueueBytes: 408 });
+    const [first, ...rest] = await publishMany(broker, 100);
+    const reader = resume(broker, first);
+    assert.equal(broker.stats().replayed, 10);
+    const events = await reader.events(100);
+    assert.deepEqual(events.slice(0, -1).map((e) => e.lastEventId), rest);
+    assert.equal(events[99].data, '{"count":99}');
+    assert.equal(broker.stats().slowDisconnects, 0);
+    broker.close();
+  });
+
+  test("a replaying client that the log's retention overtakes is cut, to resume with a gap", async () => {
+    const log = new ListLog({ history: 20 });
+    const broker = new Broker({ eventLog: log, retry: null, maxQueueBytes: 408 });
+    const [first] = await publishMany(broker, 20);
+    const reader = resume(broker, first);
+    assert.equal(broker.stats().replayed, 10);
+    await publishMany(broker, 30); // the log now starts after the client's place
+    assert.equal((await reader.events(10)).length, 10);
+    await assert.rejects(reader.next(), /too slow/);
+    assert.equal(broker.stats().slowDisconnects, 1);
+    assert.equal(broker.stats().clients, 0);
+    broker.close();
+  });
+
+  test("orders ids by their first part, then their second (as Redis stream ids)", async () => {
+    const ids = ["5-8", "5-9", "6-0", "10-0", "10-1"];
+    const broker = new Broker({ eventLog: new ListLog({ idOf: (n) => ids[n - 1] }) });
+    const live = open(broker);
+    assert.deepEqual(await publishMany(broker, 3), ids.slice(0, 3));
+    const reader = resume(broker, "5-9");
+    assert.deepEqual(await publishMany(broker, 2), ids.slice(3));
+    assert.deepEqual((await reader.events(4)).map((e) => e.lastEventId), [
+      "6-0",
+      "6-0",
+      "10-0",
+      "10-1",
+    ]);
+    assert.deepEqual((await live.events(5)).map((e) => e.lastEventId), ids);
+    broker.close();
+  });
+
+  test("two clients replaying the same event share its bytes", async () => {
+    const broker = new Broker();
+    const first = await broker.publish({ data: "one" });
+    await broker.publish({ data: "two" });
+    const chunks = await Promise.all([0, 1].map(async () => {
+      const request = new Request("http://x/", { headers: { "last-event-id": first } });
+      const reader = broker.subscribe(request).body!.getReader();
+      await reader.read(); // retry:
+      return (await reader.read()).value;
+    }));
+    assert.ok(chunks[0] === chunks[1]);
     broker.close();
   });
 });
@@ -482,8 +1109,135 @@ describe("EventLog", () => {
     broker.close();
   });
 
-  test("history options bound only the default log", () => {
-    assert.throws(() => new Broker({ eventLog: new MemoryLog(), history: 5 }), TypeError);
+  test("whatever a failed read rejects with, with or without a log function, the stream ends", async () => {
+    for (const options of [{}, { log: () => {} }]) {
+      const log = new ListLog();
+      log.read = () => Promise.reject(undefined);
+      const broker = new Broker({ eventLog: log, ...options });
+      const [id] = await publishMany(broker, 1);
+      const resuming = open(broker, "", { headers: { "last-event-id": id } });
+      assert.equal(await resuming.next(), null);
+      assert.equal(broker.stats().clients, 0);
+      broker.close();
+    }
+  });
+
+  test("EventLogError says why, whatever the log rejected with, and keeps it as the cause", async () => {
+    for (const reason of ["no route to host", undefined]) {
+      const log = new ListLog();
+      log.append = () => Promise.reject(reason);
+      const broker = new Broker({ eventLog: log });
+      await assert.rejects(broker.publish({ data: "x" }), (error) => {
+        assert.ok(error instanceof EventLogError);
+        assert.equal(error.name, "EventLogError");
+        assert.equal(error.message, `the event log did not store the event: ${reason}`);
+        assert.equal(error.cause, reason);
+        return true;
+      });
+      broker.close();
+    }
+  });
+
+  test("publish hands the log the event's topics and its encoded fields without the id", async () => {
+    const log = new ListLog();
+    const broker = new Broker({ eventLog: log });
+    await broker.publish({ event: "e", data: "d" }, { topic: ["a", "b"] });
+    await broker.publish({ data: "to all" });
+    await broker.publish({ data: "one" }, { topic: "a" });
+    assert.deepEqual(log.events, [
+      { id: "1-1001", topics: ["a", "b"], text: "event: e\ndata: d\n\n" },
+      { id: "1-1002", topics: [], text: "data: to all\n\n" },
+      { id: "1-1003", topics: ["a"], text: "data: one\n\n" },
+    ]);
+    broker.close();
+  });
+
+  test("events another process appends reach this broker's clients, with no publish here", async () => {
+    const log = sharedLog();
+    const broker = new Broker({ eventLog: log });
+    const reader = open(broker);
+    const id = await log.memory.append([], "data: from elsewhere\n\n");
+    assert.deepEqual(await reader.event(), {
+      type: "event",
+      event: "message",
+      data: "from elsewhere",
+      lastEventId: id,
+    });
+    assert.equal(broker.stats().lastEventId, id);
+    broker.close();
+  });
+
+  test("a broker that has seen no event yet places clients that resume from others' events", async () => {
+    const log = sharedLog();
+    const broker = new Broker({ eventLog: log });
+    log.held = true;
+    const first = await log.memory.append([], "data: 1\n\n");
+    const second = await log.memory.append([], "data: 2\n\n");
+    const fromFirst = open(broker, "", { headers: { "last-event-id": first } });
+    const fromSecond = open(broker, "", { headers: { "last-event-id": second } });
+    await new Promise((resolve) => setTimeout(resolve, 0)); // their reads answer
+    log.held = false;
+    log.release();
+    await broker.publish({ data: "3" });
+    // Event 3 may come as replay or live; each event comes once.
+    const messages = (events: SseEvent[]) =>
+      events.filter((e) => e.event === "message").map((e) => e.data);
+    assert.deepEqual(messages(await fromFirst.events(3)), ["2", "3"]);
+    assert.deepEqual(messages(await fromSecond.events(2)), ["3"]);
+    broker.close();
+  });
+
+  test("with reads that answer later: a backlog longer than one read is queued without reading", async () => {
+    const log = new ListLog();
+    const broker = new Broker({ eventLog: log });
+    const [first] = await publishMany(broker, 1500);
+    log.late = true;
+    const reader = open(broker, "", { headers: { "last-event-id": first } });
+    await eventually(() => broker.stats().replayed === 1499, 2000, "the whole backlog queued");
+    const events = await reader.events(1500);
+    assert.equal(events[1499].data, '{"count":1499}');
+    broker.close();
+  });
+
+  test("with reads that answer later: the client's reading does not start a second read", async () => {
+    const log = new ListLog();
+    const broker = new Broker({ eventLog: log });
+    const ids = await publishMany(broker, 1000);
+    log.late = true;
+    const reader = open(broker, "", { headers: { "last-event-id": ids[0] } });
+    const events = await reader.events(1000);
+    assert.deepEqual(events.map((e) => e.lastEventId), [...ids.slice(1), ids[999]]);
+    assert.equal(events[999].data, '{"count":999}');
+    broker.close();
+  });
+
+  test("with reads slower than publishing: events published during a read are not lost", async () => {
+    const log = new ListLog();
+    const broker = new Broker({ eventLog: log });
+    const [first] = await publishMany(broker, 3);
+    log.late = 20; // ms: publishes during the read go out before it answers
+    const reader = open(broker, "", { headers: { "last-event-id": first } });
+    const during = await publishMany(broker, 2);
+    const after = await broker.publish({ data: "after" });
+    const events = await reader.until((e) => e.lastEventId === after);
+    const messages = events.filter((e) => e.event === "message").map((e) => e.lastEventId);
+    assert.deepEqual(messages, [...log.events.slice(1, 3).map((e) => e.id), ...during, after]);
+    broker.close();
+  });
+
+  test("with reads that answer later: a client gone before its read answers is left alone", async () => {
+    const log = new ListLog();
+    const broker = new Broker({ eventLog: log });
+    const [first] = await publishMany(broker, 3);
+    log.late = true;
+    const request = new Request("http://x/", { headers: { "last-event-id": first } });
+    await broker.subscribe(request).body!.cancel();
+    const live = open(broker);
+    await new Promise((resolve) => setTimeout(resolve, 0)); // the read answers
+    await broker.publish({ data: "after" });
+    assert.equal((await live.event()).data, "after");
+    assert.equal(broker.stats().replayed, 0);
+    broker.close();
   });
 });
 
@@ -599,93 +1353,280 @@ describe("createHandler", () => {
   });
 });
 
-describe(`server.ts as a real process under ${RUNTIME}`, () => {
-  test("streams ticks, delivers POST /publish to every client, reports stats", async () => {
-    const server = await startServer({ TICK_MS: "50" });
-    try {
-      const a = await subscribe(`${server.url}events`);
-      const b = await subscribe(`${server.url}events`);
-      const tick = await a.event();
-      assert.equal(tick.event, "tick");
-      assert.ok(!Number.isNaN(Date.parse(tick.data)), tick.data);
-      assert.equal(a.parser.retry, 2000);
-      const id = await publish(server.url, { data: "to everyone", event: "note" });
-      for (const reader of [a, b]) {
-        const seen = await reader.until((e) => e.event === "note");
-        assert.deepEqual(seen.at(-1), {
-          type: "event",
-          event: "note",
-          data: "to everyone",
-          lastEventId: id,
-        });
-      }
-      assert.equal((await stats(server.url)).clients, 2);
-      const page = await fetch(server.url);
-      assert.match(page.headers.get("content-type")!, /text\/html/);
-      assert.match(await page.text(), /new EventSource\(/);
-      await a.cancel();
-      await b.cancel();
-    } finally {
-      assert.equal(await server.stop(), 0);
+describe("createHandler: publishing", () => {
+  const setup = (maxBodyBytes = 1024) => {
+    const broker = new Broker();
+    const handler = createHandler(broker, { maxBodyBytes });
+    const reader = open(broker);
+    const post = (body: BodyInit | null, headers: HeadersInit = {}, query = "") =>
+      handler(new Request(`http://localhost/publish${query}`, { method: "POST", body, headers }));
+    return { broker, reader, post };
+  };
+  const json = { "content-type": "application/json" };
+
+  test("reads JSON media types as JSON and any other body as the data", async () => {
+    const { broker, reader, post } = setup();
+    const types = [
+      ["application/json", true],
+      ["Application/JSON; charset=utf-8", true],
+      ["application/vnd.api+json", true],
+      ["text/plain", false],
+      ["application/jsonl", false],
+      ["text/plain; profile=application/json", false],
+    ] as const;
+    for (const [type] of types) {
+      assert.equal((await post('{"data":"x"}', { "content-type": type })).status, 200, type);
     }
+    const events = await reader.events(types.length);
+    for (const [i, [type, asJson]] of types.entries()) {
+      assert.equal(events[i].data, asJson ? "x" : '{"data":"x"}', type);
+    }
+    broker.close();
   });
 
-  for (const signal of ["SIGTERM", "SIGINT"] as const) {
-    test(`${signal} ends open streams and exits 0`, async () => {
-      const server = await startServer({ TICK_MS: "50" });
-      const readers = [
-        await subscribe(`${server.url}events`),
-        await subscribe(`${server.url}events`),
-      ];
-      await Promise.all(readers.map((reader) => reader.event()));
-      const started = Date.now();
-      server.signal(signal);
-      for (const reader of readers) {
-        while ((await reader.next()) !== null); // the stream ends, not errors
-      }
-      assert.equal(await server.exited, 0);
-      assert.ok(Date.now() - started < 2500, "exits within the shutdown deadline");
+  test("a text body takes its event and topics from the query", async () => {
+    const { broker, post } = setup();
+    const news = open(broker, "?topic=news");
+    await post("plain", {}, "?event=note&topic=sport&topic=news");
+    assert.deepEqual(await news.event(), {
+      type: "event",
+      event: "note",
+      data: "plain",
+      lastEventId: broker.stats().lastEventId!,
     });
-  }
+    broker.close();
+  });
 
-  test("refuses an invalid setting with a one-line reason and exit 1", async () => {
-    await assert.rejects(startServer({ PORT: "eighty" }), /PORT must be a non-negative integer/);
+  test("an empty body publishes an event with empty data", async () => {
+    const { broker, reader, post } = setup();
+    assert.equal((await post(null)).status, 200);
+    assert.equal((await reader.event()).data, "");
+    broker.close();
+  });
+
+  test("a JSON body may carry a comment, a retry and topics", async () => {
+    const { broker, post } = setup();
+    const news = broker.subscribe(new Request("http://x/?topic=news")).body!.getReader();
+    await news.read(); // retry:
+    const body = { data: "d", event: "e", retry: 5, comment: "c", topic: ["news"] };
+    const response = await post(JSON.stringify(body), json);
+    const { id } = await response.json();
+    assert.equal(
+      new TextDecoder().decode((await news.read()).value),
+      `id: ${id}\n: c\nevent: e\nretry: 5\ndata: d\n\n`,
+    );
+    broker.close();
+  });
+
+  test("answers 400 with the exact reason for what is not a publishable JSON body", async () => {
+    const { broker, reader, post } = setup();
+    const cases: [string, string][] = [
+      ["{not json", "body is not valid JSON"],
+      ["null", "body must be a JSON object"],
+      ["5", "body must be a JSON object"],
+      ["[]", "body must be a JSON object"],
+      [`{"data":"x","${"f".repeat(100)}":1}`, `unknown field "${"f".repeat(64)}"`],
+      ['{"data":"x","topic":5}', "topic must be 1 to 256 printable characters"],
+    ];
+    for (const [body, error] of cases) {
+      const response = await post(body, json);
+      assert.equal(response.status, 400, body);
+      assert.deepEqual(await response.json(), { error });
+    }
+    await post("valid");
+    assert.equal((await reader.event()).data, "valid");
+    broker.close();
+  });
+
+  test("a body of exactly maxBodyBytes is taken, with or without content-length", async () => {
+    const { broker, reader, post } = setup(16);
+    const streamed = (text: string) =>
+      new ReadableStream({
+        start(controller) {
+          controller.enqueue(new TextEncoder().encode(text));
+          controller.close();
+        },
+      });
+    assert.equal((await post("x".repeat(16))).status, 200);
+    assert.equal((await post(streamed("y".repeat(16)))).status, 200);
+    for (const body of ["x".repeat(17), streamed("y".repeat(17))]) {
+      const response = await post(body);
+      assert.equal(response.status, 413);
+      assert.deepEqual(await response.json(), { error: "body is larger than 16 bytes" });
+    }
+    assert.deepEqual((await reader.events(2)).map((e) => e.data.length), [16, 16]);
+    assert.throws(() => createHandler(broker, { maxBodyBytes: -1 }), {
+      name: "RangeError",
+      message: "maxBodyBytes must be a non-negative integer",
+    });
+    broker.close();
+  });
+
+  test("a declared content-length over maxBodyBytes is refused before the body is read", async () => {
+    const { broker, post } = setup(16);
+    let pulled = 0;
+    const body = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        pulled++;
+        controller.enqueue(new Uint8Array(4));
+        if (pulled === 5) controller.close();
+      },
+    }, { highWaterMark: 0 });
+    const response = await post(body, { "content-length": "20" });
+    assert.equal(response.status, 413);
+    assert.equal(pulled, 0);
+    const exact = await post("x".repeat(16), { "content-length": "16" });
+    assert.equal(exact.status, 200);
+    broker.close();
+  });
+
+  test("publishing to a closed broker fails rather than claim the event was kept", async () => {
+    const { broker, post } = setup();
+    broker.close();
+    await assert.rejects(post("x"), /the broker is closed/);
   });
 });
 
-test("mod.ts imports by URL in Deno, with nothing else", async () => {
-  // Serve the repository over HTTP, as a user's import would fetch it.
-  const files = createServer(async (request, response) => {
-    try {
-      const body = await readFile(`${ROOT}${new URL(request.url!, "http://x").pathname}`);
-      response.writeHead(200, { "content-type": "application/typescript" }).end(body);
-    } catch {
-      response.writeHead(404).end();
-    }
+describe("createHandler: routes, CORS and authorization", () => {
+  test("answers 404, and 405 naming the allowed methods, with their reasons", async () => {
+    const handler = createHandler(new Broker());
+    const missing = await handler(new Request("http://x/nope"));
+    assert.equal(missing.status, 404);
+    assert.deepEqual(await missing.json(), { error: "not found" });
+    const wrong = await handler(new Request("http://x/publish", { method: "PUT" }));
+    assert.equal(wrong.status, 405);
+    assert.equal(wrong.headers.get("allow"), "POST");
+    assert.deepEqual(await wrong.json(), { error: "use POST" });
   });
-  await new Promise<void>((resolve) => files.listen(0, "127.0.0.1", resolve));
-  const { port } = files.address() as AddressInfo;
-  const program = `
-    import { Broker } from "http://127.0.0.1:${port}/mod.ts";
+
+  test("a preflight names the route's methods and the headers clients send", async () => {
+    const handler = createHandler(new Broker());
+    const preflight = await handler(new Request("http://x/events", { method: "OPTIONS" }));
+    assert.equal(preflight.status, 204);
+    assert.deepEqual(Object.fromEntries(preflight.headers), {
+      "access-control-allow-headers": "authorization, content-type, last-event-id",
+      "access-control-allow-methods": "GET",
+      "access-control-allow-origin": "*",
+      "access-control-max-age": "86400",
+    });
+  });
+
+  test("by default every response allows any origin", async () => {
     const broker = new Broker();
-    const reader = broker.subscribe(new Request("http://x/")).body.getReader();
-    await reader.read();
-    await broker.publish({ data: "by url" });
-    console.log(new TextDecoder().decode((await reader.read()).value));
-    broker.close();`;
-  try {
-    const child = spawn(
-      binary("deno"),
-      ["eval", "--no-config", `--allow-import=127.0.0.1:${port}`, program],
-      { cwd: "/", stdio: ["ignore", "pipe", "pipe"] },
+    const handler = createHandler(broker);
+    const requests = [
+      new Request("http://x/stats"),
+      new Request("http://x/publish", { method: "POST", body: "x" }),
+      new Request("http://x/nope"),
+    ];
+    for (const request of requests) {
+      const response = await handler(request);
+      assert.equal(response.headers.get("access-control-allow-origin"), "*", request.url);
+      assert.equal(response.headers.get("vary"), null);
+    }
+    broker.close();
+  });
+
+  test("a list of origins: a listed caller is named, any other gets no CORS header", async () => {
+    const broker = new Broker();
+    const handler = createHandler(broker, {
+      allowOrigin: ["https://a.example", "https://b.example"],
+    });
+    const get = (origin?: string) =>
+      handler(new Request("http://x/stats", { headers: origin ? { origin } : {} }));
+    for (
+      const [origin, allowed] of [
+        ["https://b.example", "https://b.example"],
+        ["https://c.example", null],
+        [undefined, null],
+      ]
+    ) {
+      const response = await get(origin ?? undefined);
+      assert.equal(response.status, 200);
+      assert.equal(response.headers.get("access-control-allow-origin"), allowed, String(origin));
+      assert.equal(response.headers.get("vary"), "origin");
+    }
+    const stream = await handler(
+      new Request("http://x/events", { headers: { origin: "https://c.example" } }),
     );
-    let output = "";
-    child.stdout.on("data", (chunk) => output += chunk);
-    child.stderr.on("data", (chunk) => output += chunk);
-    const code = await new Promise((resolve) => child.on("exit", resolve));
-    assert.equal(code, 0, output);
-    assert.match(output, /^id: \d+-1\ndata: by url\n/m);
-  } finally {
-    files.close();
-  }
+    assert.equal(stream.headers.get("access-control-allow-origin"), null);
+    await stream.body!.cancel();
+    broker.close();
+  });
+
+  test("a refused request gets 401 with a Bearer challenge", async () => {
+    const handler = createHandler(new Broker(), { authorize: () => false });
+    const response = await handler(new Request("http://x/events"));
+    assert.equal(response.status, 401);
+    assert.equal(response.headers.get("www-authenticate"), 'Bearer realm="sse"');
+    assert.deepEqual(await response.json(), { error: "a valid token is required" });
+  });
+
+  test("turns off the idle timeout of a stream's connection where the server has one", async () => {
+    const broker = new Broker();
+    const handler = createHandler(broker);
+    const timeouts: number[] = [];
+    const bun = { timeout: (_request: Request, seconds: number) => timeouts.push(seconds) };
+    await (await handler(new Request("http://x/events"), bun)).body!.cancel();
+    assert.deepEqual(timeouts, [0]);
+    // Deno passes connection info there, with no timeout method.
+    const deno = { remoteAddr: {} } as unknown as Parameters<typeof handler>[1];
+    await (await handler(new Request("http://x/events"), deno)).body!.cancel();
+    broker.close();
+  });
+});
+
+describe("tokenAuth", () => {
+  const authorize = tokenAuth({ publish: "pub-s3cret", subscribe: "sub-s3cret" });
+  const asks = (action: "publish" | "subscribe", authorization?: string, query = "") =>
+    authorize(
+      new Request(`http://x/${query}`, {
+        headers: authorization === undefined ? {} : { authorization },
+      }),
+      action,
+    );
+
+  test("takes the token in an Authorization: Bearer header, any case, spaces around", () => {
+    assert.equal(asks("publish", "Bearer pub-s3cret"), true);
+    assert.equal(asks("publish", "bearer   pub-s3cret  "), true);
+    assert.equal(asks("subscribe", "Bearer sub-s3cret"), true);
+  });
+
+  test("refuses a wrong, partial, longer or malformed token", () => {
+    for (
+      const header of [
+        "Bearer pub-s3creT",
+        "Bearer pub-s3cre",
+        "Bearer pub-s3cret2",
+        "Bearer sub-s3cret",
+        "xBearer pub-s3cret",
+        "Bearer pub-s3cret junk",
+        "Bearerpub-s3cret",
+        "Basic pub-s3cret",
+        "pub-s3cret",
+        "Bearer ",
+      ]
+    ) assert.equal(asks("publish", header), false, header);
+  });
+
+  test("a subscriber may put it in ?token=, a publisher may not", () => {
+    assert.equal(asks("subscribe", undefined, "?token=sub-s3cret"), true);
+    assert.equal(asks("subscribe", undefined, "?token=pub-s3cret"), false);
+    assert.equal(asks("publish", undefined, "?token=pub-s3cret"), false);
+    assert.equal(asks("subscribe", "Bearer nope", "?token=sub-s3cret"), false, "the header wins");
+  });
+
+  test("no token at all is refused, whatever the token is", () => {
+    assert.equal(asks("subscribe"), false);
+    assert.equal(asks("publish"), false);
+    const literal = tokenAuth({ subscribe: "null" });
+    assert.equal(literal(new Request("http://x/"), "subscribe"), false);
+  });
+
+  test("an action with no token configured is open", () => {
+    const open = tokenAuth({ publish: "p", subscribe: "" });
+    assert.equal(open(new Request("http://x/"), "subscribe"), true);
+    assert.equal(open(new Request("http://x/"), "publish"), false);
+    assert.equal(tokenAuth({})(new Request("http://x/"), "publish"), true);
+  });
 });

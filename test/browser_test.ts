@@ -1,6 +1,6 @@
 // The live page in a real browser: Debian's Chromium driven by playwright-core,
 // against server.ts running under the runtime that runs this file.
-import { after, before, describe, test } from "node:test";
+import { after, before, describe, test, track } from "./harness.ts";
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
@@ -82,6 +82,7 @@ function idsShown(page: Page, data: string): Promise<string[]> {
 
 describe(`the live page in Chromium, server under ${RUNTIME}`, () => {
   let browser: Browser;
+  let untrackBrowser: (() => void) | undefined;
   let server: ServerProcess;
   let proxy: Proxy;
   let proxied: string; // the page's URL through the proxy
@@ -103,10 +104,12 @@ describe(`the live page in Chromium, server under ${RUNTIME}`, () => {
     proxy = new Proxy(Number(new URL(server.url).port));
     proxied = `http://127.0.0.1:${await proxy.listen()}/`;
     browser = await chromium.launch({ executablePath: CHROMIUM, args: FLAGS });
+    untrackBrowser = track(() => browser.close());
   });
 
   after(async () => {
     await browser?.close();
+    untrackBrowser?.();
     await proxy?.close();
     assert.equal(await server.stop(), 0);
   });

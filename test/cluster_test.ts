@@ -1,7 +1,7 @@
 // Scale-out: several server.ts processes sharing one event log in a real
 // redis-server (Debian's), over real sockets. Each group starts its own Redis
 // on a free port of 127.0.0.1, with a fresh data directory.
-import { after, before, describe, test } from "node:test";
+import { after, before, describe, test, track } from "./harness.ts";
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -49,7 +49,13 @@ class Redis {
       "always",
     ], { stdio: ["ignore", "pipe", "pipe"] });
     this.#child = child;
-    this.#exited = new Promise((resolve) => child.on("exit", resolve));
+    const untrack = track(() => child.kill("SIGKILL"));
+    this.#exited = new Promise((resolve) =>
+      child.on("exit", (code) => {
+        untrack();
+        resolve(code);
+      })
+    );
     let output = "";
     await new Promise<void>((resolve, reject) => {
       child.stdout!.on("data", (chunk: Buffer) => {

@@ -1,6 +1,6 @@
 // No lost events: replay, topics, heartbeats and disconnects against a real
 // server.ts process, over real sockets.
-import { after, before, describe, test } from "node:test";
+import { after, before, describe, test } from "./harness.ts";
 import assert from "node:assert/strict";
 import { connect, type Socket } from "node:net";
 import {

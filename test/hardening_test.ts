@@ -1,6 +1,6 @@
 // Safe to expose: validated publishing, tokens, CORS, limits, and malformed
 // input that never crashes the server or reaches a subscriber.
-import { after, before, describe, test } from "node:test";
+import { after, before, describe, test } from "./harness.ts";
 import assert from "node:assert/strict";
 import { connect } from "node:net";
 import {

@@ -4,6 +4,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
+import { track } from "./harness.ts";
 
 export const ROOT = fileURLToPath(new URL("..", import.meta.url));
 export const RUNTIME: "bun" | "deno" = "Bun" in globalThis ? "bun" : "deno";
@@ -209,7 +210,13 @@ export function startServer(
     stdio: ["ignore", "pipe", "pipe"],
   });
   let output = "";
-  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  const untrack = track(() => child.kill("SIGKILL"));
+  const exited = new Promise<number | null>((resolve) =>
+    child.on("exit", (code) => {
+      untrack();
+      resolve(code);
+    })
+  );
   return new Promise((resolve, reject) => {
     const onData = (chunk: Buffer) => {
       output += chunk.toString();
@@ -239,7 +246,7 @@ export function startServer(
   });
 }
 
-/** The runtimes' binaries, installed by `npm ci` from package.json. */
+/** The runtimes' binaries, installed by `npm install` from package.json. */
 export function binary(runtime: "bun" | "deno"): string {
   if (runtime === RUNTIME) return process.execPath;
   return fileURLToPath(new URL(`../node_modules/.bin/${runtime}`, import.meta.url));

@@ -2,6 +2,8 @@
 # Every check and every test, on both runtimes. Run it as `npm test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repeat=1
+if [ "${1:-}" = --repeat ]; then repeat=${2:?--repeat needs a count}; fi
 PATH="$PWD/node_modules/.bin:$PATH"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
@@ -28,21 +30,76 @@ deno check mod.ts redis.ts server.ts runtime.ts bench/servers/ test/
 deno check --doc mod.ts   # the JSDoc examples type-check
 deno doc --lint mod.ts redis.ts
 
-# The same test files on both runtimes. A runtime's failure fails the run,
-# after both have run, so one red runtime does not hide the other.
-status=0
-deno test --allow-all 2>&1 | tee "$out/deno" || status=1
-bun test 2>&1 | tee "$out/bun" || status=1
+# Every process the tests start carries this mark in its environment, so
+# whatever outlives a runtime's run is found, named, stopped, and fails it.
+mark="SSE_TEST_RUN=$$-$RANDOM"
+leftovers() {
+  local environ pid
+  for environ in /proc/[0-9]*/environ; do
+    pid=${environ#/proc/}
+    pid=${pid%/environ}
+    if grep -qzxF "$mark" "$environ" 2>/dev/null; then echo "$pid"; fi
+  done
+}
+check_leftovers() {
+  local pids
+  pids=$(leftovers)
+  [ -z "$pids" ] && return 0
+  echo "error: processes started by the $1 tests outlived them:" >&2
+  # shellcheck disable=SC2086
+  ps -o pid=,args= -p $pids >&2 || true
+  # shellcheck disable=SC2086
+  kill -KILL $pids 2>/dev/null || true
+  return 1
+}
 
-# One plain summary line per runtime.
+# The same test files on both runtimes. A runtime's failure fails the run,
+# after both have run, so one red runtime does not hide the other. Each test
+# has its own time limit (test/harness.ts); each runtime's whole run has one
+# too, for a loop that never yields. `--repeat N` runs both N times and
+# records each run in bench/results/TEST-RUNS.md, to show the suite is not flaky.
 strip() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
-deno_line=$(strip "$out/deno" | grep -E '^(ok|FAILED) \|' | tail -1)
-# Deno counts top-level tests, with the tests inside describe() as steps; Bun counts them all.
-echo "deno ran $(grep -oE '[0-9]+ passed \([0-9]+ steps?\)' <<<"$deno_line" || echo "its tests")"
-printf 'deno: %s passed, %s failed\n' \
-  "$(grep -oE '[0-9]+ passed' <<<"$deno_line" | grep -oE '[0-9]+' || echo 0)" \
-  "$(grep -oE '[0-9]+ failed' <<<"$deno_line" | grep -oE '[0-9]+' || echo 0)"
-printf 'bun: %s passed, %s failed\n' \
-  "$(strip "$out/bun" | grep -oE '^ *[0-9]+ pass$' | grep -oE '[0-9]+' || echo 0)" \
-  "$(strip "$out/bun" | grep -oE '^ *[0-9]+ fail$' | grep -oE '[0-9]+' || echo 0)"
+count() { grep -oE "$1" | grep -oE '[0-9]+' | head -1 || echo 0; }
+status=0
+rows=()
+for run in $(seq "$repeat"); do
+  for runtime in deno bun; do
+    started=$SECONDS
+    if [ "$runtime" = deno ]; then
+      env "$mark" timeout -k 10 900 deno test --allow-all 2>&1 | tee "$out/$runtime" || status=1
+    else
+      env "$mark" timeout -k 10 900 bun test 2>&1 | tee "$out/$runtime" || status=1
+    fi
+    check_leftovers "$runtime" || status=1
+    # Deno counts the tests inside describe() as steps of a top-level test;
+    # Bun counts every test. One plain summary line per runtime.
+    if [ "$runtime" = deno ]; then
+      line=$(strip "$out/deno" | grep -E '^(ok|FAILED) \|' | tail -1)
+      passed=$(count '[0-9]+ passed' <<<"$line")
+      failed=$(count '[0-9]+ failed' <<<"$line")
+      echo "deno ran $(grep -oE '[0-9]+ passed \([0-9]+ steps?\)' <<<"$line" || echo "its tests")"
+    else
+      passed=$(strip "$out/bun" | count '^ *[0-9]+ pass$')
+      failed=$(strip "$out/bun" | count '^ *[0-9]+ fail$')
+    fi
+    printf '%s: %s passed, %s failed\n' "$runtime" "$passed" "$failed"
+    rows+=("| $run | $runtime | $passed | $failed | $((SECONDS - started)) s |")
+  done
+done
+
+if [ "$repeat" -gt 1 ]; then
+  {
+    echo "# The whole suite, $repeat times in a row on each runtime"
+    echo
+    echo "Written by \`npm run test:repeat\` on $(date -u +%Y-%m-%d), $(nproc) cores,"
+    echo "Deno $(deno --version | head -1 | cut -d' ' -f2), Bun $(bun --version)."
+    echo "Deno counts the tests inside \`describe()\` as steps of a top-level test; Bun counts every test."
+    echo "Outcome: $([ $status = 0 ] && echo "no failure, nothing left running" || echo "FAILURES")."
+    echo
+    echo "| run | runtime | passed | failed | time |"
+    echo "|---:|---|---:|---:|---:|"
+    printf '%s\n' "${rows[@]}"
+  } >bench/results/TEST-RUNS.md
+  echo "recorded in bench/results/TEST-RUNS.md"
+fi
 exit $status

@@ -1,6 +1,6 @@
 // A client that never reads must be cut without slowing anyone else down,
 // and must not make the server's memory grow with what is published.
-import { test } from "node:test";
+import { test } from "./harness.ts";
 import assert from "node:assert/strict";
 import { connect, type Socket } from "node:net";
 import { eventually, publish, startServer, stats, subscribe } from "./helpers.ts";

@@ -1,0 +1,101 @@
+// The demo server as a real process, and mod.ts imported by URL.
+import { describe, test, track } from "./harness.ts";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createServer } from "node:http";
+import { readFile } from "node:fs/promises";
+import type { AddressInfo } from "node:net";
+import { binary, publish, ROOT, RUNTIME, startServer, stats, subscribe } from "./helpers.ts";
+
+describe(`server.ts as a real process under ${RUNTIME}`, () => {
+  test("streams ticks, delivers POST /publish to every client, reports stats", async () => {
+    const server = await startServer({ TICK_MS: "50" });
+    try {
+      const a = await subscribe(`${server.url}events`);
+      const b = await subscribe(`${server.url}events`);
+      const tick = await a.event();
+      assert.equal(tick.event, "tick");
+      assert.ok(!Number.isNaN(Date.parse(tick.data)), tick.data);
+      assert.equal(a.parser.retry, 2000);
+      const id = await publish(server.url, { data: "to everyone", event: "note" });
+      for (const reader of [a, b]) {
+        const seen = await reader.until((e) => e.event === "note");
+        assert.deepEqual(seen.at(-1), {
+          type: "event",
+          event: "note",
+          data: "to everyone",
+          lastEventId: id,
+        });
+      }
+      assert.equal((await stats(server.url)).clients, 2);
+      const page = await fetch(server.url);
+      assert.match(page.headers.get("content-type")!, /text\/html/);
+      assert.match(await page.text(), /new EventSource\(/);
+      await a.cancel();
+      await b.cancel();
+    } finally {
+      assert.equal(await server.stop(), 0);
+    }
+  });
+
+  for (const signal of ["SIGTERM", "SIGINT"] as const) {
+    test(`${signal} ends open streams and exits 0`, async () => {
+      const server = await startServer({ TICK_MS: "50" });
+      const readers = [
+        await subscribe(`${server.url}events`),
+        await subscribe(`${server.url}events`),
+      ];
+      await Promise.all(readers.map((reader) => reader.event()));
+      const started = Date.now();
+      server.signal(signal);
+      for (const reader of readers) {
+        while ((await reader.next()) !== null); // the stream ends, not errors
+      }
+      assert.equal(await server.exited, 0);
+      assert.ok(Date.now() - started < 2500, "exits within the shutdown deadline");
+    });
+  }
+
+  test("refuses an invalid setting with a one-line reason and exit 1", async () => {
+    await assert.rejects(startServer({ PORT: "eighty" }), /PORT must be a non-negative integer/);
+  });
+});
+
+test("mod.ts imports by URL in Deno, with nothing else", async () => {
+  // Serve the repository over HTTP, as a user's import would fetch it.
+  const files = createServer(async (request, response) => {
+    try {
+      const body = await readFile(`${ROOT}${new URL(request.url!, "http://x").pathname}`);
+      response.writeHead(200, { "content-type": "application/typescript" }).end(body);
+    } catch {
+      response.writeHead(404).end();
+    }
+  });
+  await new Promise<void>((resolve) => files.listen(0, "127.0.0.1", resolve));
+  const { port } = files.address() as AddressInfo;
+  const program = `
+    import { Broker } from "http://127.0.0.1:${port}/mod.ts";
+    const broker = new Broker();
+    const reader = broker.subscribe(new Request("http://x/")).body.getReader();
+    await reader.read();
+    await broker.publish({ data: "by url" });
+    console.log(new TextDecoder().decode((await reader.read()).value));
+    broker.close();`;
+  try {
+    const child = spawn(
+      binary("deno"),
+      ["eval", "--no-config", `--allow-import=127.0.0.1:${port}`, program],
+      { cwd: "/", stdio: ["ignore", "pipe", "pipe"] },
+    );
+    let output = "";
+    child.stdout.on("data", (chunk) => output += chunk);
+    child.stderr.on("data", (chunk) => output += chunk);
+    const untrack = track(() => child.kill("SIGKILL"));
+    const code = await new Promise((resolve) => child.on("exit", resolve));
+    untrack();
+    assert.equal(code, 0, output);
+    assert.match(output, /^id: \d+-1\ndata: by url\n/m);
+  } finally {
+    files.close();
+  }
+});
