@@ -27,13 +27,6 @@
  * One message of an event stream, with the fields the WHATWG HTML event
  * stream parser knows. Every field is optional; a message with `data` is
  * dispatched as an event by `EventSource`, one without only updates state.
- *
- * @example
- * ```ts
- * import type { ServerSentEventMessage } from "./mod.ts";
- *
- * const message: ServerSentEventMessage = { event: "tick", data: "12:00" };
- * ```
  */
 export interface ServerSentEventMessage {
   /** A comment, ignored by clients; useful to keep a connection alive. */
@@ -180,13 +173,6 @@ export class ServerSentEventStream extends TransformStream<ServerSentEventMessag
 
 /**
  * One event as an {@linkcode EventLog} keeps it.
- *
- * @example
- * ```ts
- * import type { LogEvent } from "./mod.ts";
- *
- * const event: LogEvent = { id: "1-1", topics: ["news"], text: "data: hello\n\n" };
- * ```
  */
 export interface LogEvent {
   /** The id the log gave the event; see {@linkcode EventLog} for its form. */
@@ -199,13 +185,6 @@ export interface LogEvent {
 
 /**
  * What {@linkcode EventLog.read} returns: retained events in log order.
- *
- * @example
- * ```ts
- * import type { LogRead } from "./mod.ts";
- *
- * const read: LogRead = { events: [], gap: false };
- * ```
  */
 export interface LogRead {
   /** Up to the number asked for, oldest first. */
@@ -273,19 +252,11 @@ export interface EventLog {
 
 /**
  * Options for a {@linkcode MemoryLog}.
- *
- * @example
- * ```ts
- * import { MemoryLog, type MemoryLogOptions } from "./mod.ts";
- *
- * const options: MemoryLogOptions = { history: 100, historyBytes: 1 << 20 };
- * const log = new MemoryLog(options);
- * ```
  */
 export interface MemoryLogOptions {
-  /** How many of the newest events to keep for replay. Default 1000. */
+  /** How many of the newest events to keep for replay. Defaults to 1000. */
   history?: number;
-  /** Also cap the kept events by their encoded size in bytes. Default unlimited. */
+  /** Also cap the kept events by their encoded size in bytes. Defaults to no cap. */
   historyBytes?: number;
 }
 
@@ -394,8 +365,8 @@ export class MemoryLog implements EventLog {
     let seq = firstSeq - 1;
     let gap = false;
     if (afterId !== null) {
-      const match = /^(\d{1,15})-(\d{1,15})$/.exec(afterId);
-      const wanted = match && Number(match[1]) === this.#epoch ? Number(match[2]) : -1;
+      const [epoch, afterSeq] = parseId(afterId) ?? [];
+      const wanted = epoch === this.#epoch ? afterSeq! : -1;
       // An id of this log that is still retained, or the newest one: no gap.
       // Anything else (older than what is kept, from an earlier run,
       // malformed, or ahead) may have missed events: resend all retained.
@@ -462,145 +433,89 @@ export class EventLogError extends Error {
   }
 }
 
-/**
- * Each event's bytes on the wire, encoded once per process and shared by
- * every client and every replay; an event and its bytes go together.
- */
-const encoded = new WeakMap<LogEvent, Uint8Array>();
-
-function bytesOf(event: LogEvent): Uint8Array {
-  let bytes = encoded.get(event);
-  if (bytes === undefined) {
-    encoded.set(event, bytes = encoder.encode(`id: ${event.id}\n${event.text}`));
-  }
-  return bytes;
-}
-
-/** Orders two log ids (`<integer>-<integer>`): negative when `a` is older. */
-function compareIds(a: string, b: string): number {
-  const i = a.indexOf("-");
-  const j = b.indexOf("-");
-  return Number(a.slice(0, i)) - Number(b.slice(0, j)) ||
-    Number(a.slice(i + 1)) - Number(b.slice(j + 1));
-}
-
 // ---------------------------------------------------------------------------
 // The broker
 // ---------------------------------------------------------------------------
 
 /**
  * Options for a {@linkcode Broker}.
- *
- * @example
- * ```ts
- * import { Broker, type BrokerOptions } from "./mod.ts";
- *
- * const options: BrokerOptions = { history: 100, heartbeat: 5_000 };
- * const broker = new Broker(options);
- * broker.close();
- * ```
  */
 export interface BrokerOptions {
   /**
-   * Where events are kept, ordered and given ids. Default: a
-   * {@linkcode MemoryLog} bounded by `history` and `historyBytes`. A shared
-   * log lets several processes serve the same events.
+   * Where events are kept, ordered and given ids; a shared log lets several
+   * processes serve the same events. Defaults to a `new MemoryLog()`, which
+   * keeps the newest 1000; pass `new MemoryLog({ history })` to keep another
+   * number.
    */
   eventLog?: EventLog;
-  /** How many published events the default log keeps for `Last-Event-ID` replay. Default 1000. */
-  history?: number;
-  /** Also cap the default log by the size of the encoded events. Default unlimited. */
-  historyBytes?: number;
   /**
    * Milliseconds between `:` comments on streams that sent nothing since the
    * last one, so proxies keep them open and dead peers show up as failed
-   * writes. Default 15000; 0 turns heartbeats off.
+   * writes; 0 turns heartbeats off. Defaults to 15000.
    */
   heartbeat?: number;
-  /** The `retry:` sent first on every stream, in milliseconds. Default 2000; `null` sends none. */
+  /** The `retry:` sent first on every stream, in milliseconds; `null` sends none. Defaults to 2000. */
   retry?: number | null;
   /**
    * How many bytes may wait for one client before it counts as too slow and
-   * is disconnected (it reconnects and replays what it missed). Default 1 MiB.
+   * is disconnected (it reconnects and replays what it missed). Defaults to 1 MiB.
    */
   maxQueueBytes?: number;
-  /** Extra headers on every stream. Default `access-control-allow-origin: *`. */
+  /** Extra headers on every stream. Defaults to `access-control-allow-origin: *`. */
   headers?: HeadersInit;
-  /** Streams open at once; beyond it subscribing gets `503` with `Retry-After`. Default unlimited. */
+  /** Streams open at once; beyond it subscribing gets `503` with `Retry-After`. Defaults to no limit. */
   maxClients?: number;
-  /** Topics one client may name; more get `400`. Default 32. */
+  /** Topics one client may name; more get `400`. Defaults to 32. */
   maxTopics?: number;
   /**
-   * Called with one line per connect, disconnect and slow-client cut, for
-   * your logger. Off by default; the lines hold no request data.
+   * Called with one line per connect, disconnect and slow-client cut; the
+   * lines hold no request data. Defaults to none: the broker prints nothing.
    */
-  log?: (line: string) => void;
+  logger?: (line: string) => void;
 }
 
 /**
  * How to subscribe one client; by default read from the request.
- *
- * @example
- * ```ts
- * import { Broker, type SubscribeOptions } from "./mod.ts";
- *
- * const broker = new Broker();
- * const options: SubscribeOptions = { topics: ["news"] };
- * const response = broker.subscribe(new Request("http://localhost/"), options);
- * await response.body?.cancel();
- * broker.close();
- * ```
  */
 export interface SubscribeOptions {
   /**
-   * Receive only events published to one of these topics. Default: the
-   * request's `?topic=` parameters; none means every event.
+   * Receive only events published to one of these topics; none means every
+   * event. Defaults to the request's `?topic=` parameters.
    */
   topics?: readonly string[];
   /**
-   * Resume after this event id. Default: the `Last-Event-ID` header, or the
-   * `?lastEventId=` parameter for clients that cannot set headers.
+   * Resume after this event id; `null` does not resume. Defaults to the
+   * `Last-Event-ID` header, or the `?lastEventId=` parameter for clients that
+   * cannot set headers.
    */
   lastEventId?: string | null;
 }
 
 /**
  * Options for one {@linkcode Broker.publish}.
- *
- * @example
- * ```ts
- * import { Broker, type PublishOptions } from "./mod.ts";
- *
- * const broker = new Broker();
- * const options: PublishOptions = { topic: ["news", "sport"] };
- * await broker.publish({ data: "goal!" }, options);
- * broker.close();
- * ```
  */
 export interface PublishOptions {
   /**
-   * The topic or topics of the event. Clients that named topics receive it
-   * only if they named one of these; clients that named none receive all.
+   * The topics of the event. Clients that named topics receive it only if
+   * they named one of these; clients that named none receive every event.
+   * Defaults to none.
    */
-  topic?: string | readonly string[];
+  topics?: readonly string[];
 }
 
 /**
  * Counters of a {@linkcode Broker}, as returned by {@linkcode Broker.stats}.
- *
- * @example
- * ```ts
- * import { Broker, type BrokerStats } from "./mod.ts";
- *
- * const broker = new Broker();
- * const stats: BrokerStats = broker.stats();
- * console.log(stats.clients); // 0
- * broker.close();
- * ```
  */
 export interface BrokerStats {
   /** Streams open now. */
   clients: number;
+  /** Of those, the streams that named no topic: they get every event. */
+  clientsWithoutTopic: number;
+  /**
+   * Open streams per topic they named; a stream that named several topics
+   * counts once under each. Topics nobody names are absent.
+   */
+  clientsByTopic: Record<string, number>;
   /** Events accepted by `publish`. */
   published: number;
   /** Events handed to clients live (one per client per event). */
@@ -614,7 +529,7 @@ export interface BrokerStats {
 }
 
 /** What a client's stream and request report back to the broker. */
-interface ClientEvents {
+interface ClientCallbacks {
   /** The runtime wants more of the stream: go on with a replay. */
   pull(client: Client): void;
   /** The runtime cancelled the stream: the client is gone. */
@@ -624,6 +539,23 @@ interface ClientEvents {
 }
 
 /**
+ * Where a client is in its life. One that resumes starts `placing` and
+ * replays until it reaches the events handed to live clients:
+ *
+ * - `placing`: the first read of the log after its `Last-Event-ID` is under
+ *   way; the answer places the id, or reports a gap.
+ * - `replaying`: it is sent what it missed, a page of the log at a time,
+ *   while its queue has room; the stream's `pull` goes on.
+ * - `reading`: a later read of the log for it is under way.
+ * - `waiting`: it resumed from an event this broker has not handed out yet
+ *   (another process of a shared log was faster), and waits for it.
+ * - `live`: it is sent events as they are published. A client that does not
+ *   resume starts here.
+ * - `gone`: disconnected, cut or ended; nothing is sent to it any more.
+ */
+type ClientState = "placing" | "replaying" | "reading" | "waiting" | "live" | "gone";
+
+/**
  * One open stream. It is its stream's underlying source and its request
  * signal's listener itself, so an idle client costs no closures: memory per
  * idle connection is what bounds how many one process can hold.
@@ -631,16 +563,14 @@ interface ClientEvents {
 class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject {
   /** Set in the stream's `start`, which runs inside the stream's constructor. */
   controller!: ReadableStreamDefaultController<Uint8Array>;
+  /** Where the client is in its life; see {@linkcode ClientState}. */
+  state: ClientState = "live";
   /**
-   * While catching up from the log: the id of the last event sent, or `null`
-   * to start from the oldest retained. The stream's `pull` reads the log from
-   * here, so replay never outruns the client. `undefined` once live.
+   * The id of the last event replayed to the client, or its `Last-Event-ID`
+   * before the first; `null` is before the oldest event the log retains.
+   * Replay reads the log after it.
    */
-  cursor: string | null | undefined;
-  /** Whether a read of the log for this client is under way. */
-  reading = false;
-  /** Whether the log has placed the client's `Last-Event-ID` yet. */
-  placed = false;
+  cursor: string | null = null;
   /** Events resent from the log to this client. */
   replayed = 0;
   /** Whether anything was sent since the last heartbeat tick. */
@@ -652,11 +582,13 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
    * a flush builds their chunk once.
    */
   readonly topicKey: string;
+  /** The topics it named; `undefined` when it named none and wants every event. */
+  readonly topics: ReadonlySet<string> | undefined;
+  readonly callbacks: ClientCallbacks;
 
-  constructor(
-    readonly topics: ReadonlySet<string> | undefined,
-    readonly events: ClientEvents,
-  ) {
+  constructor(topics: ReadonlySet<string> | undefined, callbacks: ClientCallbacks) {
+    this.topics = topics;
+    this.callbacks = callbacks;
     // Stryker disable next-line StringLiteral: only clients that named topics use their key
     this.topicKey = topics === undefined ? "" : [...topics].sort().join("\n");
   }
@@ -666,15 +598,15 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
   }
 
   pull(): void {
-    this.events.pull(this);
+    this.callbacks.pull(this);
   }
 
   cancel(): void {
-    this.events.cancel(this);
+    this.callbacks.cancel(this);
   }
 
   handleEvent(): void {
-    this.events.abort(this);
+    this.callbacks.abort(this);
   }
 
   wants(event: LogEvent): boolean {
@@ -710,11 +642,12 @@ export class Broker {
   readonly #maxClients: number;
   readonly #maxTopics: number;
   readonly #retryAfter: string;
-  readonly #log: ((line: string) => void) | undefined;
+  readonly #logger: ((line: string) => void) | undefined;
   readonly #headers: Headers;
-  readonly #hello: Uint8Array<ArrayBuffer>;
+  /** The first bytes of every stream: its `retry:`, or an empty comment. */
+  readonly #streamStart: Uint8Array<ArrayBuffer>;
   readonly #clients = new Set<Client>();
-  readonly #clientEvents: ClientEvents = {
+  readonly #clientCallbacks: ClientCallbacks = {
     pull: (client) => this.#replay(client),
     cancel: (client) => this.#remove(client),
     abort: (client) => this.#end(client),
@@ -735,8 +668,8 @@ export class Broker {
   #liveId: string | null;
   /** Settles at the next flush, for publishes waiting for their event to go out. */
   #flushed: { promise: Promise<void>; resolve: () => void } | undefined;
-  /** Catching-up clients whose id is ahead of this broker (another process saw it first). */
-  readonly #ahead = new Set<Client>();
+  /** The clients in state `waiting`, so a flush finds them without a scan. */
+  readonly #waiting = new Set<Client>();
   #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
   #closed = false;
   #published = 0;
@@ -750,24 +683,19 @@ export class Broker {
    * @param options See {@linkcode BrokerOptions}.
    */
   constructor(options: BrokerOptions = {}) {
-    const { eventLog, history, historyBytes } = options;
-    if (eventLog !== undefined && (history ?? historyBytes) !== undefined) {
-      throw new TypeError("history and historyBytes bound the default log: bound your own log");
-    }
-    this.#eventLog = eventLog ??
-      new MemoryLog({ history, historyBytes });
+    this.#eventLog = options.eventLog ?? new MemoryLog();
     this.#liveId = this.#eventLog.lastId;
     this.#stopListening = this.#eventLog.listen((events) => this.#receive(events));
     this.#heartbeatMs = checkCount("heartbeat", options.heartbeat ?? 15_000);
     this.#maxQueueBytes = checkCount("maxQueueBytes", options.maxQueueBytes ?? 1 << 20);
     this.#maxClients = checkCount("maxClients", options.maxClients ?? Infinity);
     this.#maxTopics = checkCount("maxTopics", options.maxTopics ?? 32);
-    this.#log = options.log;
+    this.#logger = options.logger;
     const retry = options.retry === undefined ? 2000 : options.retry;
     this.#retryAfter = String(Math.max(1, Math.ceil((retry ?? 0) / 1000)));
     // The first bytes must go out at once: Bun sends no headers before the
     // first body chunk, and an EventSource stays "connecting" until then.
-    this.#hello = encodeMessage(retry === null ? { comment: "" } : { retry });
+    this.#streamStart = encodeMessage(retry === null ? { comment: "" } : { retry });
     this.#headers = new Headers({ "access-control-allow-origin": "*" });
     new Headers(options.headers).forEach((value, name) => this.#headers.set(name, value));
     // Streams must reach the client unbuffered and untransformed. No
@@ -813,7 +741,7 @@ export class Broker {
     // A closed broker ends new streams at once, as it ended the open ones:
     // an EventSource then retries (and finds the restarted server), where a
     // 503 would make it give up for good.
-    if (this.#closed) return new Response(this.#hello, { headers: this.#headers });
+    if (this.#closed) return new Response(this.#streamStart, { headers: this.#headers });
     if (this.#clients.size >= this.#maxClients) {
       return errorResponse(503, "too many clients", { "retry-after": this.#retryAfter });
     }
@@ -830,9 +758,12 @@ export class Broker {
       ? options.lastEventId
       : request.headers.get("last-event-id") ?? url.searchParams.get("lastEventId");
 
-    const client = new Client(topics.length > 0 ? new Set(topics) : undefined, this.#clientEvents);
-    const body = new ReadableStream(client, QUEUE_IN_BYTES);
-    client.controller.enqueue(this.#hello);
+    const client = new Client(
+      topics.length > 0 ? new Set(topics) : undefined,
+      this.#clientCallbacks,
+    );
+    const body = new ReadableStream(client, BYTE_QUEUING);
+    client.controller.enqueue(this.#streamStart);
     this.#add(client, lastEventId || null);
     // Some runtimes report a vanished client only through the request's
     // signal, others only by cancelling the body: either one removes it.
@@ -860,7 +791,7 @@ export class Broker {
    * import { Broker } from "./mod.ts";
    *
    * const broker = new Broker();
-   * const id = await broker.publish({ event: "price", data: "42" }, { topic: "ACME" });
+   * const id = await broker.publish({ event: "price", data: "42" }, { topics: ["ACME"] });
    * console.log(id); // "<epoch>-1"
    * broker.close();
    * ```
@@ -881,10 +812,9 @@ export class Broker {
       throw new MessageError("id", "is assigned by the broker");
     }
     if (message.data === undefined) throw new MessageError("data", "is required");
-    const topic = options.topic ?? [];
-    const topics = typeof topic === "string" ? [topic] : [...topic];
-    const invalid = topics.find((t) => !isTopic(t));
-    if (invalid !== undefined) {
+    const topics = options.topics ?? [];
+    if (!Array.isArray(topics)) throw new MessageError("topics", "must be an array");
+    if (!topics.every(isTopic)) {
       throw new MessageError("topic", "must be 1 to 256 printable characters");
     }
     // Validate before the event reaches the log, so a refused message
@@ -947,6 +877,10 @@ export class Broker {
   stats(): BrokerStats {
     return {
       clients: this.#clients.size,
+      clientsWithoutTopic: this.#everyone.size,
+      clientsByTopic: Object.fromEntries(
+        [...this.#byTopic].map(([topic, clients]) => [topic, clients.size]),
+      ),
       published: this.#published,
       delivered: this.#delivered,
       replayed: this.#replayed,
@@ -956,7 +890,6 @@ export class Broker {
   }
 
   #add(client: Client, lastEventId: string | null): void {
-    if (lastEventId !== null) client.cursor = lastEventId;
     this.#clients.add(client);
     if (client.topics === undefined) this.#everyone.add(client);
     else {
@@ -966,10 +899,15 @@ export class Broker {
         set.add(client);
       }
     }
-    this.#log?.(`client connected (${this.#clients.size} open)`);
-    // The log places the id as the replay's first read, which starts now.
-    // Events published meanwhile are in the log after it: the seam has no gap.
-    this.#replay(client);
+    this.#logger?.(`client connected (${this.#clients.size} open)`);
+    if (lastEventId !== null) {
+      // The log places the id as the replay's first read, which starts now.
+      // Events published meanwhile are in the log after it: the seam has no gap.
+      client.state = "placing";
+      client.cursor = lastEventId;
+      this.#read(client);
+      this.#replay(client);
+    }
     if (this.#heartbeatTimer === undefined && this.#heartbeatMs > 0) {
       this.#heartbeatTimer = setInterval(() => this.#heartbeat(), this.#heartbeatMs);
     }
@@ -977,16 +915,17 @@ export class Broker {
 
   /** Forgets a client; idempotent, as several signals may report one disconnect. */
   #remove(client: Client): void {
-    if (!this.#clients.delete(client)) return;
-    // Stryker disable next-line all: memory only: the next flush drops it; replay skips it
-    this.#ahead.delete(client);
-    this.#log?.(`client disconnected (${this.#clients.size} open)`);
+    if (client.state === "gone") return;
+    // Stryker disable next-line ConditionalExpression: deleting one the set lacks changes nothing
+    if (client.state === "waiting") this.#waiting.delete(client);
+    client.state = "gone";
+    this.#clients.delete(client);
+    this.#logger?.(`client disconnected (${this.#clients.size} open)`);
     if (client.topics === undefined) this.#everyone.delete(client);
     else {
       for (const topic of client.topics) {
         const set = this.#byTopic.get(topic)!;
         set.delete(client);
-        // Stryker disable next-line all: an empty set left behind costs memory, not deliveries
         if (set.size === 0) this.#byTopic.delete(topic);
       }
     }
@@ -1013,7 +952,7 @@ export class Broker {
    */
   #cut(client: Client): void {
     this.#slowDisconnects++;
-    this.#log?.(`client cut: more than ${this.#maxQueueBytes} bytes behind`);
+    this.#logger?.(`client cut: more than ${this.#maxQueueBytes} bytes behind`);
     this.#remove(client);
     client.controller.error(new Error("client too slow"));
   }
@@ -1040,9 +979,11 @@ export class Broker {
     }
     // Stryker disable next-line ConditionalExpression,EqualityOperator: nothing to build: speed
     if (this.#byTopic.size > 0) this.#flushTopics(batch);
-    for (const client of this.#ahead) {
+    for (const client of this.#waiting) {
+      // Stryker disable next-line ConditionalExpression: replayed early, it is still ahead
       if (!this.#isNewer(client.cursor!)) {
-        this.#ahead.delete(client);
+        this.#waiting.delete(client);
+        client.state = "replaying";
         this.#replay(client);
       }
     }
@@ -1077,7 +1018,7 @@ export class Broker {
 
   #send(client: Client, chunk: Uint8Array, events: number): void {
     // A client still catching up gets these events from the log, in order.
-    if (client.cursor !== undefined) return;
+    if (client.state !== "live") return;
     client.active = true;
     this.#delivered += events;
     this.#queue(client, chunk);
@@ -1090,43 +1031,42 @@ export class Broker {
   }
 
   /**
-   * Feeds a catching-up client from the log while its queue has room, up to
+   * Feeds a replaying client from the log while its queue has room, up to
    * the newest event handed to live clients, then makes it live. Replay
    * stops once it has filled half the queue, leaving the rest for live
    * events once it catches up; the stream's next `pull` goes on.
    */
   #replay(client: Client): void {
-    while (client.cursor !== undefined && !client.reading && this.#clients.has(client)) {
-      const liveAtRead = this.#liveId;
-      const read = this.#eventLog.read(client.cursor, REPLAY_PAGE);
-      if (!("then" in read)) {
-        if (!this.#take(client, read, liveAtRead)) return;
-        continue;
-      }
-      client.reading = true;
-      read.then((result) => {
-        client.reading = false;
-        if (this.#take(client, result, liveAtRead)) this.#replay(client);
-      }, (error) => {
-        client.reading = false;
-        // It reconnects after `retry` and resumes from its last event.
-        this.#log?.(`client ended: reading the event log failed: ${error?.message ?? error}`);
-        this.#end(client);
-      });
-      return;
+    while (client.state === "replaying" && queuedBytes(client) < this.#maxQueueBytes / 2) {
+      this.#read(client);
     }
   }
 
-  /** Sends a catching-up client what a read found; returns whether to read on. */
-  #take(client: Client, read: LogRead, liveAtRead: string | null): boolean {
-    if (client.cursor === undefined || !this.#clients.has(client)) return false;
+  /** Reads the next page of the log after the client's cursor, and sends what it finds. */
+  #read(client: Client): void {
+    const liveAtRead = this.#liveId;
+    const read = this.#eventLog.read(client.cursor, REPLAY_PAGE);
+    if (!("then" in read)) return this.#sendRead(client, read, liveAtRead);
+    if (client.state === "replaying") client.state = "reading";
+    read.then((result) => {
+      if (client.state !== "placing" && client.state !== "reading") return; // gone meanwhile
+      this.#sendRead(client, result, liveAtRead);
+      this.#replay(client);
+    }, (error) => {
+      // It reconnects after `retry` and resumes from its last event.
+      this.#logger?.(`client ended: reading the event log failed: ${error?.message ?? error}`);
+      this.#end(client);
+    });
+  }
+
+  /** Sends a replaying client what a read of the log found, and moves it on. */
+  #sendRead(client: Client, read: LogRead, liveAtRead: string | null): void {
     const { events, gap } = read;
     if (gap) {
-      if (client.placed) {
+      if (client.state !== "placing") {
         // The log dropped events that this client, reading slower than
         // others publish, had not read yet.
-        this.#cut(client);
-        return false;
+        return this.#cut(client);
       }
       const oldestId = events[0]?.id ?? null;
       client.controller.enqueue(
@@ -1134,28 +1074,21 @@ export class Broker {
       );
       client.cursor = null;
     }
-    client.placed = true;
+    client.state = "replaying";
     for (const event of events) {
       // Events past the live ones reach this client live, as it is now current.
-      if (this.#isNewer(event.id)) {
-        this.#goLive(client);
-        return false;
-      }
+      if (this.#isNewer(event.id)) return this.#goLive(client);
+      if (queuedBytes(client) >= this.#maxQueueBytes / 2) return;
       client.cursor = event.id;
       if (client.wants(event)) {
         client.controller.enqueue(bytesOf(event));
         client.replayed++;
         this.#replayed++;
-        if (queuedBytes(client) >= this.#maxQueueBytes / 2) return false;
       }
     }
     // The log holds nothing more up to the live events (it keeps none, say),
     // unless some arrived while it was read.
-    if (events.length < REPLAY_PAGE && liveAtRead === this.#liveId) {
-      this.#goLive(client);
-      return false;
-    }
-    return true;
+    if (events.length < REPLAY_PAGE && liveAtRead === this.#liveId) this.#goLive(client);
   }
 
   /** Whether event `id` is newer than every event handed to live clients. */
@@ -1169,18 +1102,18 @@ export class Broker {
    * waits for it, so it gets nothing twice.
    */
   #goLive(client: Client): void {
-    const cursor = client.cursor;
-    if (cursor && this.#isNewer(cursor)) {
-      this.#ahead.add(client);
+    if (client.cursor !== null && this.#isNewer(client.cursor)) {
+      client.state = "waiting";
+      this.#waiting.add(client);
       return;
     }
-    client.cursor = undefined;
+    client.state = "live";
     client.controller.enqueue(replayedMessage(client.replayed));
   }
 
   #heartbeat(): void {
     for (const client of this.#clients) {
-      if (!client.active && client.cursor === undefined) this.#queue(client, HEARTBEAT);
+      if (!client.active && client.state === "live") this.#queue(client, HEARTBEAT);
       client.active = false;
     }
   }
@@ -1198,7 +1131,7 @@ const ONCE = { once: true };
  * is minus the bytes waiting. A large mark would cost memory for nothing:
  * Bun holds about 7 KiB more per idle stream with a 1 MiB one.
  */
-const QUEUE_IN_BYTES: QueuingStrategy<Uint8Array> = {
+const BYTE_QUEUING: QueuingStrategy<Uint8Array> = {
   highWaterMark: 0,
   size: (chunk) => chunk.byteLength,
 };
@@ -1208,34 +1141,9 @@ function queuedBytes(client: Client): number {
   return -(client.controller.desiredSize ?? 0);
 }
 
-/** Joins chunks into one; a single chunk is returned as it is, not copied. */
-function concat(chunks: readonly Uint8Array[]): Uint8Array {
-  // Stryker disable next-line ConditionalExpression: a copy of one chunk has the same bytes
-  if (chunks.length === 1) return chunks[0];
-  const joined = new Uint8Array(chunks.reduce((size, chunk) => size + chunk.byteLength, 0));
-  let offset = 0;
-  for (const chunk of chunks) {
-    joined.set(chunk, offset);
-    offset += chunk.byteLength;
-  }
-  return joined;
-}
-
 /** Tells a resuming client that it has caught up, and how many events it missed. */
 function replayedMessage(count: number): Uint8Array {
   return encodeMessage({ event: "replayed", data: JSON.stringify({ count }) });
-}
-
-function isTopic(topic: unknown): boolean {
-  // deno-lint-ignore no-control-regex -- control characters are what we refuse
-  return typeof topic === "string" && /^[^\x00-\x1f\x7f]{1,256}$/.test(topic);
-}
-
-function checkCount(name: string, value: number): number {
-  if (!(value >= 0) || (value !== Infinity && !Number.isSafeInteger(value))) {
-    throw new RangeError(`${name} must be a non-negative integer`);
-  }
-  return value;
 }
 
 // ---------------------------------------------------------------------------
@@ -1244,27 +1152,19 @@ function checkCount(name: string, value: number): number {
 
 /**
  * Options for {@linkcode createHandler}.
- *
- * @example
- * ```ts
- * import { Broker, createHandler, type HandlerOptions } from "./mod.ts";
- *
- * const options: HandlerOptions = { maxBodyBytes: 4096 };
- * const handler = createHandler(new Broker(), options);
- * ```
  */
 export interface HandlerOptions {
-  /** The largest `POST /publish` body, in bytes; larger ones get `413`. Default 64 KiB. */
+  /** The largest `POST /publish` body, in bytes; larger ones get `413`. Defaults to 64 KiB. */
   maxBodyBytes?: number;
   /**
    * Decides whether a request may subscribe or publish; `false` answers
-   * `401`. Default: everyone may. {@linkcode tokenAuth} checks bearer
-   * tokens; pass your own function to verify a JWT or a session instead.
+   * `401`. {@linkcode tokenAuth} checks bearer tokens; pass your own
+   * function to verify a JWT or a session instead. Defaults to everyone may.
    */
   authorize?: Authorize;
   /**
-   * The origins that browsers may call from: `"*"` (the default) or a list,
-   * answered with the caller's origin when it is on it.
+   * The origins that browsers may call from: `"*"` or a list, answered with
+   * the caller's origin when it is on it. Defaults to `"*"`.
    */
   allowOrigin?: "*" | readonly string[];
 }
@@ -1342,13 +1242,6 @@ function timingSafeEqual(given: Uint8Array, secret: Uint8Array): boolean {
  * The optional second argument of a fetch handler. Bun passes its server
  * there, and the handler calls `timeout(request, 0)` on each stream: Bun
  * otherwise closes a connection that is quiet for 10 seconds.
- *
- * @example
- * ```ts
- * import type { FetchServer } from "./mod.ts";
- *
- * const server: FetchServer = { timeout: (_request, _seconds) => {} };
- * ```
  */
 export interface FetchServer {
   /** Sets the idle timeout of one request's connection; 0 disables it. */
@@ -1408,8 +1301,8 @@ export function createHandler(
       action: "publish",
       methods: {
         POST: async (request, url) => {
-          const { message, topic } = await readPublication(request, url, maxBodyBytes);
-          return Response.json({ id: await broker.publish(message, { topic }) });
+          const { message, topics } = await readPublication(request, url, maxBodyBytes);
+          return Response.json({ id: await broker.publish(message, { topics }) });
         },
       },
     },
@@ -1488,9 +1381,13 @@ type RouteHandler = (
   server?: FetchServer,
 ) => Response | Promise<Response>;
 
+/** A request the handler refuses with `status` and a one-line reason. */
 class HttpError extends Error {
-  constructor(readonly status: number, message: string) {
+  readonly status: number;
+
+  constructor(status: number, message: string) {
     super(message);
+    this.status = status;
   }
 }
 
@@ -1500,13 +1397,13 @@ async function readPublication(
   request: Request,
   url: URL,
   maxBytes: number,
-): Promise<{ message: Omit<ServerSentEventMessage, "id">; topic: string[] }> {
+): Promise<{ message: Omit<ServerSentEventMessage, "id">; topics: string[] }> {
   const text = await readText(request, maxBytes);
   // Stryker disable next-line StringLiteral: no content type and any non-JSON one read the same
   const type = request.headers.get("content-type") ?? "";
   if (!/^application\/(.+\+)?json\b/i.test(type)) {
-    const topic = url.searchParams.getAll("topic");
-    return { message: { data: text, event: url.searchParams.get("event") ?? undefined }, topic };
+    const topics = url.searchParams.getAll("topic");
+    return { message: { data: text, event: url.searchParams.get("event") ?? undefined }, topics };
   }
   let body: unknown;
   try {
@@ -1533,7 +1430,7 @@ async function readPublication(
     id,
   } as Omit<ServerSentEventMessage, "id">;
   const topics = (topic === undefined ? [] : Array.isArray(topic) ? topic : [topic]) as string[];
-  return { message, topic: topics };
+  return { message, topics };
 }
 
 /** Reads a body as UTF-8 text, refusing it as soon as it passes `maxBytes`. */
@@ -1562,4 +1459,63 @@ async function readText(request: Request, maxBytes: number): Promise<string> {
 
 function errorResponse(status: number, error: string, headers?: HeadersInit): Response {
   return Response.json({ error }, { status, headers });
+}
+
+// ---------------------------------------------------------------------------
+// Shared helpers
+// ---------------------------------------------------------------------------
+
+/**
+ * Each event's bytes on the wire, encoded once per process and shared by
+ * every client and every replay; an event and its bytes go together.
+ */
+const encoded = new WeakMap<LogEvent, Uint8Array>();
+
+function bytesOf(event: LogEvent): Uint8Array {
+  let bytes = encoded.get(event);
+  if (bytes === undefined) {
+    encoded.set(event, bytes = encoder.encode(`id: ${event.id}\n${event.text}`));
+  }
+  return bytes;
+}
+
+/** The two integers of an event id, `<integer>-<integer>`; `undefined` for anything else. */
+function parseId(id: string): [number, number] | undefined {
+  const match = /^(\d{1,15})-(\d{1,15})$/.exec(id);
+  return match ? [Number(match[1]), Number(match[2])] : undefined;
+}
+
+/**
+ * Orders two event ids from the log (which are `<integer>-<integer>`, as
+ * {@linkcode EventLog} requires): negative when `a` is older.
+ */
+function compareIds(a: string, b: string): number {
+  const [a1, a2] = parseId(a)!;
+  const [b1, b2] = parseId(b)!;
+  return a1 - b1 || a2 - b2;
+}
+
+/** Joins chunks into one; a single chunk is returned as it is, not copied. */
+function concat(chunks: readonly Uint8Array[]): Uint8Array {
+  // Stryker disable next-line ConditionalExpression: a copy of one chunk has the same bytes
+  if (chunks.length === 1) return chunks[0];
+  const joined = new Uint8Array(chunks.reduce((size, chunk) => size + chunk.byteLength, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    joined.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return joined;
+}
+
+function isTopic(topic: unknown): boolean {
+  // deno-lint-ignore no-control-regex -- control characters are what we refuse
+  return typeof topic === "string" && /^[^\x00-\x1f\x7f]{1,256}$/.test(topic);
+}
+
+function checkCount(name: string, value: number): number {
+  if (!(value >= 0) || (value !== Infinity && !Number.isSafeInteger(value))) {
+    throw new RangeError(`${name} must be a non-negative integer`);
+  }
+  return value;
 }

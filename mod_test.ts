@@ -17,7 +17,14 @@ import {
 } from "./mod.ts";
 import { spawn } from "node:child_process";
 import process from "node:process";
-import { EventReader, eventually, parseAll, RUNTIME, type SseEvent } from "./test/helpers.ts";
+import {
+  EventReader,
+  eventually,
+  parseAll,
+  RUNTIME,
+  seededRandom,
+  type SseEvent,
+} from "./test/helpers.ts";
 
 const text = (message: ServerSentEventMessage) => new TextDecoder().decode(encodeMessage(message));
 
@@ -69,8 +76,7 @@ describe("encodeMessage", () => {
 
   test("random strings round-trip through the parser", () => {
     const alphabet = ["a", " ", ":", "\r", "\n", "\r\n", "é", "\u2028", "\uFEFF", "\0", "🎉"];
-    let seed = 42; // a fixed seed, so a failure reproduces
-    const random = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+    const random = seededRandom(42);
     for (let i = 0; i < 500; i++) {
       let data = "";
       for (let n = Math.floor(random() * 20); n > 0; n--) {
@@ -216,11 +222,11 @@ describe("Broker", () => {
       cb: reader("?topic=c&topic=b"),
     };
     for (const r of Object.values(readers)) await r.read(); // retry:
-    await broker.publish({ data: "first" }, { topic: "a" }); // alone: the burst follows
+    await broker.publish({ data: "first" }, { topics: ["a"] }); // alone: the burst follows
     await Promise.all([
-      broker.publish({ data: "to a" }, { topic: "a" }),
-      broker.publish({ data: "to b" }, { topic: "b" }),
-      broker.publish({ data: "to a and c" }, { topic: ["a", "c"] }),
+      broker.publish({ data: "to a" }, { topics: ["a"] }),
+      broker.publish({ data: "to b" }, { topics: ["b"] }),
+      broker.publish({ data: "to a and c" }, { topics: ["a", "c"] }),
       broker.publish({ data: "to nobody" }),
     ]);
     const data = (chunk: Uint8Array) =>
@@ -231,7 +237,7 @@ describe("Broker", () => {
     const cb = (await readers.cb.read()).value!;
     assert.deepEqual(data(bc), ["to b", "to a and c"]);
     assert.ok(bc === cb, "clients with the same topics share one chunk");
-    await broker.publish({ data: "end" }, { topic: ["a", "b", "c"] });
+    await broker.publish({ data: "end" }, { topics: ["a", "b", "c"] });
     for (const r of Object.values(readers)) {
       assert.deepEqual(data((await r.read()).value!), ["end"]);
     }
@@ -292,7 +298,7 @@ describe("Broker", () => {
     });
     await assert.rejects(broker.publish({}), { field: "data" });
     await assert.rejects(broker.publish({ event: "a\nb", data: "x" }), { field: "event" });
-    await assert.rejects(broker.publish({ data: "x" }, { topic: "" }), { field: "topic" });
+    await assert.rejects(broker.publish({ data: "x" }, { topics: [""] }), { field: "topic" });
     const id = await broker.publish({ data: "valid" });
     const event = await reader.event();
     assert.deepEqual([event.data, event.lastEventId], ["valid", id]);
@@ -336,11 +342,25 @@ describe("Broker", () => {
 
   test("log gets one line per connect, disconnect and cut, and nothing by default", async () => {
     const lines: string[] = [];
-    const broker = new Broker({ log: (line) => lines.push(line), maxQueueBytes: 1024 });
-    const body = broker.subscribe(new Request("http://x/?token=secret")).body!;
-    await body.cancel();
-    broker.subscribe(new Request("http://x/"));
-    await broker.publish({ data: "x".repeat(2048) });
+    const printed: unknown[] = [];
+    const console = globalThis.console;
+    const spied = ["log", "info", "warn", "error", "debug"] as const;
+    const originals = spied.map((name) => console[name]);
+    for (const name of spied) console[name] = (...args: unknown[]) => printed.push(args);
+    try {
+      for (const log of [(line: string) => lines.push(line), undefined]) {
+        const broker = new Broker({ logger: log, maxQueueBytes: 1024 });
+        const aborting = new AbortController();
+        const request = new Request("http://x/?token=secret", { signal: aborting.signal });
+        await broker.subscribe(request).body!.cancel();
+        aborting.abort(); // a second report of the same disconnect
+        broker.subscribe(new Request("http://x/"));
+        await broker.publish({ data: "x".repeat(2048) });
+        broker.close();
+      }
+    } finally {
+      spied.forEach((name, i) => console[name] = originals[i]);
+    }
     assert.deepEqual(lines, [
       "client connected (1 open)",
       "client disconnected (0 open)",
@@ -348,6 +368,29 @@ describe("Broker", () => {
       "client cut: more than 1024 bytes behind",
       "client disconnected (0 open)",
     ]);
+    assert.deepEqual(printed, [], "nothing printed, with or without a log function");
+  });
+
+  test("stats count the open streams per topic and those that named none", async () => {
+    const broker = new Broker();
+    const counts = () => {
+      const { clients, clientsWithoutTopic, clientsByTopic } = broker.stats();
+      return { clients, clientsWithoutTopic, clientsByTopic };
+    };
+    assert.deepEqual(counts(), { clients: 0, clientsWithoutTopic: 0, clientsByTopic: {} });
+    const all = broker.subscribe(new Request("http://x/")).body!;
+    const ab = broker.subscribe(new Request("http://x/?topic=a&topic=b")).body!;
+    const b = broker.subscribe(new Request("http://x/?topic=b")).body!;
+    assert.deepEqual(counts(), {
+      clients: 3,
+      clientsWithoutTopic: 1,
+      clientsByTopic: { a: 1, b: 2 },
+    });
+    await ab.cancel();
+    assert.deepEqual(counts(), { clients: 2, clientsWithoutTopic: 1, clientsByTopic: { b: 1 } });
+    await all.cancel();
+    await b.cancel();
+    assert.deepEqual(counts(), { clients: 0, clientsWithoutTopic: 0, clientsByTopic: {} });
     broker.close();
   });
 
@@ -389,15 +432,11 @@ describe("Broker options and limits", () => {
         });
       }
     }
-    assert.throws(() => new Broker({ eventLog: new MemoryLog(), historyBytes: 5 }), {
-      name: "TypeError",
-      message: "history and historyBytes bound the default log: bound your own log",
-    });
   });
 
-  test("history and historyBytes bound the default log", async () => {
+  test("a MemoryLog's history and historyBytes bound what a broker replays", async () => {
     for (const options of [{ history: 2 }, { historyBytes: 60 }]) {
-      const broker = new Broker(options);
+      const broker = new Broker({ eventLog: new MemoryLog(options) });
       const [first] = await publishMany(broker, 4);
       const reader = open(broker, "", { headers: { "last-event-id": first } });
       assert.equal((await reader.event()).event, "gap", JSON.stringify(options));
@@ -459,7 +498,7 @@ describe("Broker options and limits", () => {
     const ok = broker.subscribe(new Request(`http://x/?topic=${long}&topic=news`));
     assert.equal(ok.status, 200);
     await ok.body!.cancel();
-    await broker.publish({ data: "x" }, { topic: long });
+    await broker.publish({ data: "x" }, { topics: [long] });
     for (const topic of [long + "t", "a\u0001b", "\u007f", ""]) {
       const response = broker.subscribe(
         new Request(`http://x/?topic=${encodeURIComponent(topic)}`),
@@ -467,7 +506,7 @@ describe("Broker options and limits", () => {
       assert.equal(response.status, 400, JSON.stringify(topic));
       const error = `invalid topic ${JSON.stringify(topic.slice(0, 64))}`;
       assert.deepEqual(await response.json(), { error });
-      await assert.rejects(broker.publish({ data: "x" }, { topic }), {
+      await assert.rejects(broker.publish({ data: "x" }, { topics: ["ok", topic] }), {
         name: "MessageError",
         field: "topic",
         message: "topic must be 1 to 256 printable characters",
@@ -492,6 +531,11 @@ describe("Broker options and limits", () => {
         return true;
       });
     }
+    const notArray = { topics: "news" as unknown as string[] };
+    await assert.rejects(broker.publish({ data: "x" }, notArray), {
+      name: "MessageError",
+      message: "topics must be an array",
+    });
     assert.equal(broker.stats().published, 0);
     broker.close();
   });
@@ -500,7 +544,7 @@ describe("Broker options and limits", () => {
     const broker = new Broker();
     const news = open(broker, "?topic=news");
     await broker.publish({ data: "to all" });
-    await broker.publish({ data: "news" }, { topic: "news" });
+    await broker.publish({ data: "news" }, { topics: ["news"] });
     assert.equal((await news.event()).data, "news");
     broker.close();
   });
@@ -509,8 +553,8 @@ describe("Broker options and limits", () => {
     const broker = new Broker();
     const news = open(broker, "?topic=news");
     const everything = open(broker);
-    await broker.publish({ data: "sport" }, { topic: "sport" });
-    await broker.publish({ data: "news" }, { topic: "news" });
+    await broker.publish({ data: "sport" }, { topics: ["sport"] });
+    await broker.publish({ data: "news" }, { topics: ["news"] });
     assert.deepEqual((await everything.events(2)).map((e) => e.data), ["sport", "news"]);
     assert.equal((await news.event()).data, "news");
     broker.close();
@@ -521,12 +565,12 @@ describe("Broker options and limits", () => {
     const ab = open(broker, "?topic=ab");
     const aAndB = open(broker, "?topic=a&topic=b");
     await Promise.all([
-      broker.publish({ data: "to a" }, { topic: "a" }),
-      broker.publish({ data: "to ab" }, { topic: "ab" }),
+      broker.publish({ data: "to a" }, { topics: ["a"] }),
+      broker.publish({ data: "to ab" }, { topics: ["ab"] }),
     ]);
     assert.deepEqual((await ab.events(1)).map((e) => e.data), ["to ab"]);
     assert.deepEqual((await aAndB.events(1)).map((e) => e.data), ["to a"]);
-    await broker.publish({ data: "end" }, { topic: ["a", "ab"] });
+    await broker.publish({ data: "end" }, { topics: ["a", "ab"] });
     assert.equal((await ab.event()).data, "end");
     assert.equal((await aAndB.event()).data, "end");
     broker.close();
@@ -537,7 +581,7 @@ describe("Broker options and limits", () => {
     const leaving = broker.subscribe(new Request("http://x/?topic=a&topic=b")).body!;
     const staying = open(broker, "?topic=a");
     await leaving.cancel();
-    await broker.publish({ data: "after" }, { topic: ["a", "b"] });
+    await broker.publish({ data: "after" }, { topics: ["a", "b"] });
     assert.equal((await staying.event()).data, "after");
     assert.equal(broker.stats().delivered, 1);
     broker.close();
@@ -870,7 +914,7 @@ describe("replay", () => {
   });
 
   test("an id the log cannot place: a gap event naming the oldest retained id, then all retained", async () => {
-    const broker = new Broker({ history: 2 });
+    const broker = new Broker({ eventLog: new MemoryLog({ history: 2 }) });
     const [first, , third] = await publishMany(broker, 4);
     const reader = resume(broker, first);
     const events = await reader.events(4);
@@ -894,10 +938,10 @@ describe("replay", () => {
   test("a client that named topics replays only events of its topics", async () => {
     const broker = new Broker();
     const start = await broker.publish({ data: "start" });
-    await broker.publish({ data: "to a" }, { topic: "a" });
-    await broker.publish({ data: "to b" }, { topic: "b" });
+    await broker.publish({ data: "to a" }, { topics: ["a"] });
+    await broker.publish({ data: "to b" }, { topics: ["b"] });
     await broker.publish({ data: "to none" });
-    await broker.publish({ data: "to b and a" }, { topic: ["b", "a"] });
+    await broker.publish({ data: "to b and a" }, { topics: ["b", "a"] });
     const reader = resume(broker, start, "?topic=a");
     assert.deepEqual((await reader.events(3)).map((e) => e.data), [
       "to a",
@@ -908,7 +952,7 @@ describe("replay", () => {
   });
 
   test("is placed at subscribe: events published before the client first reads are no gap", async () => {
-    const broker = new Broker({ history: 3 });
+    const broker = new Broker({ eventLog: new MemoryLog({ history: 3 }) });
     const first = await broker.publish({ data: "seen" });
     const reader = resume(broker, first);
     const later = await publishMany(broker, 5);
@@ -1036,6 +1080,42 @@ describe("EventLog", () => {
     const events = await reader.events(3);
     assert.deepEqual(events.filter((e) => e.event === "message").map((e) => e.data), ["4", "5"]);
     assert.equal(events.filter((e) => e.event === "replayed").length, 1);
+    await broker.publish({ data: "6" });
+    assert.equal((await reader.event()).data, "6", "live from here on, nothing again");
+    broker.close();
+  });
+
+  test("a client that leaves while it waits for its event is forgotten", async () => {
+    const log = sharedLog();
+    const broker = new Broker({ eventLog: log });
+    await broker.publish({ data: "1" });
+    log.held = true;
+    const second = await log.memory.append([], "data: 2\n\n"); // through another process
+    const request = new Request("http://x/", { headers: { "last-event-id": second } });
+    const body = broker.subscribe(request).body!;
+    await new Promise((resolve) => setTimeout(resolve, 0)); // its read answers: it waits
+    await body.cancel();
+    log.held = false;
+    log.release();
+    const live = open(broker);
+    await broker.publish({ data: "3" });
+    assert.deepEqual((await live.events(2)).map((e) => e.data), ["2", "3"]);
+    assert.deepEqual([broker.stats().clients, broker.stats().replayed], [1, 0]);
+    broker.close();
+  });
+
+  test("with reads that answer later: an id the log cannot place gets the gap event", async () => {
+    const log = new ListLog();
+    const broker = new Broker({ eventLog: log });
+    const [first] = await publishMany(broker, 2);
+    log.late = true;
+    const reader = open(broker, "", { headers: { "last-event-id": "9-9" } });
+    assert.deepEqual((await reader.events(4)).map((e) => [e.event, e.data]), [
+      ["gap", JSON.stringify({ oldestId: first })],
+      ["message", "x"],
+      ["message", "x"],
+      ["replayed", '{"count":2}'],
+    ]);
     broker.close();
   });
 
@@ -1098,7 +1178,7 @@ describe("EventLog", () => {
       listen: (listener) => log.listen(listener),
     };
     const lines: string[] = [];
-    const broker = new Broker({ eventLog: broken, log: (line) => lines.push(line) });
+    const broker = new Broker({ eventLog: broken, logger: (line) => lines.push(line) });
     const live = open(broker);
     const id = await broker.publish({ data: "1" });
     const resuming = open(broker, "", { headers: { "last-event-id": id } });
@@ -1110,7 +1190,7 @@ describe("EventLog", () => {
   });
 
   test("whatever a failed read rejects with, with or without a log function, the stream ends", async () => {
-    for (const options of [{}, { log: () => {} }]) {
+    for (const options of [{}, { logger: () => {} }]) {
       const log = new ListLog();
       log.read = () => Promise.reject(undefined);
       const broker = new Broker({ eventLog: log, ...options });
@@ -1141,9 +1221,9 @@ describe("EventLog", () => {
   test("publish hands the log the event's topics and its encoded fields without the id", async () => {
     const log = new ListLog();
     const broker = new Broker({ eventLog: log });
-    await broker.publish({ event: "e", data: "d" }, { topic: ["a", "b"] });
+    await broker.publish({ event: "e", data: "d" }, { topics: ["a", "b"] });
     await broker.publish({ data: "to all" });
-    await broker.publish({ data: "one" }, { topic: "a" });
+    await broker.publish({ data: "one" }, { topics: ["a"] });
     assert.deepEqual(log.events, [
       { id: "1-1001", topics: ["a", "b"], text: "event: e\ndata: d\n\n" },
       { id: "1-1002", topics: [], text: "data: to all\n\n" },

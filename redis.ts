@@ -32,12 +32,12 @@ export type { EventLog, LogEvent, LogRead };
 export interface RedisLogOptions {
   /** The server, as `redis://[user:password@]host:port[/db]` (`rediss://` for TLS). */
   url: string;
-  /** The stream's key; processes that share it share the events. Default `sse:events`. */
+  /** The stream's key; processes that share it share the events. Defaults to `sse:events`. */
   key?: string;
-  /** About how many events the stream keeps for replay (`MAXLEN ~`). Default 1000. */
+  /** About how many events the stream keeps for replay (`MAXLEN ~`). Defaults to 1000. */
   history?: number;
-  /** Told when the connection is lost and when it is back. Default `console.error`. */
-  log?: (line: string) => void;
+  /** Told when the connection is lost and when it is back. Defaults to `console.error`. */
+  logger?: (line: string) => void;
 }
 
 /** The shape of a stream entry in the replies of `XRANGE` and `XREAD`. */
@@ -46,7 +46,7 @@ interface Entry {
   message: Record<string, string>;
 }
 
-type Client = ReturnType<typeof connection>;
+type Connection = ReturnType<typeof connection>;
 
 /** Ids the broker can compare, and small enough for Redis to parse. */
 const ID = /^\d{1,15}-\d{1,15}$/;
@@ -67,11 +67,11 @@ const ID = /^\d{1,15}-\d{1,15}$/;
  * publisher that retries on `503` may publish it twice.
  */
 export class RedisLog implements EventLog {
-  readonly #writer: Client;
-  readonly #reader: Client;
+  readonly #writer: Connection;
+  readonly #reader: Connection;
   readonly #key: string;
   readonly #history: number;
-  readonly #log: (line: string) => void;
+  readonly #logger: (line: string) => void;
   readonly #listeners = new Set<(events: readonly LogEvent[]) => void>();
   #lastId: string | null = null;
   #started = false;
@@ -85,13 +85,12 @@ export class RedisLog implements EventLog {
     if (!Number.isSafeInteger(this.#history) || this.#history < 1) {
       throw new RangeError("history must be a positive integer");
     }
-    this.#log = options.log ?? ((line) => console.error(line));
-    // Give up at start; once running, reconnect forever.
+    this.#logger = options.logger ?? ((line) => console.error(line));
     this.#writer = connection(options.url, () => this.#started);
     this.#reader = connection(options.url, () => this.#started); // XREAD blocks its connection
-    for (const client of [this.#writer, this.#reader]) {
-      client.on("error", (error: Error) => this.#onError(error));
-      client.on("ready", () => this.#onReady());
+    for (const redis of [this.#writer, this.#reader]) {
+      redis.on("error", (error: Error) => this.#onError(error));
+      redis.on("ready", () => this.#onReady());
     }
   }
 
@@ -224,13 +223,15 @@ export class RedisLog implements EventLog {
     // Until started, an error is the failure that `connect` reports.
     if (!this.#started || this.#lost || this.#closed) return;
     this.#lost = true;
-    this.#log(`redis: connection lost (${error.message}); publishing answers 503 until it is back`);
+    this.#logger(
+      `redis: connection lost (${error.message}); publishing answers 503 until it is back`,
+    );
   }
 
   #onReady(): void {
     if (!this.#lost || this.#closed) return;
     this.#lost = false;
-    this.#log("redis: connection back");
+    this.#logger("redis: connection back");
   }
 }
 

@@ -81,7 +81,7 @@ function internalError(error: unknown): Response {
 }
 
 /** Reads a non-negative integer setting, or stops with a one-line reason. */
-export function integer(runtime: Runtime, name: string, fallback: number): number {
+export function integerSetting(runtime: Runtime, name: string, fallback: number): number {
   const text = runtime.env(name);
   if (text === undefined || text === "") return fallback;
   const value = Number(text);

@@ -15,18 +15,18 @@
  *
  * @module
  */
-import { Broker, createHandler, tokenAuth } from "./mod.ts";
+import { Broker, createHandler, MemoryLog, tokenAuth } from "./mod.ts";
 import { renderPage } from "./page.ts";
-import { currentRuntime, type Handler, integer } from "./runtime.ts";
+import { currentRuntime, type Handler, integerSetting } from "./runtime.ts";
 
 const runtime = currentRuntime();
-const port = integer(runtime, "PORT", 8000);
+const port = integerSetting(runtime, "PORT", 8000);
 const hostname = runtime.env("HOSTNAME") || "127.0.0.1";
-const tickMs = integer(runtime, "TICK_MS", 1000);
-const retryMs = integer(runtime, "RETRY_MS", 2000);
+const tickMs = integerSetting(runtime, "TICK_MS", 1000);
+const retryMs = integerSetting(runtime, "RETRY_MS", 2000);
 const publishToken = runtime.env("PUBLISH_TOKEN");
-const history = integer(runtime, "HISTORY", 1000);
-const historyBytes = integer(runtime, "HISTORY_BYTES", 0) || Infinity;
+const history = integerSetting(runtime, "HISTORY", 1000);
+const historyBytes = integerSetting(runtime, "HISTORY_BYTES", 0) || Infinity;
 const redisUrl = runtime.env("REDIS_URL");
 
 // Loaded only when asked for, so the in-memory demo needs no npm package.
@@ -39,17 +39,17 @@ const redis = redisUrl
   : undefined;
 
 const broker = new Broker({
-  // Redis trims its stream to about HISTORY events itself.
-  ...(redis ? { eventLog: redis } : { history, historyBytes }),
-  heartbeat: integer(runtime, "HEARTBEAT_MS", 15_000),
+  // Redis trims its stream to about HISTORY events itself, by count only.
+  eventLog: redis ?? new MemoryLog({ history, historyBytes }),
+  heartbeat: integerSetting(runtime, "HEARTBEAT_MS", 15_000),
   retry: retryMs,
-  maxQueueBytes: integer(runtime, "MAX_QUEUE_BYTES", 1 << 20),
-  maxClients: integer(runtime, "MAX_CLIENTS", 0) || Infinity,
-  maxTopics: integer(runtime, "MAX_TOPICS", 32),
+  maxQueueBytes: integerSetting(runtime, "MAX_QUEUE_BYTES", 1 << 20),
+  maxClients: integerSetting(runtime, "MAX_CLIENTS", 0) || Infinity,
+  maxTopics: integerSetting(runtime, "MAX_TOPICS", 32),
 });
 const corsOrigin = runtime.env("CORS_ORIGIN") || "*";
 const handleBroker = createHandler(broker, {
-  maxBodyBytes: integer(runtime, "MAX_BODY", 65536),
+  maxBodyBytes: integerSetting(runtime, "MAX_BODY", 65536),
   authorize: tokenAuth({
     publish: publishToken,
     subscribe: runtime.env("SUBSCRIBE_TOKEN"),
@@ -84,7 +84,7 @@ async function tick(): Promise<void> {
   try {
     if (redis && !(await redis.claim(`tick:${slot}`, 2 * tickMs))) return;
     await broker.publish({ event: "tick", data: new Date(slot * tickMs).toISOString() }, {
-      topic: "time",
+      topics: ["time"],
     });
     tickFailing = false;
   } catch (error) {

@@ -1,6 +1,6 @@
 // Starts a benchmark server: PORT (default 0), the URL as the first line,
 // exit 0 on SIGINT or SIGTERM. Quiet streams stay open on Bun too.
-import { currentRuntime, type Handler, integer } from "../../runtime.ts";
+import { currentRuntime, type Handler, integerSetting } from "../../runtime.ts";
 
 export function listen(handler: Handler): void {
   const runtime = currentRuntime();
@@ -9,7 +9,7 @@ export function listen(handler: Handler): void {
       bun?.timeout?.(request, 0);
       return handler(request);
     },
-    { port: integer(runtime, "PORT", 0), hostname: "127.0.0.1" },
+    { port: integerSetting(runtime, "PORT", 0), hostname: "127.0.0.1" },
   );
   console.log(`http://127.0.0.1:${server.port}/`);
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
