@@ -218,6 +218,7 @@ function subscribe() {
     setState("open");
     replaying = wasOpen;
     wasOpen = true;
+    refreshClients(); // at once, not at the next interval
   };
   source.onerror = () => {
     if (source.readyState === EventSource.CLOSED) {
@@ -299,7 +300,6 @@ async function refreshClients() {
 
 $("token-field").hidden = !config.publishToken;
 subscribe();
-refreshClients();
 setInterval(refreshClients, 2000);
 </script>
 </body>

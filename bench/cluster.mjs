@@ -14,11 +14,8 @@
 // Writes bench/results/CLUSTER.md and cluster.json. Environment: REPEAT
 // (default 3), ONLY (a substring of the configuration names), FSYNC (Redis's
 // appendfsync, default always), SCENARIO (a substring of the scenario names).
-import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { writeFileSync } from "node:fs";
+import { RedisServer } from "../test/redis_server.mjs";
 import {
   fmt,
   median,
@@ -30,7 +27,7 @@ import {
   startServer,
   stopServer,
   version,
-} from "./run.mjs";
+} from "./common.mjs";
 
 const ONLY = process.env.ONLY ?? "";
 const FSYNC = process.env.FSYNC ?? "always";
@@ -46,40 +43,7 @@ const SCENARIOS = [
   { name: "latency-1k", args: ["latency", 1000, 500, 8, 64, 50], unit: "ms" },
 ].filter((scenario) => scenario.name.includes(process.env.SCENARIO ?? ""));
 
-async function freePort() {
-  return await new Promise((resolve) => {
-    const probe = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
-
-async function startRedis() {
-  const port = await freePort();
-  const dir = mkdtempSync(join(tmpdir(), "sse-bench-redis-"));
-  const child = spawn("redis-server", [
-    ...["--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--save", ""],
-    ...["--appendonly", "yes", "--appendfsync", FSYNC],
-  ], { stdio: ["ignore", "pipe", "inherit"] });
-  await new Promise((resolve, reject) => {
-    let output = "";
-    child.stdout.on("data", (chunk) => {
-      output += chunk;
-      if (output.includes("Ready to accept connections")) resolve();
-    });
-    child.on("exit", (code) => reject(new Error(`redis-server exited ${code}: ${output}`)));
-  });
-  return {
-    url: `redis://127.0.0.1:${port}`,
-    async stop() {
-      const exited = new Promise((resolve) => child.on("exit", resolve));
-      child.kill("SIGTERM");
-      await exited;
-      rmSync(dir, { recursive: true, force: true });
-    },
-  };
-}
+const startRedis = () => RedisServer.start({ appendfsync: FSYNC });
 
 async function measure(config, scenario) {
   const redis = config.redis ? await startRedis() : undefined;
@@ -152,7 +116,7 @@ function markdown(machine, table) {
     "`npm run bench:cluster` makes this file.",
     "",
     `Nothing is pinned: the server processes, redis-server (\`appendfsync ${machine.fsync}\`, data`,
-    "on local disk) and the load generator share the 2 cores. Scenarios as in",
+    `on local disk) and the load generator share the ${machine.cores} cores. Scenarios as in`,
     "[RESULTS.md](RESULTS.md): 64-byte events, 8 publishes in flight; latency at 50 events/s.",
     "",
     "| scenario | configuration | median | × memory ×1 (same runtime) |",

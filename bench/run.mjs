@@ -9,25 +9,30 @@
 //
 // Environment: REPEAT (runs per figure, default 3), ONLY (a substring of the
 // server names to run, e.g. "deno").
-import { execFileSync, spawn } from "node:child_process";
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import os from "node:os";
-import { fileURLToPath } from "node:url";
+import { writeFileSync } from "node:fs";
+import {
+  fmt,
+  loadgen,
+  median,
+  out,
+  prepare,
+  REPEAT,
+  rssKiB,
+  runLoadgen,
+  sleep,
+  startServer,
+  stopServer,
+} from "./common.mjs";
 
-export const root = fileURLToPath(new URL("..", import.meta.url));
-const bin = (name) => `${root}node_modules/.bin/${name}`;
-export const out = `${root}bench/results`;
-const build = `${root}bench/.build`;
-export const REPEAT = Number(process.env.REPEAT ?? 3);
 const ONLY = process.env.ONLY ?? "";
 
 const SERVERS = ["deno", "bun"].flatMap((runtime) => [
-  { name: `sse-broker ${runtime}`, runtime, file: "server.ts", kind: "ours" },
-  { name: `ceiling ${runtime}`, runtime, file: "bench/servers/ceiling.ts", kind: "ceiling" },
-  { name: `hono ${runtime}`, runtime, file: "bench/servers/hono.ts", kind: "hono" },
+  { name: `sse-broker ${runtime}`, runtime, file: "server.ts" },
+  { name: `ceiling ${runtime}`, runtime, file: "bench/servers/ceiling.ts" },
+  { name: `hono ${runtime}`, runtime, file: "bench/servers/hono.ts" },
 ]).filter((server) => server.name.includes(ONLY));
 
-// 64-byte events, 8 publishes in flight, as in the issue.
+// 64-byte events, 8 publishes in flight.
 const SCENARIOS = [
   { name: "fanout-1k", args: ["fanout", 1000, 2000, 8, 64], unit: "deliveries/s" },
   { name: "fanout-10k", args: ["fanout", 10000, 200, 8, 64], unit: "deliveries/s" },
@@ -36,65 +41,6 @@ const SCENARIOS = [
   { name: "idle-10k", memory: 10000, unit: "KiB/connection" },
   { name: "churn-5k", churn: 5000, unit: "KiB growth" },
 ];
-
-/**
- * Starts one server process, pinned to `cpu` unless it is `null`; resolves
- * with the port it printed.
- */
-export function startServer(server, { cpu = 0, env = {} } = {}) {
-  const command = server.runtime === "deno"
-    ? [bin("deno"), "run", "-A", "--unstable-net", server.file]
-    : [bin("bun"), "run", server.file];
-  const pinned = cpu === null ? command : ["taskset", "-c", String(cpu), ...command];
-  const child = spawn(pinned[0], pinned.slice(1), {
-    cwd: root,
-    env: { ...process.env, PORT: "0", TICK_MS: "0", HOSTNAME: "127.0.0.1", ...env },
-    stdio: ["ignore", "pipe", "inherit"],
-  });
-  return new Promise((resolve, reject) => {
-    let output = "";
-    child.stdout.on("data", (chunk) => {
-      output += chunk;
-      const match = /^http:\/\/[^:]+:(\d+)\//.exec(output);
-      if (match) resolve({ child, port: Number(match[1]) });
-    });
-    child.on("exit", (code) => reject(new Error(`${server.name} exited ${code}: ${output}`)));
-  });
-}
-
-export async function stopServer({ child }) {
-  const exited = new Promise((resolve) => child.on("exit", resolve));
-  child.kill("SIGTERM");
-  await Promise.race([exited, sleep(3000).then(() => child.kill("SIGKILL"))]);
-}
-
-export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Resident memory of the server process (taskset execs it, so the pid is the server's). */
-function rssKiB(pid) {
-  return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]);
-}
-
-function loadgen(args, { stdin = "ignore", cpu = 1 } = {}) {
-  const command = [`${build}/loadgen`, ...args.map(String)];
-  const pinned = cpu === null ? command : ["taskset", "-c", String(cpu), ...command];
-  return spawn(pinned[0], pinned.slice(1), { stdio: [stdin, "pipe", "inherit"] });
-}
-
-export function runLoadgen(args, options) {
-  const child = loadgen(args, options);
-  let output = "";
-  child.stdout.on("data", (chunk) => output += chunk);
-  return new Promise((resolve, reject) =>
-    child.on("exit", (code) => {
-      try {
-        resolve({ ...JSON.parse(output), exitCode: code });
-      } catch {
-        reject(new Error(`loadgen ${args.join(" ")} exited ${code}: ${output}`));
-      }
-    })
-  );
-}
 
 async function clientsOf(port) {
   const response = await fetch(`http://127.0.0.1:${port}/stats`);
@@ -149,38 +95,6 @@ async function measure(server, scenario) {
   }
 }
 
-export const median = (values) => {
-  const sorted = [...values].sort((a, b) => a - b);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
-};
-
-export function version(command, args) {
-  try {
-    return execFileSync(command, args, { encoding: "utf8" }).split("\n")[0].trim();
-  } catch {
-    return "unknown";
-  }
-}
-
-/** Builds the load generator; returns the machine and versions, for the results. */
-export function prepare() {
-  mkdirSync(out, { recursive: true });
-  mkdirSync(build, { recursive: true });
-  execFileSync("gcc", ["-O2", "-Wall", "-o", `${build}/loadgen`, `${root}bench/loadgen.c`]);
-  return {
-    date: new Date().toISOString(),
-    cpu: os.cpus()[0]?.model ?? "unknown",
-    cores: os.cpus().length,
-    memoryGiB: Math.round(os.totalmem() / 2 ** 30),
-    kernel: os.release(),
-    deno: version(bin("deno"), ["--version"]),
-    bun: version(bin("bun"), ["--version"]),
-    hono: JSON.parse(readFileSync(`${root}node_modules/hono/package.json`, "utf8")).version,
-    repeat: REPEAT,
-  };
-}
-
 async function main() {
   const machine = prepare();
   const runs = [];
@@ -203,11 +117,6 @@ async function main() {
   writeFileSync(`${out}/RESULTS.md`, markdown(machine, table));
   writeFileSync(`${out}/chart.svg`, chart(table));
   console.log(`\nwrote ${out}/RESULTS.md, results.json, chart.svg`);
-}
-
-export function fmt(value) {
-  if (value === undefined || value === null || Number.isNaN(value)) return "-";
-  return value >= 1000 ? Math.round(value).toLocaleString("en-US") : value.toFixed(2);
 }
 
 function summarize(runs) {
@@ -303,4 +212,4 @@ function chart(table) {
     `(higher is better)</text>\n${parts.join("\n")}\n</svg>\n`;
 }
 
-if (process.argv[1] === fileURLToPath(import.meta.url)) await main();
+await main();

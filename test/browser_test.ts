@@ -27,13 +27,15 @@ const FLAGS = [
 class Proxy {
   readonly #server: Server;
   readonly #sockets = new Set<Socket>();
+  readonly #target: number;
   #up = true;
 
-  constructor(private target: number) {
+  constructor(target: number) {
+    this.#target = target;
     this.#server = createServer((client) => {
       if (!this.#up) return client.destroy();
       const upstream = new (client.constructor as typeof Socket)();
-      upstream.connect(this.target, "127.0.0.1");
+      upstream.connect(this.#target, "127.0.0.1");
       for (const socket of [client, upstream]) {
         this.#sockets.add(socket);
         socket.on("close", () => this.#sockets.delete(socket));
@@ -117,6 +119,8 @@ describe(`the live page in Chromium, server under ${RUNTIME}`, () => {
   test("ticks appear, and a message published from the form reaches a second page", async () => {
     const first = await open(proxied);
     const second = await open(server.url);
+    // The count shows once the stream opens, not at the next refresh 2 s later.
+    await second.locator("#clients", { hasText: /^[1-9]/ }).waitFor({ timeout: 1000 });
     await first.locator("#clock", { hasText: /\d/ }).waitFor();
 
     // With the keyboard only: the fields are reachable by their labels.
@@ -128,7 +132,6 @@ describe(`the live page in Chromium, server under ${RUNTIME}`, () => {
     }
     assert.equal(await first.getByLabel("Data").inputValue(), "", "the form is cleared");
     assert.equal(await first.getByLabel("Token").isVisible(), false, "no token is needed");
-    await second.locator("#clients", { hasText: /^[1-9]/ }).waitFor();
 
     mkdirSync(`${ROOT}test-output`, { recursive: true });
     await first.screenshot({ path: `${ROOT}test-output/page-${RUNTIME}.png`, fullPage: true });

@@ -3,12 +3,9 @@
 // on a free port of 127.0.0.1, with a fresh data directory.
 import { after, before, describe, test, track } from "./harness.ts";
 import assert from "node:assert/strict";
-import { type ChildProcess, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import type { ChildProcess } from "node:child_process";
 import {
+  compareIds,
   type EventReader,
   eventually,
   publish,
@@ -18,76 +15,15 @@ import {
   startServer,
   subscribe,
 } from "./helpers.ts";
+import { RedisServer } from "./redis_server.mjs";
 
 const OTHER_RUNTIME = RUNTIME === "deno" ? "bun" : "deno";
 
-/** A redis-server process that persists every write before acknowledging it. */
-class Redis {
-  readonly dir = mkdtempSync(join(tmpdir(), "sse-redis-"));
-  #child: ChildProcess | undefined;
-  #exited: Promise<unknown> | undefined;
-
-  constructor(readonly port: number) {}
-
-  get url(): string {
-    return `redis://127.0.0.1:${this.port}`;
-  }
-
-  async start(): Promise<void> {
-    const child = spawn("redis-server", [
-      "--port",
-      String(this.port),
-      "--bind",
-      "127.0.0.1",
-      "--dir",
-      this.dir,
-      "--save",
-      "",
-      "--appendonly",
-      "yes",
-      "--appendfsync",
-      "always",
-    ], { stdio: ["ignore", "pipe", "pipe"] });
-    this.#child = child;
-    const untrack = track(() => child.kill("SIGKILL"));
-    this.#exited = new Promise((resolve) =>
-      child.on("exit", (code) => {
-        untrack();
-        resolve(code);
-      })
-    );
-    let output = "";
-    await new Promise<void>((resolve, reject) => {
-      child.stdout!.on("data", (chunk: Buffer) => {
-        output += chunk.toString();
-        if (output.includes("Ready to accept connections")) resolve();
-      });
-      this.#exited!.then(() => reject(new Error(`redis-server exited:\n${output}`)));
-    });
-  }
-
-  /** Kills it outright, as a crash would. */
-  async kill(): Promise<void> {
-    this.#child?.kill("SIGKILL");
-    await this.#exited;
-  }
-
-  async stop(): Promise<void> {
-    await this.kill();
-    rmSync(this.dir, { recursive: true, force: true });
-  }
-}
-
-async function startRedis(): Promise<Redis> {
-  const port = await new Promise<number>((resolve) => {
-    const probe = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = probe.address() as { port: number };
-      probe.close(() => resolve(port));
-    });
+/** A redis-server that persists every write before acknowledging it, stopped if a test fails. */
+function startRedis(): Promise<RedisServer> {
+  return RedisServer.start({
+    onChild: (child: ChildProcess) => child.on("exit", track(() => child.kill("SIGKILL"))),
   });
-  const redis = new Redis(port);
-  await redis.start();
-  return redis;
 }
 
 /** Publishes and reports the status, with the id when it was accepted. */
@@ -102,7 +38,7 @@ async function tryPublish(base: string, data: string): Promise<{ status: number;
  * the tests of the enclosing describe and stopped after them.
  */
 function useCluster(env: Record<string, string>, runtimes: ("bun" | "deno")[]) {
-  const cluster = { redis: undefined as unknown as Redis, servers: [] as ServerProcess[] };
+  const cluster = { redis: undefined as unknown as RedisServer, servers: [] as ServerProcess[] };
   before(async () => {
     cluster.redis = await startRedis();
     const shared = { REDIS_URL: cluster.redis.url, ...env };
@@ -305,9 +241,3 @@ describe("starting a cluster", () => {
     await redis.stop();
   });
 });
-
-function compareIds(a: string, b: string): number {
-  const [am, as] = a.split("-").map(Number);
-  const [bm, bs] = b.split("-").map(Number);
-  return am - bm || as - bs;
-}

@@ -11,6 +11,7 @@ import {
   startServer,
   stats,
   subscribe,
+  withServer,
 } from "./helpers.ts";
 
 const seqOf = (id: string) => Number(id.split("-")[1]);
@@ -112,8 +113,7 @@ test("ids keep increasing across a restart, and resuming across it reports a gap
   const oldId = await publish(before.url, { data: "before" });
   assert.equal(await before.stop(), 0);
 
-  const server = await startServer();
-  try {
+  await withServer({}, async (server) => {
     const newId = await publish(server.url, { data: "after" });
     const [oldEpoch, newEpoch] = [oldId, newId].map((id) => Number(id.split("-")[0]));
     assert.ok(newEpoch > oldEpoch, `${newId} sorts after ${oldId}`);
@@ -123,14 +123,11 @@ test("ids keep increasing across a restart, and resuming across it reports a gap
     assert.deepEqual([event.data, event.lastEventId], ["after", newId]);
     assert.deepEqual([replayed.event, replayed.data], ["replayed", '{"count":1}']);
     await reader.cancel();
-  } finally {
-    assert.equal(await server.stop(), 0);
-  }
+  });
 });
 
 test("topics filter live events and replay", async () => {
-  const server = await startServer();
-  try {
+  await withServer({}, async (server) => {
     const everything = await subscribe(`${server.url}events`);
     const onlyA = await subscribe(`${server.url}events?topic=a`);
     const bAndC = await subscribe(`${server.url}events?topic=b&topic=c`);
@@ -163,21 +160,16 @@ test("topics filter live events and replay", async () => {
     assert.deepEqual([upToDate.event, upToDate.data], ["replayed", '{"count":0}']);
     await current.cancel();
     for (const reader of [everything, onlyA, bAndC, resumed]) await reader.cancel();
-  } finally {
-    assert.equal(await server.stop(), 0);
-  }
+  });
 });
 
 test("an idle stream gets heartbeat comments", async () => {
-  const server = await startServer({ HEARTBEAT_MS: "100" });
-  try {
+  await withServer({ HEARTBEAT_MS: "100" }, async (server) => {
     const reader = await subscribe(`${server.url}events`);
     const item = await reader.next();
     assert.equal(item?.type, "comment");
     await reader.cancel();
-  } finally {
-    assert.equal(await server.stop(), 0);
-  }
+  });
 });
 
 test("500 clients that vanish abruptly are all removed", async () => {
@@ -208,8 +200,7 @@ test("500 clients that vanish abruptly are all removed", async () => {
 });
 
 test("an idle stream survives 30 seconds with no events", { timeout: 60_000 }, async () => {
-  const server = await startServer();
-  try {
+  await withServer({}, async (server) => {
     const reader = await subscribe(`${server.url}events`);
     const opened = Date.now();
     const waited = new Promise((resolve) => setTimeout(resolve, 30_000));
@@ -229,7 +220,5 @@ test("an idle stream survives 30 seconds with no events", { timeout: 60_000 }, a
     assert.equal(event?.data, "after 30 s");
     assert.ok(Date.now() - opened >= 30_000);
     await reader.cancel();
-  } finally {
-    assert.equal(await server.stop(), 0);
-  }
+  });
 });

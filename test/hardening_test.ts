@@ -7,10 +7,12 @@ import {
   type EventReader,
   eventually,
   publish,
+  seededRandom,
   type ServerProcess,
   startServer,
   stats,
   subscribe,
+  withServer,
 } from "./helpers.ts";
 
 const PUBLISH_TOKEN = "pub-7f3a9c2e51";
@@ -171,8 +173,7 @@ describe("tokens", () => {
 
 describe("CORS", () => {
   test("by default any origin may subscribe and publish", async () => {
-    const server = await startServer();
-    try {
+    await withServer({}, async (server) => {
       const headers = { origin: "https://anywhere.example" };
       const events = await fetch(new URL("/events", server.url), { headers });
       assert.equal(events.headers.get("access-control-allow-origin"), "*");
@@ -184,14 +185,11 @@ describe("CORS", () => {
       });
       assert.equal(posted.headers.get("access-control-allow-origin"), "*");
       await posted.body?.cancel();
-    } finally {
-      assert.equal(await server.stop(), 0);
-    }
+    });
   });
 
   test("a list of origins: preflight and responses name only listed ones", async () => {
-    const server = await startServer({ CORS_ORIGIN: "https://a.example, https://b.example" });
-    try {
+    await withServer({ CORS_ORIGIN: "https://a.example, https://b.example" }, async (server) => {
       const preflight = (origin: string) =>
         fetch(new URL("/publish", server.url), {
           method: "OPTIONS",
@@ -223,15 +221,12 @@ describe("CORS", () => {
       });
       assert.equal(other.headers.get("access-control-allow-origin"), null);
       await other.body?.cancel();
-    } finally {
-      assert.equal(await server.stop(), 0);
-    }
+    });
   });
 });
 
 test("MAX_CLIENTS answers 503 with Retry-After; MAX_TOPICS answers 400", async () => {
-  const server = await startServer({ MAX_CLIENTS: "2", MAX_TOPICS: "2", RETRY_MS: "3000" });
-  try {
+  await withServer({ MAX_CLIENTS: "2", MAX_TOPICS: "2", RETRY_MS: "3000" }, async (server) => {
     const first = await subscribe(`${server.url}events`);
     const second = await subscribe(`${server.url}events`);
     const third = await fetch(new URL("/events", server.url));
@@ -247,15 +242,12 @@ test("MAX_CLIENTS answers 503 with Retry-After; MAX_TOPICS answers 400", async (
     assert.match((await tooMany.json()).error, /at most 2 topics/);
     const two = await subscribe(`${server.url}events?topic=a&topic=b`);
     await two.cancel();
-  } finally {
-    assert.equal(await server.stop(), 0);
-  }
+  });
 });
 
 test("fuzz: malformed requests never crash the server or reach a subscriber", async () => {
   const server = await startServer({ MAX_BODY: "4096" });
-  let seed = 7; // fixed, so a failure reproduces
-  const random = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+  const random = seededRandom(7);
   const pick = <T>(items: readonly T[]): T => items[Math.floor(random() * items.length)];
   const bytes = (n: number) => Uint8Array.from({ length: n }, () => Math.floor(random() * 256));
   try {

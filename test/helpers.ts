@@ -4,6 +4,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
+import type { BrokerStats } from "../mod.ts";
 import { track } from "./harness.ts";
 
 export const ROOT = fileURLToPath(new URL("..", import.meta.url));
@@ -163,8 +164,23 @@ export async function publish(base: string, body: unknown): Promise<string> {
   return json.id;
 }
 
-export async function stats(base: string): Promise<Record<string, number>> {
+export async function stats(base: string): Promise<BrokerStats> {
   return await (await fetch(new URL("/stats", base))).json();
+}
+
+/**
+ * Orders two event ids (`<integer>-<integer>`, as both event logs make them),
+ * written here apart from mod.ts so that tests check its order.
+ */
+export function compareIds(a: string, b: string): number {
+  const [am, as] = a.split("-").map(Number);
+  const [bm, bs] = b.split("-").map(Number);
+  return am - bm || as - bs;
+}
+
+/** A pseudo-random number generator from a fixed seed, so a failure reproduces. */
+export function seededRandom(seed: number): () => number {
+  return () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
 }
 
 /**
@@ -244,6 +260,27 @@ export function startServer(
       reject(new Error(`server exited (${code}) before listening:\n${output}`))
     );
   });
+}
+
+/**
+ * Runs `body` with a `server.ts` process started with `env`, then stops it
+ * (also when `body` fails) and checks that it exited 0.
+ */
+export async function withServer<T>(
+  env: Record<string, string>,
+  body: (server: ServerProcess) => Promise<T>,
+): Promise<T> {
+  const server = await startServer(env);
+  let result: T;
+  try {
+    result = await body(server);
+  } catch (error) {
+    await server.stop();
+    throw error;
+  }
+  const code = await server.stop();
+  if (code !== 0) throw new Error(`server.ts exited ${code}:\n${server.output()}`);
+  return result;
 }
 
 /** The runtimes' binaries, installed by `npm install` from package.json. */

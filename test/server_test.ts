@@ -5,12 +5,20 @@ import { spawn } from "node:child_process";
 import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
-import { binary, publish, ROOT, RUNTIME, startServer, stats, subscribe } from "./helpers.ts";
+import {
+  binary,
+  publish,
+  ROOT,
+  RUNTIME,
+  startServer,
+  stats,
+  subscribe,
+  withServer,
+} from "./helpers.ts";
 
 describe(`server.ts as a real process under ${RUNTIME}`, () => {
   test("streams ticks, delivers POST /publish to every client, reports stats", async () => {
-    const server = await startServer({ TICK_MS: "50" });
-    try {
+    await withServer({ TICK_MS: "50" }, async (server) => {
       const a = await subscribe(`${server.url}events`);
       const b = await subscribe(`${server.url}events`);
       const tick = await a.event();
@@ -33,9 +41,7 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
       assert.match(await page.text(), /new EventSource\(/);
       await a.cancel();
       await b.cancel();
-    } finally {
-      assert.equal(await server.stop(), 0);
-    }
+    });
   });
 
   for (const signal of ["SIGTERM", "SIGINT"] as const) {
