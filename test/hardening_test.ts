@@ -95,6 +95,8 @@ describe("publishing errors", () => {
       `content-type: text/plain\r\n\r\n` +
       `200\r\n${chunk}\r\n`.repeat(8); // 4 KiB sent; the request never ends
     assert.match(await raw(server.url, request), /^HTTP\/1\.1 413/);
+    const marker = await publish(server.url, { data: "after a chunked body" });
+    assert.equal((await watcher.event()).lastEventId, marker, "nothing reached the subscriber");
   });
 
   test("wrong method: 405 with Allow; unknown path: 404", async () => {
@@ -109,6 +111,8 @@ describe("publishing errors", () => {
     const missing = await fetch(new URL("/nope", server.url));
     assert.equal(missing.status, 404);
     await missing.body?.cancel();
+    const marker = await publish(server.url, { data: "after wrong methods" });
+    assert.equal((await watcher.event()).lastEventId, marker, "nothing reached the subscriber");
   });
 });
 

@@ -34,23 +34,42 @@ export function track(stop: () => unknown): () => void {
   return () => running.delete(stop);
 }
 
-// A test that passed yet left something running is a bug too: say so, fail
-// the run, and stop it rather than leave it behind.
-process.on("exit", () => {
-  if (running.size === 0) return;
-  console.error(`error: ${running.size} things that tests started were still running at exit`);
-  for (const stop of running) stop();
-  process.exitCode = 1;
-});
-
 /**
  * Errors that escaped every handler: each would crash a server process on
- * Node and Deno, yet Bun's runner lets them pass. The test they happen
- * during (or the next one) fails with them.
+ * Node and Deno, yet Bun's runner lets them pass. The test running when one
+ * escapes fails with it; one that escapes between tests fails the next test,
+ * or the run at exit.
  */
 const escaped: unknown[] = [];
 process.on("uncaughtException", (error) => escaped.push(error));
 process.on("unhandledRejection", (reason) => escaped.push(reason));
+
+/** The errors that escaped since the last call, as one error; `undefined` if none. */
+function takeEscaped(what: string): Error | undefined {
+  if (escaped.length === 0) return undefined;
+  return new Error(`an error escaped during or before ${what}`, { cause: escaped.splice(0) });
+}
+
+// A test that passed yet left something running, or an error that escaped
+// after the last test, is a bug too: say so, fail the run, and stop what is
+// left rather than leave it behind.
+process.on("exit", () => {
+  const error = takeEscaped("the end of the run");
+  if (error) console.error("error:", error, error.cause);
+  if (running.size > 0) {
+    console.error(`error: ${running.size} things that tests started were still running at exit`);
+    for (const stop of running) stop();
+  }
+  if (error || running.size > 0) process.exitCode = 1;
+});
+
+/** Resolves after `ms`, without keeping the process alive for it. */
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    (timer as { unref?: () => void }).unref?.();
+  });
+}
 
 /** Runs `body` within `ms`; on failure stops what it started and left running. */
 function bounded(what: string, ms: number, body: Body): () => Promise<void> {
@@ -62,20 +81,20 @@ function bounded(what: string, ms: number, body: Body): () => Promise<void> {
     });
     try {
       await Promise.race([body(), timedOut]);
-      if (escaped.length > 0) {
-        throw new Error(`an error escaped during or before ${what}`, {
-          cause: escaped.splice(0),
-        });
-      }
+      const error = takeEscaped(what);
+      if (error) throw error;
     } catch (error) {
+      // Stop what this test started, each within a second: a stop that hangs
+      // must not hang the run.
       for (const stop of running) {
         if (before.has(stop)) continue;
         running.delete(stop);
-        try {
-          await stop();
-        } catch {
-          // already gone
-        }
+        await Promise.race([Promise.resolve().then(stop).catch(() => {}), delay(1000)]);
+      }
+      // An error that escaped is often why the test failed: report it too.
+      const cause = takeEscaped(what);
+      if (cause) {
+        throw new Error(`${(error as Error)?.message ?? error}`, { cause: [error, cause] });
       }
       throw error;
     } finally {

@@ -23,6 +23,10 @@ const n = (status) => counts[status] ?? 0;
 const detected = n("Killed") + n("Timeout");
 const total = detected + n("Survived") + n("NoCoverage");
 const score = (100 * detected / total).toFixed(1);
+const overAll = (100 * detected / (total + n("Ignored"))).toFixed(1);
+const stryker = JSON.parse(
+  readFileSync("node_modules/@stryker-mutator/core/package.json", "utf8"),
+).version;
 const table = undetected.length === 0 ? ["Every mutant was detected."] : [
   "| where | mutator | line | replaced by |",
   "|---|---|---|---|",
@@ -34,10 +38,11 @@ writeFileSync(
     "# Mutation score of the library",
     "",
     `Written by \`npm run mutation\` on ${new Date().toISOString().slice(0, 10)}: StrykerJS ` +
-    `mutates ${Object.keys(report.files).join(", ")} and runs the fast tests ` +
-    "(`test/mutation-tests.sh`: `bun test ./mod_test.ts`) against each mutant.",
+    `${stryker} mutates ${Object.keys(report.files).join(", ")} and runs the fast tests ` +
+    "(`test/mutation-tests.sh`: `bun test --bail ./mod_test.ts`) against each mutant.",
     "",
-    `**Score: ${score}%** (${detected} of ${total} mutants detected).`,
+    `**Score: ${score}%** (${detected} of ${total} mutants detected; ${overAll}% counting the ` +
+    "ignored ones as undetected).",
     "",
     "| mutants | killed | timed out | survived | no coverage | ignored (equivalent, marked in the code) |",
     "|---:|---:|---:|---:|---:|---:|",

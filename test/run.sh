@@ -3,7 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeat=1
-if [ "${1:-}" = --repeat ]; then repeat=${2:?--repeat needs a count}; fi
+if [ "${1:-}" = --repeat ]; then
+  repeat=${2:-}
+  if ! [[ "$repeat" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: --repeat needs a count of 1 or more, got '$repeat'" >&2
+    exit 2
+  fi
+fi
 PATH="$PWD/node_modules/.bin:$PATH"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
@@ -74,15 +80,18 @@ for run in $(seq "$repeat"); do
     # Deno counts the tests inside describe() as steps of a top-level test;
     # Bun counts every test. One plain summary line per runtime.
     if [ "$runtime" = deno ]; then
-      line=$(strip "$out/deno" | grep -E '^(ok|FAILED) \|' | tail -1)
+      # No such line when the run was killed or did not start: then 0 passed.
+      line=$(strip "$out/deno" | grep -E '^(ok|FAILED) \|' | tail -1 || true)
       passed=$(count '[0-9]+ passed' <<<"$line")
       failed=$(count '[0-9]+ failed' <<<"$line")
-      echo "deno ran $(grep -oE '[0-9]+ passed \([0-9]+ steps?\)' <<<"$line" || echo "its tests")"
+      steps=$(count '[0-9]+ steps?' <<<"$line")
+      echo "deno ran $passed tests with $steps steps"
     else
       passed=$(strip "$out/bun" | count '^ *[0-9]+ pass$')
       failed=$(strip "$out/bun" | count '^ *[0-9]+ fail$')
     fi
     printf '%s: %s passed, %s failed\n' "$runtime" "$passed" "$failed"
+    if [ "$runtime" = deno ]; then passed="$passed ($steps steps)"; fi
     rows+=("| $run | $runtime | $passed | $failed | $((SECONDS - started)) s |")
   done
 done
