@@ -1145,6 +1145,192 @@ function replayedMessage(count: number): Uint8Array {
 }
 
 // ---------------------------------------------------------------------------
+// Signed tokens (JWT)
+// ---------------------------------------------------------------------------
+
+/**
+ * Options for {@linkcode jwtVerifier}: one key, and the claims to require.
+ *
+ * @example
+ * ```ts
+ * import type { JwtOptions } from "./mod.ts";
+ *
+ * const options: JwtOptions = { secret: "a shared secret of at least 32 bytes!", audience: "sse" };
+ * ```
+ */
+export interface JwtOptions {
+  /** The shared secret of HS256 tokens, at least 32 bytes. Give this or `publicKey`. */
+  secret?: string;
+  /**
+   * A public key in PEM (`-----BEGIN PUBLIC KEY-----`, SPKI): RSA for RS256,
+   * P-256 for ES256, or Ed25519 for EdDSA. The key decides the one algorithm
+   * accepted. Give this or `secret`.
+   */
+  publicKey?: string;
+  /** The audience a token must name in `aud`. Defaults to none checked. */
+  audience?: string;
+  /** The issuer a token must name in `iss`. Defaults to none checked. */
+  issuer?: string;
+  /** Seconds of clock difference allowed when checking `exp` and `nbf`. Defaults to 5. */
+  leeway?: number;
+}
+
+/**
+ * Thrown when a token is refused. The message is the reason, short and safe
+ * to send back (`expired`, `bad signature`, ...): it never holds the token.
+ *
+ * @example
+ * ```ts
+ * import { jwtVerifier, TokenError } from "./mod.ts";
+ *
+ * const verify = await jwtVerifier({ secret: "a shared secret of at least 32 bytes!" });
+ * try {
+ *   await verify("not.a.token");
+ * } catch (error) {
+ *   if (error instanceof TokenError) console.log(error.message); // "malformed token"
+ * }
+ * ```
+ */
+export class TokenError extends Error {
+  /**
+   * Creates the error.
+   *
+   * @param reason Why the token was refused.
+   */
+  constructor(reason: string) {
+    super(reason);
+    this.name = "TokenError";
+  }
+}
+
+/** The WebCrypto algorithm of each JWS algorithm the verifier knows. */
+const JWS_ALGORITHMS = {
+  HS256: { name: "HMAC", hash: "SHA-256" },
+  RS256: { name: "RSASSA-PKCS1-v1_5", hash: "SHA-256" },
+  ES256: { name: "ECDSA", namedCurve: "P-256", hash: "SHA-256" },
+  EdDSA: { name: "Ed25519" },
+} as const;
+type JwsAlgorithm = keyof typeof JWS_ALGORITHMS;
+
+/**
+ * Makes a function that verifies a JSON Web Token (RFC 7519) with web
+ * standards only (`crypto.subtle`) and resolves with its claims. It follows
+ * RFC 8725: the key, not the token, decides the algorithm, so `alg: none`
+ * and an HS256 token signed with a public key's text are refused; so are a
+ * `crit` header, a malformed token, a bad signature, an expired or not yet
+ * valid token, and a wrong `aud` or `iss` when those are configured. Each
+ * refusal rejects with a {@linkcode TokenError} naming the reason.
+ *
+ * The key is imported once, here: a key that cannot be imported is a
+ * `TypeError` at start, not a refusal of every token.
+ *
+ * @example
+ * ```ts
+ * import { jwtVerifier } from "./mod.ts";
+ *
+ * const verify = await jwtVerifier({ secret: "a shared secret of at least 32 bytes!" });
+ * const handler = async (request: Request) => {
+ *   const token = request.headers.get("authorization")?.replace(/^Bearer /, "") ?? "";
+ *   const claims = await verify(token).catch(() => undefined);
+ *   return new Response(claims ? `hello ${claims.sub}` : "who are you?");
+ * };
+ * ```
+ *
+ * @param options The key, and the claims to require.
+ * @returns The check: resolves with the token's claims, or rejects with a {@linkcode TokenError}.
+ */
+export async function jwtVerifier(
+  options: JwtOptions,
+): Promise<(token: string) => Promise<Record<string, unknown>>> {
+  const { secret, publicKey, audience, issuer } = options;
+  const leeway = checkCount("leeway", options.leeway ?? 5);
+  if ((secret === undefined) === (publicKey === undefined)) {
+    throw new TypeError("give either secret or publicKey");
+  }
+  let alg: JwsAlgorithm;
+  let key: CryptoKey;
+  if (secret !== undefined) {
+    const bytes = encoder.encode(secret);
+    if (bytes.byteLength < 32) throw new RangeError("secret must be at least 32 bytes");
+    alg = "HS256";
+    key = await crypto.subtle.importKey("raw", bytes, JWS_ALGORITHMS.HS256, false, ["verify"]);
+  } else [alg, key] = await importPublicKey(publicKey!);
+
+  return async (token) => {
+    const parts = token.split(".");
+    if (parts.length !== 3) throw new TokenError("malformed token");
+    const [header, payload] = parts.slice(0, 2).map(decodeJson);
+    const signature = decodeBase64Url(parts[2]);
+    if (header === undefined || payload === undefined || signature === undefined) {
+      throw new TokenError("malformed token");
+    }
+    if (header.crit !== undefined) throw new TokenError("unsupported critical header");
+    // "Ed25519" is the newer name of the same EdDSA algorithm (RFC 9864).
+    const named = header.alg === "Ed25519" ? "EdDSA" : header.alg;
+    if (named !== alg) throw new TokenError("unsupported algorithm");
+    const signed = encoder.encode(`${parts[0]}.${parts[1]}`);
+    if (!(await crypto.subtle.verify(JWS_ALGORITHMS[alg], key, signature, signed))) {
+      throw new TokenError("bad signature");
+    }
+    const now = Date.now() / 1000;
+    const { exp, nbf, aud, iss } = payload;
+    if (exp !== undefined && !(typeof exp === "number" && now <= exp + leeway)) {
+      throw new TokenError("expired");
+    }
+    if (nbf !== undefined && !(typeof nbf === "number" && now >= nbf - leeway)) {
+      throw new TokenError("not yet valid");
+    }
+    if (
+      audience !== undefined && !(aud === audience || Array.isArray(aud) && aud.includes(audience))
+    ) {
+      throw new TokenError("wrong audience");
+    }
+    if (issuer !== undefined && iss !== issuer) throw new TokenError("wrong issuer");
+    return payload;
+  };
+}
+
+/** Imports a PEM public key as the first algorithm it fits. */
+async function importPublicKey(pem: string): Promise<[JwsAlgorithm, CryptoKey]> {
+  const match = /-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]+)-----END PUBLIC KEY-----/.exec(pem);
+  const der = match ? decodeBase64Url(match[1].replace(/\s+/g, "")) : undefined;
+  for (const alg of ["RS256", "ES256", "EdDSA"] as const) {
+    try {
+      return [
+        alg,
+        await crypto.subtle.importKey("spki", der!, JWS_ALGORITHMS[alg], false, ["verify"]),
+      ];
+    } catch {
+      // not this kind of key
+    }
+  }
+  throw new TypeError("publicKey is not a PEM public key of RSA, P-256 or Ed25519");
+}
+
+/** Decodes base64url (or base64) text; `undefined` if it is not. */
+function decodeBase64Url(text: string): Uint8Array<ArrayBuffer> | undefined {
+  if (!/^[A-Za-z0-9_+/-]*=*$/.test(text)) return undefined;
+  try {
+    const binary = atob(text.replaceAll("-", "+").replaceAll("_", "/"));
+    return Uint8Array.from(binary, (char) => char.charCodeAt(0));
+  } catch {
+    return undefined;
+  }
+}
+
+/** Decodes one JSON object part of a token; `undefined` if it is not one. */
+function decodeJson(part: string): Record<string, unknown> | undefined {
+  const bytes = decodeBase64Url(part);
+  if (bytes === undefined) return undefined;
+  try {
+    const value = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+    return typeof value === "object" && value !== null && !Array.isArray(value) ? value : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+// ---------------------------------------------------------------------------
 // The HTTP handler
 // ---------------------------------------------------------------------------
 

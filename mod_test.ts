@@ -7,6 +7,7 @@ import {
   encodeMessage,
   type EventLog,
   EventLogError,
+  jwtVerifier,
   type LogEvent,
   type LogRead,
   MemoryLog,
@@ -14,7 +15,9 @@ import {
   type ServerSentEventMessage,
   ServerSentEventStream,
   tokenAuth,
+  TokenError,
 } from "./mod.ts";
+import * as jose from "jose";
 import { spawn } from "node:child_process";
 import process from "node:process";
 import {
@@ -1733,5 +1736,144 @@ describe("tokenAuth", () => {
     assert.equal(open(new Request("http://x/"), "subscribe"), true);
     assert.equal(open(new Request("http://x/"), "publish"), false);
     assert.equal(tokenAuth({})(new Request("http://x/"), "publish"), true);
+  });
+});
+
+describe("jwtVerifier", () => {
+  // Tokens are made by an independent implementation (npm jose).
+  const SECRET = "a shared secret that is 32 bytes";
+  const hs256 = new TextEncoder().encode(SECRET);
+  const now = () => Math.floor(Date.now() / 1000);
+  const sign = (claims: jose.JWTPayload, key: CryptoKey | Uint8Array, alg: string) =>
+    new jose.SignJWT(claims).setProtectedHeader({ alg }).sign(key);
+  /** A token with any header, signed with HS256 by crypto.subtle directly. */
+  async function handMade(header: object, claims: object, secret = hs256): Promise<string> {
+    const part = (value: object) => jose.base64url.encode(JSON.stringify(value));
+    const input = `${part(header)}.${part(claims)}`;
+    const key = await crypto.subtle.importKey(
+      "raw",
+      secret,
+      { name: "HMAC", hash: "SHA-256" },
+      false,
+      ["sign"],
+    );
+    const mac = await crypto.subtle.sign("HMAC", key, new TextEncoder().encode(input));
+    return `${input}.${jose.base64url.encode(new Uint8Array(mac))}`;
+  }
+  const refuses = (check: Promise<unknown>, reason: string) =>
+    assert.rejects(check, (error) => {
+      assert.ok(error instanceof TokenError);
+      assert.equal(error.name, "TokenError");
+      assert.equal(error.message, reason);
+      return true;
+    });
+
+  test("verifies HS256, RS256, ES256 and EdDSA tokens and resolves with their claims", async () => {
+    const claims = { sub: "user-42", sse: { subscribe: ["user/42/*"] } };
+    const hs = await jwtVerifier({ secret: SECRET });
+    assert.deepEqual(await hs(await sign(claims, hs256, "HS256")), claims);
+    for (const alg of ["RS256", "ES256", "EdDSA"]) {
+      const { publicKey, privateKey } = await jose.generateKeyPair(alg, { extractable: true });
+      const verify = await jwtVerifier({ publicKey: await jose.exportSPKI(publicKey) });
+      assert.deepEqual(await verify(await sign(claims, privateKey, alg)), claims, alg);
+    }
+  });
+
+  test("the key decides the algorithm: none, another one, or HMAC with the public key are refused", async () => {
+    const { publicKey, privateKey } = await jose.generateKeyPair("RS256", { extractable: true });
+    const pem = await jose.exportSPKI(publicKey);
+    const rs = await jwtVerifier({ publicKey: pem });
+    const hs = await jwtVerifier({ secret: SECRET });
+    const unsigned = `${jose.base64url.encode('{"alg":"none"}')}.${jose.base64url.encode("{}")}.`;
+    await refuses(rs(unsigned), "unsupported algorithm");
+    await refuses(hs(unsigned), "unsupported algorithm");
+    // Algorithm confusion: an HS256 token whose secret is the public key's text.
+    const confused = await handMade({ alg: "HS256" }, {}, new TextEncoder().encode(pem));
+    await refuses(rs(confused), "unsupported algorithm");
+    await refuses(hs(await sign({}, privateKey, "RS256")), "unsupported algorithm");
+    const es = await jose.generateKeyPair("ES256");
+    await refuses(rs(await sign({}, es.privateKey, "ES256")), "unsupported algorithm");
+  });
+
+  test("refuses a crit header, a malformed token and a bad signature", async () => {
+    const verify = await jwtVerifier({ secret: SECRET });
+    await refuses(
+      verify(await handMade({ alg: "HS256", crit: ["exp"] }, {})),
+      "unsupported critical header",
+    );
+    const good = await sign({ sub: "a" }, hs256, "HS256");
+    const [header, payload, signature] = good.split(".");
+    for (
+      const token of [
+        "",
+        "abc",
+        `${header}.${payload}`,
+        `${good}.x`,
+        `${header}.${payload}.${signature}!`,
+        `${jose.base64url.encode("[1]")}.${payload}.${signature}`,
+        `${header}.${jose.base64url.encode("not json")}.${signature}`,
+        `${header}.${jose.base64url.encode("null")}.${signature}`,
+        `${header}.${payload.slice(1)}.${signature}`,
+      ]
+    ) await refuses(verify(token), "malformed token");
+    const other = new TextEncoder().encode("another secret of at least 32 bytes");
+    await refuses(verify(await sign({ sub: "a" }, other, "HS256")), "bad signature");
+    const tampered = `${header}.${jose.base64url.encode('{"sub":"b"}')}.${signature}`;
+    await refuses(verify(tampered), "bad signature");
+  });
+
+  test("checks exp and nbf with a small leeway, and aud and iss when configured", async () => {
+    const verify = await jwtVerifier({ secret: SECRET, audience: "sse", issuer: "https://id" });
+    const valid = { aud: "sse", iss: "https://id" };
+    const token = (claims: object) => sign({ ...valid, ...claims }, hs256, "HS256");
+    assert.ok(await verify(await token({ exp: now() + 60, nbf: now() - 60 })));
+    assert.ok(await verify(await token({ exp: now() - 3, nbf: now() + 3 })), "within 5 s");
+    assert.ok(await verify(await token({ aud: ["other", "sse"] })));
+    await refuses(verify(await token({ exp: now() - 10 })), "expired");
+    await refuses(verify(await token({ exp: "tomorrow" })), "expired");
+    await refuses(verify(await token({ nbf: now() + 10 })), "not yet valid");
+    await refuses(verify(await token({ nbf: "now" })), "not yet valid");
+    await refuses(verify(await token({ aud: "other" })), "wrong audience");
+    await refuses(verify(await token({ aud: ["other"] })), "wrong audience");
+    await refuses(verify(await sign({ iss: "https://id" }, hs256, "HS256")), "wrong audience");
+    await refuses(verify(await token({ iss: "https://evil" })), "wrong issuer");
+    const strict = await jwtVerifier({ secret: SECRET, leeway: 0 });
+    await refuses(strict(await token({ exp: now() - 2 })), "expired");
+    const open = await jwtVerifier({ secret: SECRET });
+    assert.ok(await open(await sign({ aud: "any", iss: "any" }, hs256, "HS256")), "not configured");
+  });
+
+  test("refuses a key it cannot use when it is made, with a reason", async () => {
+    await assert.rejects(jwtVerifier({}), {
+      name: "TypeError",
+      message: "give either secret or publicKey",
+    });
+    const both = { secret: SECRET, publicKey: "x" };
+    await assert.rejects(jwtVerifier(both), {
+      name: "TypeError",
+      message: "give either secret or publicKey",
+    });
+    await assert.rejects(jwtVerifier({ secret: "short" }), {
+      name: "RangeError",
+      message: "secret must be at least 32 bytes",
+    });
+    await assert.rejects(jwtVerifier({ secret: SECRET, leeway: -1 }), {
+      name: "RangeError",
+      message: "leeway must be a non-negative integer",
+    });
+    const rsa = await jose.generateKeyPair("RS256", { extractable: true });
+    const privatePem = await jose.exportPKCS8(rsa.privateKey);
+    for (
+      const publicKey of [
+        "not a key",
+        privatePem,
+        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----",
+      ]
+    ) {
+      await assert.rejects(jwtVerifier({ publicKey }), {
+        name: "TypeError",
+        message: "publicKey is not a PEM public key of RSA, P-256 or Ed25519",
+      });
+    }
   });
 });
