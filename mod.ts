@@ -181,6 +181,11 @@ export interface LogEvent {
   readonly topics: readonly string[];
   /** The message's encoded fields without the `id:` line, ending with the blank line. */
   readonly text: string;
+  /**
+   * Whether only clients granted one of its topics receive it (see
+   * {@linkcode SubscribeOptions.grants}). Absent means public.
+   */
+  readonly private?: boolean;
 }
 
 /**
@@ -219,7 +224,7 @@ export interface LogRead {
  *   get lastId() {
  *     return inner.lastId;
  *   },
- *   append: (topics, text) => (appended++, inner.append(topics, text)),
+ *   append: (...event) => (appended++, inner.append(...event)),
  *   read: (afterId, limit) => inner.read(afterId, limit),
  *   listen: (listener) => inner.listen(listener),
  * };
@@ -234,9 +239,10 @@ export interface EventLog {
   readonly lastId: string | null;
   /**
    * Stores an event and resolves with its id once it is stored; rejects if
-   * it was not.
+   * it was not. A private event must come back private from `read` and
+   * `listen`, also in other processes.
    */
-  append(topics: readonly string[], text: string): Promise<string>;
+  append(topics: readonly string[], text: string, isPrivate?: boolean): Promise<string>;
   /**
    * Reads up to `limit` retained events after the one with id `afterId`
    * (`null`: from the oldest). May answer at once or with a promise.
@@ -322,10 +328,12 @@ export class MemoryLog implements EventLog {
    *
    * @param topics The event's topics.
    * @param text The encoded message without its `id:` line.
+   * @param isPrivate Whether only clients granted one of its topics receive it.
    * @returns The event's id.
    */
-  append(topics: readonly string[], text: string): Promise<string> {
-    const event: LogEvent = { id: `${this.#epoch}-${++this.#lastSeq}`, topics, text };
+  append(topics: readonly string[], text: string, isPrivate = false): Promise<string> {
+    const id = `${this.#epoch}-${++this.#lastSeq}`;
+    const event: LogEvent = isPrivate ? { id, topics, text, private: true } : { id, topics, text };
     this.#events.push(event);
     this.#bytes += bytesOf(event).byteLength;
     while (this.#size > this.#maxEvents || this.#bytes > this.#maxBytes) {
@@ -484,6 +492,19 @@ export interface SubscribeOptions {
    */
   topics?: readonly string[];
   /**
+   * Selectors of the private events this client receives: a topic, or a
+   * pattern in which `*` matches any run of characters (`*` alone: every
+   * topic; `user/42/*`: every topic under `user/42/`). Defaults to none: it
+   * receives public events only.
+   */
+  grants?: readonly string[];
+  /**
+   * When to end the stream, in milliseconds since the epoch (a token's
+   * expiry, say), so a revoked user does not listen for ever. A stream ends
+   * after 24 days at most, and its client reconnects. Defaults to never.
+   */
+  expires?: number;
+  /**
    * Resume after this event id; `null` does not resume. Defaults to the
    * `Last-Event-ID` header, or the `?lastEventId=` parameter for clients that
    * cannot set headers.
@@ -501,6 +522,12 @@ export interface PublishOptions {
    * Defaults to none.
    */
   topics?: readonly string[];
+  /**
+   * Deliver the event only to clients granted one of its topics (see
+   * {@linkcode SubscribeOptions.grants}); it needs at least one topic.
+   * Defaults to false: every client that wants its topics receives it.
+   */
+  private?: boolean;
 }
 
 /**
@@ -575,6 +602,8 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
   replayed = 0;
   /** Whether anything was sent since the last heartbeat tick. */
   active = false;
+  /** Ends the stream when its permission expires. */
+  expiry: ReturnType<typeof setTimeout> | undefined;
 
   /**
    * The client's topics as one string (sorted, one per line: topics hold no
@@ -584,10 +613,17 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
   readonly topicKey: string | undefined;
   /** The topics it named; `undefined` when it named none and wants every event. */
   readonly topics: ReadonlySet<string> | undefined;
+  /** Matches the topics of the private events it may receive. */
+  readonly grants: RegExp;
   readonly callbacks: ClientCallbacks;
 
-  constructor(topics: ReadonlySet<string> | undefined, callbacks: ClientCallbacks) {
+  constructor(
+    topics: ReadonlySet<string> | undefined,
+    grants: RegExp,
+    callbacks: ClientCallbacks,
+  ) {
     this.topics = topics;
+    this.grants = grants;
     this.callbacks = callbacks;
     this.topicKey = topics && [...topics].sort().join("\n");
   }
@@ -608,8 +644,10 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
     this.callbacks.abort(this);
   }
 
+  /** Whether the client receives `event`: one of its topics, and granted if private. */
   wants(event: LogEvent): boolean {
-    return this.topics === undefined || event.topics.some((t) => this.topics!.has(t));
+    return (this.topics === undefined || event.topics.some((t) => this.topics!.has(t))) &&
+      (event.private !== true || event.topics.some((t) => this.grants.test(t)));
   }
 }
 
@@ -759,11 +797,16 @@ export class Broker {
 
     const client = new Client(
       topics.length > 0 ? new Set(topics) : undefined,
+      selectorPattern(options.grants ?? []),
       this.#clientCallbacks,
     );
     const body = new ReadableStream(client, BYTE_QUEUING);
     client.controller.enqueue(this.#streamStart);
     this.#add(client, lastEventId || null);
+    if (options.expires !== undefined) {
+      const ms = Math.min(Math.max(options.expires - Date.now(), 0), MAX_TIMER_MS);
+      client.expiry = setTimeout(() => this.#end(client), ms);
+    }
     // Some runtimes report a vanished client only through the request's
     // signal, others only by cancelling the body: either one removes it.
     if (request.signal.aborted) this.#end(client);
@@ -816,12 +859,17 @@ export class Broker {
     if (!topics.every(isTopic)) {
       throw new MessageError("topic", "must be 1 to 256 printable characters");
     }
+    const isPrivate = options.private ?? false;
+    if (typeof isPrivate !== "boolean") throw new MessageError("private", "must be true or false");
+    if (isPrivate && topics.length === 0) {
+      throw new MessageError("private", "events need at least one topic");
+    }
     // Validate before the event reaches the log, so a refused message
     // leaves no hole in the ids.
     const text = formatMessage(message);
     let id: string;
     try {
-      id = await this.#eventLog.append(topics, text);
+      id = await this.#eventLog.append(topics, text, isPrivate);
     } catch (error) {
       throw new EventLogError(error);
     }
@@ -915,6 +963,7 @@ export class Broker {
   /** Forgets a client; idempotent, as several signals may report one disconnect. */
   #remove(client: Client): void {
     if (client.state === "gone") return;
+    clearTimeout(client.expiry);
     this.#waiting.delete(client);
     client.state = "gone";
     this.#clients.delete(client);
@@ -970,11 +1019,24 @@ export class Broker {
     if (batch.length === 0) return;
     this.#batch = [];
     this.#liveId = batch[batch.length - 1].id;
-    let chunk: Uint8Array | undefined; // built once, and only if someone takes it
+    // Clients that want the same events share one chunk, built once: with
+    // private events in the batch, that also takes the same grants.
+    const hasPrivate = batch.some((event) => event.private === true);
+    const shares = new Map<string | undefined, Share>();
+    const shareOf = (client: Client): Share => {
+      const key = hasPrivate ? `${client.topicKey}\n\n${client.grants.source}` : client.topicKey;
+      let share = shares.get(key);
+      if (share === undefined) {
+        const wanted = batch.filter((event) => client.wants(event));
+        shares.set(key, share = { chunk: concat(wanted.map(bytesOf)), events: wanted.length });
+      }
+      return share;
+    };
+    let all: Share | undefined; // what every client that named no topic wants, if no event is private
     for (const client of this.#everyone) {
-      this.#send(client, chunk ??= concat(batch.map(bytesOf)), batch.length);
+      this.#send(client, hasPrivate ? shareOf(client) : all ??= shareOf(client));
     }
-    this.#flushTopics(batch);
+    this.#flushTopics(batch, shareOf);
     // A waiting client reads the log again: it finds its event among these,
     // or that it is still ahead.
     for (const client of this.#waiting) {
@@ -991,29 +1053,23 @@ export class Broker {
    * Each client that named topics gets one chunk of the events it wants, in
    * order and once each, built once for all clients with the same topics.
    */
-  #flushTopics(batch: readonly LogEvent[]): void {
-    const chunks = new Map<string | undefined, { chunk: Uint8Array; events: number }>();
+  #flushTopics(batch: readonly LogEvent[], shareOf: (client: Client) => Share): void {
     const sent = new Set<Client>();
     for (const event of batch) {
       for (const topic of event.topics) {
         for (const client of this.#byTopic.get(topic) ?? []) {
           if (sent.has(client)) continue;
           sent.add(client);
-          let share = chunks.get(client.topicKey);
-          if (share === undefined) {
-            const wanted = batch.filter((candidate) => client.wants(candidate));
-            share = { chunk: concat(wanted.map(bytesOf)), events: wanted.length };
-            chunks.set(client.topicKey, share);
-          }
-          this.#send(client, share.chunk, share.events);
+          this.#send(client, shareOf(client));
         }
       }
     }
   }
 
-  #send(client: Client, chunk: Uint8Array, events: number): void {
-    // A client still catching up gets these events from the log, in order.
-    if (client.state !== "live") return;
+  #send(client: Client, { chunk, events }: Share): void {
+    // A client still catching up gets these events from the log, in order;
+    // one granted none of a batch's private events may want none of it.
+    if (client.state !== "live" || events === 0) return;
     client.active = true;
     this.#delivered += events;
     this.#queue(client, chunk);
@@ -1118,6 +1174,14 @@ export class Broker {
 }
 
 const HEARTBEAT = encodeMessage({ comment: "" });
+/** One chunk of a flush, shared by the clients that want the same events. */
+interface Share {
+  chunk: Uint8Array;
+  events: number;
+}
+
+/** The longest delay timers take (about 24.8 days); longer ones would fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 /** Events per read of the log during a replay. */
 const REPLAY_PAGE = 512;
 // Stryker disable next-line ObjectLiteral,BooleanLiteral: a signal fires abort once anyway
@@ -1290,6 +1354,92 @@ export async function jwtVerifier(
   };
 }
 
+/**
+ * Options for {@linkcode jwtAuth}: those of {@linkcode jwtVerifier}, and
+ * where the grants and the token are.
+ */
+export interface JwtAuthOptions extends JwtOptions {
+  /**
+   * The claim that holds the grants, `{"subscribe": [selectors], "publish":
+   * [selectors]}` (see {@linkcode Grants}). Defaults to `sse`.
+   */
+  claim?: string;
+  /**
+   * The cookie that may carry the token: a browser's `EventSource` sends it
+   * on the same origin, and cross-origin with `withCredentials` to an origin
+   * that `allowOrigin` lists. Defaults to `sse_token`.
+   */
+  cookie?: string;
+  /**
+   * Let subscribers without a token in; they receive public events only.
+   * Defaults to false.
+   */
+  allowAnonymous?: boolean;
+}
+
+/**
+ * An {@linkcode Authorize} hook for signed tokens: it verifies the request's
+ * JWT with {@linkcode jwtVerifier} and grants what its claim says. The token
+ * comes from an `Authorization: Bearer` header, else the cookie, else (for
+ * subscribers only, as a last resort: URLs end up in logs) `?token=`. A
+ * refused token gets `401` with `WWW-Authenticate: Bearer
+ * error="invalid_token"` and the reason; no token gets `401`, unless
+ * anonymous subscribers are allowed. A stream ends when its token expires.
+ *
+ * @example
+ * ```ts ignore
+ * import { Broker, createHandler, jwtAuth } from "./mod.ts";
+ *
+ * const authorize = await jwtAuth({ publicKey: Deno.env.get("JWT_PUBLIC_KEY"), audience: "sse" });
+ * Deno.serve(createHandler(new Broker(), { authorize }));
+ * // A token with {"sse": {"subscribe": ["user/42/*"]}} receives user 42's private events.
+ * ```
+ *
+ * @param options The key, the claims to require, and where grants and token are.
+ * @returns The hook, for {@linkcode HandlerOptions.authorize}.
+ */
+export async function jwtAuth(options: JwtAuthOptions): Promise<Authorize> {
+  const verify = await jwtVerifier(options);
+  const claim = options.claim ?? "sse";
+  const cookie = options.cookie ?? "sse_token";
+  const leeway = options.leeway ?? 5;
+  return async (request, action) => {
+    const token = bearerToken(request) ?? cookieValue(request, cookie) ??
+      (action === "subscribe" ? new URL(request.url).searchParams.get("token") : null);
+    if (token === null) return action === "subscribe" && options.allowAnonymous === true && {};
+    const claims = await verify(token);
+    const grants = claims[claim] === undefined ? {} : claims[claim];
+    const valid = (selectors: unknown) =>
+      selectors === undefined ||
+      Array.isArray(selectors) && selectors.every((selector) => typeof selector === "string");
+    if (
+      typeof grants !== "object" || grants === null ||
+      !valid((grants as Grants).subscribe) || !valid((grants as Grants).publish)
+    ) throw new TokenError(`malformed ${claim} claim`);
+    const { subscribe, publish } = grants as Grants;
+    const expires = typeof claims.exp === "number" ? (claims.exp + leeway) * 1000 : undefined;
+    return { subscribe, publish, expires };
+  };
+}
+
+/** The token of an `Authorization: Bearer` header; `null` without the header. */
+function bearerToken(request: Request): string | null {
+  const header = request.headers.get("authorization");
+  if (header === null) return null;
+  const match = /^Bearer +(\S+) *$/i.exec(header);
+  if (match === null) throw new TokenError("malformed authorization header");
+  return match[1];
+}
+
+/** One cookie's value; `null` when the request does not carry it. */
+function cookieValue(request: Request, name: string): string | null {
+  for (const pair of (request.headers.get("cookie") ?? "").split(";")) {
+    const at = pair.indexOf("=");
+    if (at !== -1 && pair.slice(0, at).trim() === name) return pair.slice(at + 1).trim();
+  }
+  return null;
+}
+
 /** Imports a PEM public key as the first algorithm it fits. */
 async function importPublicKey(pem: string): Promise<[JwsAlgorithm, CryptoKey]> {
   const match = /-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]+)-----END PUBLIC KEY-----/.exec(pem);
@@ -1354,8 +1504,33 @@ export interface HandlerOptions {
 }
 
 /**
+ * What one request may do, as an {@linkcode Authorize} hook grants it. A
+ * selector is a topic, or a pattern in which `*` matches any run of
+ * characters (`*` alone: every topic; `user/42/*`: every topic under
+ * `user/42/`).
+ */
+export interface Grants {
+  /** Selectors of the private events a subscriber receives. Defaults to none. */
+  subscribe?: readonly string[];
+  /**
+   * Selectors of the topics a publisher may publish to: every topic of an
+   * event must match one, and an event with no topic needs `*`. Defaults to
+   * none.
+   */
+  publish?: readonly string[];
+  /**
+   * When the permission ends, in milliseconds since the epoch: a stream
+   * opened with it ends then. Defaults to never.
+   */
+  expires?: number;
+}
+
+/**
  * Decides whether `request` may perform `action`, for
- * {@linkcode HandlerOptions.authorize}.
+ * {@linkcode HandlerOptions.authorize}: `false` refuses it (`401`), `true`
+ * allows it (public events only, publishing anywhere), and {@linkcode Grants}
+ * allow it within their selectors. Throwing a {@linkcode TokenError} refuses
+ * it with that reason.
  *
  * @example
  * ```ts
@@ -1364,12 +1539,16 @@ export interface HandlerOptions {
  * // Anyone may subscribe; publishing needs a header set by your gateway.
  * const authorize: Authorize = (request, action) =>
  *   action === "subscribe" || request.headers.get("x-role") === "publisher";
+ *
+ * // Each signed-in user reads its own private events (`user` comes from your session).
+ * const user = (request: Request) => request.headers.get("x-user");
+ * const perUser: Authorize = (request) => ({ subscribe: [`user/${user(request)}/*`] });
  * ```
  */
 export type Authorize = (
   request: Request,
   action: "subscribe" | "publish",
-) => boolean | Promise<boolean>;
+) => boolean | Grants | Promise<boolean | Grants>;
 
 /**
  * An {@linkcode Authorize} that requires bearer tokens: `publish` in an
@@ -1475,18 +1654,29 @@ export function createHandler(
     "/events": {
       action: "subscribe",
       methods: {
-        GET: (request, _url, server) => {
+        GET: (request, _url, server, grants) => {
           server?.timeout?.(request, 0);
-          return broker.subscribe(request);
+          return broker.subscribe(request, { grants: grants?.subscribe, expires: grants?.expires });
         },
       },
     },
     "/publish": {
       action: "publish",
       methods: {
-        POST: async (request, url) => {
-          const { message, topics } = await readPublication(request, url, maxBodyBytes);
-          return Response.json({ id: await broker.publish(message, { topics }) });
+        POST: async (request, url, _server, grants) => {
+          const publication = await readPublication(request, url, maxBodyBytes);
+          const { message, topics } = publication;
+          if (grants !== undefined) {
+            const granted = selectorPattern(grants.publish ?? []);
+            const refused = topics.length === 0
+              ? (grants.publish ?? []).includes("*") ? undefined : "an event with no topic"
+              : topics.find((topic) => !granted.test(topic));
+            if (refused !== undefined) {
+              throw new HttpError(403, `no publish grant for ${JSON.stringify(refused)}`);
+            }
+          }
+          const id = await broker.publish(message, { topics, private: publication.private });
+          return Response.json({ id });
         },
       },
     },
@@ -1501,6 +1691,8 @@ export function createHandler(
       const origin = request.headers.get("origin");
       if (allowed.has(origin!)) { // a missing origin (null) is in no list
         headers.set("access-control-allow-origin", origin!);
+        // Listed origins may send cookies (EventSource's withCredentials).
+        headers.set("access-control-allow-credentials", "true");
       } else headers.delete("access-control-allow-origin");
       headers.append("vary", "origin");
     }
@@ -1531,13 +1723,23 @@ export function createHandler(
       const allow = methods.join(", ");
       return errorResponse(405, `use ${allow}`, { allow });
     }
-    if (route.action !== undefined && !(await authorize(request, route.action))) {
+    let allowed: boolean | Grants = true;
+    try {
+      if (route.action !== undefined) allowed = await authorize(request, route.action);
+    } catch (error) {
+      if (!(error instanceof TokenError)) throw error;
+      const description = error.message.replace(/["\\]/g, "");
+      return errorResponse(401, error.message, {
+        "www-authenticate": `Bearer error="invalid_token", error_description="${description}"`,
+      });
+    }
+    if (allowed === false) {
       return errorResponse(401, "a valid token is required", {
         "www-authenticate": 'Bearer realm="sse"',
       });
     }
     try {
-      return await handle(request, url, server);
+      return await handle(request, url, server, allowed === true ? undefined : allowed);
     } catch (error) {
       if (error instanceof MessageError) return errorResponse(400, error.message);
       if (error instanceof HttpError) return errorResponse(error.status, error.message);
@@ -1558,10 +1760,12 @@ interface Route {
   methods: Record<string, RouteHandler>;
 }
 
+/** Handles one request; `grants` is what `authorize` granted, when it gave grants. */
 type RouteHandler = (
   request: Request,
   url: URL,
-  server?: FetchServer,
+  server: FetchServer | undefined,
+  grants: Grants | undefined,
 ) => Response | Promise<Response>;
 
 /** A request the handler refuses with `status` and a one-line reason. */
@@ -1574,19 +1778,24 @@ class HttpError extends Error {
   }
 }
 
-const PUBLISH_FIELDS = new Set(["data", "event", "topic", "retry", "comment", "id"]);
+const PUBLISH_FIELDS = new Set(["data", "event", "topic", "retry", "comment", "id", "private"]);
 
 async function readPublication(
   request: Request,
   url: URL,
   maxBytes: number,
-): Promise<{ message: Omit<ServerSentEventMessage, "id">; topics: string[] }> {
+): Promise<{ message: Omit<ServerSentEventMessage, "id">; topics: string[]; private?: boolean }> {
   const text = await readText(request, maxBytes);
   // No content type reads as "null": not JSON.
   const type = String(request.headers.get("content-type"));
   if (!/^application\/(.+\+)?json\b/i.test(type)) {
     const topics = url.searchParams.getAll("topic");
-    return { message: { data: text, event: url.searchParams.get("event") ?? undefined }, topics };
+    const event = url.searchParams.get("event") ?? undefined;
+    return {
+      message: { data: text, event },
+      topics,
+      private: url.searchParams.get("private") === "1",
+    };
   }
   let body: unknown;
   try {
@@ -1602,7 +1811,7 @@ async function readPublication(
   if (unknown !== undefined) {
     throw new HttpError(400, `unknown field ${JSON.stringify(unknown.slice(0, 64))}`);
   }
-  const { data, event, topic, retry, comment, id } = fields;
+  const { data, event, topic, retry, comment, id, private: isPrivate } = fields;
   // Only translated here: the broker validates every field and names the one
   // it refuses (a missing `data` stays undefined, an `id` is refused there).
   const message = {
@@ -1613,7 +1822,7 @@ async function readPublication(
     id,
   } as Omit<ServerSentEventMessage, "id">;
   const topics = (topic === undefined ? [] : Array.isArray(topic) ? topic : [topic]) as string[];
-  return { message, topics };
+  return { message, topics, private: isPrivate as boolean };
 }
 
 /** Reads a body as UTF-8 text, refusing it as soon as it passes `maxBytes`. */
@@ -1692,6 +1901,18 @@ function concat(chunks: readonly Uint8Array[]): Uint8Array {
 function isTopic(topic: unknown): boolean {
   // deno-lint-ignore no-control-regex -- control characters are what it refuses
   return typeof topic === "string" && /^[^\x00-\x1f\x7f]{1,256}$/.test(topic);
+}
+
+/**
+ * One pattern for topic selectors: a topic, or `*` for any run of
+ * characters. No selectors match no topic (only the empty string, which no
+ * topic is).
+ */
+function selectorPattern(selectors: readonly string[]): RegExp {
+  const alternatives = selectors.map((selector) =>
+    selector.split("*").map((part) => part.replace(/[\\^$.|?*+()[\]{}]/g, "\\$&")).join(".*")
+  );
+  return new RegExp(`^(?:${alternatives.join("|")})$`, "s");
 }
 
 function checkCount(name: string, value: number): number {

@@ -2,11 +2,13 @@
 import { describe, test, track } from "./test/harness.ts";
 import assert from "node:assert/strict";
 import {
+  type Authorize,
   Broker,
   createHandler,
   encodeMessage,
   type EventLog,
   EventLogError,
+  jwtAuth,
   jwtVerifier,
   type LogEvent,
   type LogRead,
@@ -1875,5 +1877,320 @@ describe("jwtVerifier", () => {
         message: "publicKey is not a PEM public key of RSA, P-256 or Ed25519",
       });
     }
+  });
+});
+
+describe("private events and grants", () => {
+  const grantsOf = (grants: string[], query = "") => (broker: Broker) =>
+    new EventReader(broker.subscribe(new Request(`http://x/${query}`), { grants }).body!);
+
+  test("a private event reaches only clients granted one of its topics, live", async () => {
+    const broker = new Broker();
+    const user42 = grantsOf(["user/42/*"])(broker);
+    const everything = grantsOf(["*"])(broker);
+    const exact = grantsOf(["user/42/inbox"], "?topic=user/42/inbox")(broker);
+    const none = open(broker);
+    const other = grantsOf(["user/4/*", "user/42"])(broker);
+    await broker.publish({ data: "secret" }, { topics: ["user/42/inbox"], private: true });
+    await broker.publish({ data: "public" }, { topics: ["user/42/inbox"] });
+    const data = async (reader: EventReader, count: number) =>
+      (await reader.events(count)).map((e) => e.data);
+    assert.deepEqual(await data(user42, 2), ["secret", "public"]);
+    assert.deepEqual(await data(everything, 2), ["secret", "public"]);
+    assert.deepEqual(await data(exact, 2), ["secret", "public"]);
+    assert.deepEqual(await data(none, 1), ["public"]);
+    assert.deepEqual(await data(other, 1), ["public"]);
+    assert.equal(broker.stats().delivered, 3 + 5);
+    broker.close();
+  });
+
+  test("in one burst, clients with other grants get their own chunks", async () => {
+    const broker = new Broker();
+    const reader = (grants: string[]) =>
+      broker.subscribe(new Request("http://x/?topic=news&topic=a"), { grants }).body!.getReader();
+    const [a1, a2, b, none] = [reader(["a"]), reader(["a"]), reader(["b"]), reader([])];
+    for (const r of [a1, a2, b, none]) await r.read(); // retry:
+    await Promise.all([
+      broker.publish({ data: "news" }, { topics: ["news"] }),
+      broker.publish({ data: "for a" }, { topics: ["a"], private: true }),
+      broker.publish({ data: "for b" }, { topics: ["b", "news"], private: true }),
+    ]);
+    const data = (chunk: Uint8Array) =>
+      parseAll(chunk).items.map((item) => (item as SseEvent).data);
+    const chunks = await Promise.all([a1, a2, b, none].map(async (r) => (await r.read()).value!));
+    assert.deepEqual(chunks.map(data), [["news", "for a"], ["news", "for a"], ["news", "for b"], [
+      "news",
+    ]]);
+    assert.ok(chunks[0] === chunks[1], "the same topics and grants share one chunk");
+    broker.close();
+  });
+
+  test("a client granted none of a burst's events gets nothing from it, not an empty chunk", async () => {
+    const broker = new Broker({ heartbeat: 20 });
+    const reader = open(broker);
+    await broker.publish({ data: "hidden" }, { topics: ["a"], private: true });
+    // Had it been sent anything, the next tick would skip it: the next item is a comment.
+    assert.equal((await reader.next())?.type, "comment");
+    broker.close();
+  });
+
+  test("private events are replayed only to granted clients", async () => {
+    const broker = new Broker();
+    const start = await broker.publish({ data: "start" });
+    await broker.publish({ data: "secret" }, { topics: ["a"], private: true });
+    await broker.publish({ data: "public" }, { topics: ["a"] });
+    const resume = (grants: string[]) =>
+      new EventReader(
+        broker.subscribe(new Request("http://x/", { headers: { "last-event-id": start } }), {
+          grants,
+        }).body!,
+      );
+    const granted = resume(["a"]);
+    const refused = resume(["b"]);
+    assert.deepEqual((await granted.events(3)).map((e) => e.data), [
+      "secret",
+      "public",
+      '{"count":2}',
+    ]);
+    assert.deepEqual((await refused.events(2)).map((e) => e.data), ["public", '{"count":1}']);
+    broker.close();
+  });
+
+  test("publish refuses a private event without a topic, or a private that is not a boolean", async () => {
+    const broker = new Broker();
+    await assert.rejects(broker.publish({ data: "x" }, { private: true }), {
+      name: "MessageError",
+      message: "private events need at least one topic",
+    });
+    const notBoolean = { topics: ["a"], private: "yes" as unknown as boolean };
+    await assert.rejects(broker.publish({ data: "x" }, notBoolean), {
+      name: "MessageError",
+      message: "private must be true or false",
+    });
+    assert.equal(broker.stats().published, 0);
+    broker.close();
+  });
+
+  test("a stream ends when its permission expires", async () => {
+    const broker = new Broker();
+    const reader = new EventReader(
+      broker.subscribe(new Request("http://x/"), { expires: Date.now() + 50 }).body!,
+    );
+    const past = new EventReader(
+      broker.subscribe(new Request("http://x/"), { expires: Date.now() - 1000 }).body!,
+    );
+    assert.equal(await past.next(), null);
+    assert.equal(await reader.next(), null);
+    assert.equal(broker.stats().clients, 0);
+    const lasting = open(broker, "");
+    const far = broker.subscribe(new Request("http://x/"), { expires: Date.now() + 60_000 });
+    await far.body!.cancel(); // its timer is cleared with it
+    await broker.publish({ data: "still here" });
+    assert.equal((await lasting.event()).data, "still here");
+    broker.close();
+  });
+});
+
+describe("createHandler with grants", () => {
+  const post = (handler: ReturnType<typeof createHandler>, body: object, headers = {}) =>
+    handler(
+      new Request("http://x/publish", {
+        method: "POST",
+        body: JSON.stringify(body),
+        headers: { "content-type": "application/json", ...headers },
+      }),
+    );
+
+  test("publishing needs a publish grant for every topic; no topic needs `*`", async () => {
+    const broker = new Broker();
+    const handler = createHandler(broker, {
+      authorize: () => ({ publish: ["user/42/*", "news"] }),
+    });
+    assert.equal((await post(handler, { data: "x", topic: ["news", "user/42/a"] })).status, 200);
+    for (
+      const [topic, refused] of [
+        [["news", "sport"], '"sport"'],
+        ["user/4", '"user/4"'],
+        [undefined, '"an event with no topic"'],
+      ] as const
+    ) {
+      const response = await post(handler, { data: "x", topic });
+      assert.equal(response.status, 403, String(topic));
+      assert.deepEqual(await response.json(), { error: `no publish grant for ${refused}` });
+    }
+    const anywhere = createHandler(broker, { authorize: () => ({ publish: ["*"] }) });
+    assert.equal((await post(anywhere, { data: "x" })).status, 200);
+    const nothing = createHandler(broker, { authorize: () => ({}) });
+    assert.equal((await post(nothing, { data: "x", topic: "a" })).status, 403);
+    assert.equal(broker.stats().published, 2);
+    broker.close();
+  });
+
+  test("private: true in JSON or ?private=1 publishes privately; the subscriber's grants decide", async () => {
+    const broker = new Broker();
+    const handler = createHandler(broker, {
+      authorize: (request) => ({
+        subscribe: [new URL(request.url).searchParams.get("user")!],
+        publish: ["*"],
+      }),
+    });
+    const stream = (user: string) =>
+      handler(new Request(`http://x/events?user=${user}`)).then((r) => new EventReader(r.body!));
+    const [ann, bob] = [await stream("ann"), await stream("bob")];
+    assert.equal(
+      (await post(handler, { data: "to ann", topic: "ann", private: true })).status,
+      200,
+    );
+    const text = await handler(
+      new Request("http://x/publish?topic=bob&private=1", { method: "POST", body: "to bob" }),
+    );
+    assert.equal(text.status, 200);
+    await post(handler, { data: "to all", topic: "bob" });
+    assert.deepEqual((await ann.events(2)).map((e) => e.data), ["to ann", "to all"]);
+    assert.deepEqual((await bob.events(2)).map((e) => e.data), ["to bob", "to all"]);
+    const bad = await post(handler, { data: "x", topic: "a", private: "yes" });
+    assert.equal(bad.status, 400);
+    assert.deepEqual(await bad.json(), { error: "private must be true or false" });
+    broker.close();
+  });
+
+  test("a TokenError from authorize is a 401 that names the reason", async () => {
+    const handler = createHandler(new Broker(), {
+      authorize: () => {
+        throw new TokenError('expired "soon"');
+      },
+    });
+    const response = await handler(new Request("http://x/events"));
+    assert.equal(response.status, 401);
+    assert.equal(
+      response.headers.get("www-authenticate"),
+      'Bearer error="invalid_token", error_description="expired soon"',
+    );
+    assert.deepEqual(await response.json(), { error: 'expired "soon"' });
+    const failing = createHandler(new Broker(), {
+      authorize: () => {
+        throw new Error("database down");
+      },
+    });
+    await assert.rejects(failing(new Request("http://x/events")), /database down/);
+  });
+
+  test("listed origins may send cookies; any origin may not", async () => {
+    const listed = createHandler(new Broker(), { allowOrigin: ["https://a.example"] });
+    const request = () =>
+      new Request("http://x/stats", { headers: { origin: "https://a.example" } });
+    const response = await listed(request());
+    assert.equal(response.headers.get("access-control-allow-origin"), "https://a.example");
+    assert.equal(response.headers.get("access-control-allow-credentials"), "true");
+    const other = await listed(
+      new Request("http://x/stats", { headers: { origin: "https://b.example" } }),
+    );
+    assert.equal(other.headers.get("access-control-allow-credentials"), null);
+    const any = await createHandler(new Broker())(request());
+    assert.equal(any.headers.get("access-control-allow-credentials"), null);
+  });
+});
+
+describe("jwtAuth", () => {
+  const SECRET = "a shared secret that is 32 bytes";
+  const key = new TextEncoder().encode(SECRET);
+  const token = (claims: jose.JWTPayload) =>
+    new jose.SignJWT(claims).setProtectedHeader({ alg: "HS256" }).sign(key);
+  const ask = async (
+    authorize: Authorize,
+    action: "subscribe" | "publish",
+    init: RequestInit,
+    query = "",
+  ) => await authorize(new Request(`http://x/${query}`, init), action);
+  const grants = { subscribe: ["user/42/*"], publish: ["user/42/*"] };
+
+  test("takes the token from the Authorization header, else the cookie, else ?token= for subscribers", async () => {
+    const authorize = await jwtAuth({ secret: SECRET });
+    const signed = await token({ sse: grants });
+    const expected = { subscribe: grants.subscribe, publish: grants.publish, expires: undefined };
+    assert.deepEqual(
+      await ask(authorize, "publish", { headers: { authorization: `Bearer ${signed}` } }),
+      expected,
+    );
+    const cookie = { headers: { cookie: `theme=dark; sse_token=${signed}; x=1` } };
+    assert.deepEqual(await ask(authorize, "subscribe", cookie), expected);
+    assert.deepEqual(await ask(authorize, "subscribe", {}, `?token=${signed}`), expected);
+    assert.equal(
+      await ask(authorize, "publish", {}, `?token=${signed}`),
+      false,
+      "not for publishing",
+    );
+    const named = await jwtAuth({ secret: SECRET, cookie: "auth" });
+    assert.deepEqual(
+      await ask(named, "subscribe", { headers: { cookie: `auth=${signed}` } }),
+      expected,
+    );
+    assert.equal(await ask(named, "subscribe", cookie), false);
+  });
+
+  test("grants come from the configured claim; a token without it grants nothing", async () => {
+    const authorize = await jwtAuth({ secret: SECRET, claim: "mercure" });
+    const bearer = async (claims: jose.JWTPayload) => ({
+      headers: { authorization: `Bearer ${await token(claims)}` },
+    });
+    assert.deepEqual(
+      await ask(authorize, "subscribe", await bearer({ mercure: { subscribe: ["a"] } })),
+      {
+        subscribe: ["a"],
+        publish: undefined,
+        expires: undefined,
+      },
+    );
+    assert.deepEqual(await ask(authorize, "subscribe", await bearer({ sse: grants })), {
+      subscribe: undefined,
+      publish: undefined,
+      expires: undefined,
+    });
+    for (const claim of [5, null, { subscribe: "a" }, { publish: [1] }]) {
+      await assert.rejects(ask(authorize, "subscribe", await bearer({ mercure: claim })), {
+        name: "TokenError",
+        message: "malformed mercure claim",
+      });
+    }
+  });
+
+  test("no token: 401, or public events only when anonymous subscribers are allowed", async () => {
+    const closed = await jwtAuth({ secret: SECRET });
+    assert.equal(await ask(closed, "subscribe", {}), false);
+    const open = await jwtAuth({ secret: SECRET, allowAnonymous: true });
+    assert.deepEqual(await ask(open, "subscribe", {}), {});
+    assert.equal(await ask(open, "publish", {}), false);
+    await assert.rejects(ask(open, "subscribe", { headers: { authorization: "Basic abc" } }), {
+      name: "TokenError",
+      message: "malformed authorization header",
+    });
+    await assert.rejects(ask(open, "subscribe", {}, "?token=nonsense"), {
+      message: "malformed token",
+    });
+  });
+
+  test("through the handler: a refused token is a 401 with the reason; the stream ends at exp", async () => {
+    const broker = new Broker();
+    const handler = createHandler(broker, {
+      authorize: await jwtAuth({ secret: SECRET, leeway: 0 }),
+    });
+    const expired = await token({ exp: Math.floor(Date.now() / 1000) - 10 });
+    const refused = await handler(new Request(`http://x/events?token=${expired}`));
+    assert.equal(refused.status, 401);
+    assert.equal(
+      refused.headers.get("www-authenticate"),
+      'Bearer error="invalid_token", error_description="expired"',
+    );
+    assert.equal((await refused.text()).includes(expired), false, "the token is never echoed");
+    const soon = await token({ exp: Math.floor(Date.now() / 1000) + 1, sse: grants });
+    const response = await handler(
+      new Request("http://x/events", { headers: { cookie: `sse_token=${soon}` } }),
+    );
+    assert.equal(response.status, 200);
+    const reader = new EventReader(response.body!);
+    await broker.publish({ data: "for 42" }, { topics: ["user/42/inbox"], private: true });
+    assert.equal((await reader.event()).data, "for 42");
+    assert.equal(await reader.next(), null, "ended when the token expired");
+    broker.close();
   });
 });

@@ -12,6 +12,11 @@ export interface PageConfig {
   retryMs: number;
   /** Whether publishing needs a token, to show the token field. */
   publishToken: boolean;
+  /**
+   * The cookie that carries a signed token (JWT), when the server takes
+   * them: the page then asks for one and sets it. Absent otherwise.
+   */
+  jwtCookie?: string;
 }
 
 /** The page served at `GET /`. */
@@ -100,6 +105,14 @@ const PAGE = `<!doctype html>
       <div id="clock" aria-live="off">--:--:--</div>
       <div class="muted">published by the ticker on topic <code>time</code></div>
     </section>
+
+    <form id="sign-in" hidden>
+      <fieldset>
+        <legend>Signed token</legend>
+        <label>Token (JWT) <input name="jwt" type="password" autocomplete="off"></label>
+        <button>Use token</button>
+      </fieldset>
+    </form>
 
     <form id="subscription" aria-describedby="subscription-help">
       <fieldset>
@@ -299,6 +312,15 @@ async function refreshClients() {
 }
 
 $("token-field").hidden = !config.publishToken;
+// With signed tokens, the cookie carries the token: EventSource sends it, and
+// so does fetch on this origin, for publishing.
+$("sign-in").hidden = !config.jwtCookie;
+$("sign-in").addEventListener("submit", (submit) => {
+  submit.preventDefault();
+  const value = new FormData(submit.target).get("jwt");
+  document.cookie = config.jwtCookie + "=" + encodeURIComponent(value) + "; path=/; SameSite=Strict";
+  subscribe();
+});
 subscribe();
 setInterval(refreshClients, 2000);
 </script>

@@ -52,8 +52,9 @@ type Connection = ReturnType<typeof connection>;
 const ID = /^\d{1,15}-\d{1,15}$/;
 
 /**
- * An event log kept in one Redis stream. Events are entries with two
- * fields: `t`, the topics one per line, and `m`, the encoded message.
+ * An event log kept in one Redis stream. Events are entries with the
+ * fields `t`, the topics one per line, `m`, the encoded message, and `p`
+ * (`1`) on a private event.
  *
  * When Redis is lost while running, `append` rejects at once (the broker's
  * handler answers `503`), reads for resuming clients fail (they end, and
@@ -127,10 +128,12 @@ export class RedisLog implements EventLog {
    *
    * @param topics The event's topics.
    * @param text The encoded message without its `id:` line.
+   * @param isPrivate Whether only clients granted one of its topics receive it.
    * @returns The id Redis gave it.
    */
-  async append(topics: readonly string[], text: string): Promise<string> {
-    return await this.#writer.xAdd(this.#key, "*", { t: topics.join("\n"), m: text }, {
+  async append(topics: readonly string[], text: string, isPrivate = false): Promise<string> {
+    const fields = { t: topics.join("\n"), m: text, ...(isPrivate ? { p: "1" } : {}) };
+    return await this.#writer.xAdd(this.#key, "*", fields, {
       TRIM: { strategy: "MAXLEN", strategyModifier: "~", threshold: this.#history },
     });
   }
@@ -253,7 +256,8 @@ function connection(url: string, reconnect: () => boolean) {
 }
 
 function toEvent({ id, message }: Entry): LogEvent {
-  return { id, topics: message.t ? message.t.split("\n") : [], text: message.m };
+  const event = { id, topics: message.t ? message.t.split("\n") : [], text: message.m };
+  return message.p === "1" ? { ...event, private: true } : event;
 }
 
 /** The URL without its password, for error messages. */

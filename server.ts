@@ -15,7 +15,7 @@
  *
  * @module
  */
-import { Broker, createHandler, MemoryLog, tokenAuth } from "./mod.ts";
+import { type Authorize, Broker, createHandler, jwtAuth, MemoryLog, tokenAuth } from "./mod.ts";
 import { renderPage } from "./page.ts";
 import { currentRuntime, type Handler, integerSetting } from "./runtime.ts";
 
@@ -28,6 +28,38 @@ const publishToken = runtime.env("PUBLISH_TOKEN");
 const history = integerSetting(runtime, "HISTORY", 1000);
 const historyBytes = integerSetting(runtime, "HISTORY_BYTES", 0) || Infinity;
 const redisUrl = runtime.env("REDIS_URL");
+const jwtSecret = runtime.env("JWT_SECRET") || undefined;
+const jwtPublicKey = runtime.env("JWT_PUBLIC_KEY") || undefined;
+const jwtCookie = (jwtSecret ?? jwtPublicKey)
+  ? runtime.env("JWT_COOKIE") || "sse_token"
+  : undefined;
+
+/** Signed tokens when a JWT key is set, else the two shared tokens (each optional). */
+async function authorization(): Promise<Authorize> {
+  const subscribeToken = runtime.env("SUBSCRIBE_TOKEN");
+  if (jwtCookie === undefined) {
+    return tokenAuth({ publish: publishToken, subscribe: subscribeToken });
+  }
+  const fail = (reason: string): never => {
+    console.error(`error: ${reason}`);
+    return runtime.exit(1);
+  };
+  if (publishToken || subscribeToken) {
+    fail("JWT_SECRET and JWT_PUBLIC_KEY replace PUBLISH_TOKEN and SUBSCRIBE_TOKEN: set one kind");
+  }
+  if (jwtSecret && jwtPublicKey) fail("set JWT_SECRET or JWT_PUBLIC_KEY, not both");
+  return await jwtAuth({
+    secret: jwtSecret,
+    publicKey: jwtPublicKey,
+    audience: runtime.env("JWT_AUDIENCE") || undefined,
+    issuer: runtime.env("JWT_ISSUER") || undefined,
+    claim: runtime.env("JWT_CLAIM") || undefined,
+    cookie: jwtCookie,
+    allowAnonymous: runtime.env("ALLOW_ANONYMOUS") === "1",
+  }).catch((error: Error) =>
+    fail(error.message.replace(/^secret/, "JWT_SECRET").replace(/^publicKey/, "JWT_PUBLIC_KEY"))
+  );
+}
 
 // Loaded only when asked for, so the in-memory demo needs no npm package.
 const redis = redisUrl
@@ -50,14 +82,11 @@ const broker = new Broker({
 const corsOrigin = runtime.env("CORS_ORIGIN") || "*";
 const handleBroker = createHandler(broker, {
   maxBodyBytes: integerSetting(runtime, "MAX_BODY", 65536),
-  authorize: tokenAuth({
-    publish: publishToken,
-    subscribe: runtime.env("SUBSCRIBE_TOKEN"),
-  }),
+  authorize: await authorization(),
   allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
 });
 
-const page = renderPage({ retryMs, publishToken: Boolean(publishToken) });
+const page = renderPage({ retryMs, publishToken: Boolean(publishToken), jwtCookie });
 const handler: Handler = (request, server) => {
   if (new URL(request.url).pathname === "/") {
     if (request.method !== "GET" && request.method !== "HEAD") {
