@@ -109,7 +109,7 @@ const PAGE = `<!doctype html>
     <form id="sign-in" hidden>
       <fieldset>
         <legend>Signed token</legend>
-        <label>Token (JWT) <input name="jwt" type="password" autocomplete="off"></label>
+        <label>JWT <input name="jwt" type="password" autocomplete="off"></label>
         <button>Use token</button>
       </fieldset>
     </form>

@@ -7,6 +7,8 @@ import { createServer, type Server, type Socket } from "node:net";
 import type { AddressInfo } from "node:net";
 import { type Browser, chromium, type Page } from "playwright-core";
 import { publish, ROOT, RUNTIME, type ServerProcess, startServer } from "./helpers.ts";
+import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
+import * as jose from "jose";
 
 const CHROMIUM = "/usr/bin/chromium";
 const FLAGS = [
@@ -207,5 +209,112 @@ describe(`the live page in Chromium, server under ${RUNTIME}`, () => {
       !/^console: Failed to load resource: net::ERR_/.test(error)
     );
     assert.deepEqual(own, []);
+  });
+});
+
+describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}`, () => {
+  const SECRET = "a browser secret of at least 32 bytes";
+  const key = new TextEncoder().encode(SECRET);
+  const token = (id: number) =>
+    new jose.SignJWT({ sse: { subscribe: [`user/${id}/*`], publish: [`user/${id}/*`] } })
+      .setProtectedHeader({ alg: "HS256" }).sign(key);
+  let browser: Browser;
+  let untrackBrowser: (() => void) | undefined;
+  let server: ServerProcess;
+  let pages: HttpServer; // another origin (another port), for cross-origin pages
+  let pagesOrigin: string;
+
+  before(async () => {
+    // A page that opens the broker's stream from its own origin, with or
+    // without credentials, and lists what it receives.
+    pages = createHttpServer((request, response) => {
+      const credentials = request.url!.includes("credentials=1");
+      response.writeHead(200, { "content-type": "text/html" }).end(`<!doctype html>
+        <ul id="events"></ul>
+        <script>
+          const broker = new URLSearchParams(location.search).get("broker");
+          const source = new EventSource(broker + "events", { withCredentials: ${credentials} });
+          source.onmessage = (event) => {
+            const item = document.createElement("li");
+            item.textContent = event.data;
+            document.getElementById("events").append(item);
+          };
+        </script>`);
+    });
+    await new Promise<void>((resolve) => pages.listen(0, "127.0.0.1", resolve));
+    pagesOrigin = `http://127.0.0.1:${(pages.address() as AddressInfo).port}`;
+    server = await startServer({
+      JWT_SECRET: SECRET,
+      ALLOW_ANONYMOUS: "1",
+      CORS_ORIGIN: pagesOrigin,
+    });
+    browser = await chromium.launch({ executablePath: CHROMIUM, args: FLAGS });
+    untrackBrowser = track(() => browser.close());
+  });
+
+  after(async () => {
+    await browser?.close();
+    untrackBrowser?.();
+    pages?.close();
+    assert.equal(await server.stop(), 0);
+  });
+
+  const publishAs = async (bearer: string, body: object) => {
+    const response = await fetch(new URL("/publish", server.url), {
+      method: "POST",
+      headers: { authorization: `Bearer ${bearer}`, "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    assert.equal(response.status, 200);
+    await response.body?.cancel();
+  };
+
+  test("same origin: the page's token sets the cookie, and private events arrive", async () => {
+    const context = await browser.newContext();
+    const anonymous = await browser.newContext();
+    try {
+      const page = await context.newPage();
+      await page.goto(server.url);
+      await page.getByLabel("JWT").fill(await token(1));
+      await page.getByRole("button", { name: "Use token" }).click();
+      await page.locator('#state[data-state="open"]').waitFor();
+      const other = await anonymous.newPage();
+      await other.goto(server.url);
+      await other.locator('#state[data-state="open"]').waitFor();
+      const ann = await token(1);
+      await publishAs(ann, { data: "only for user 1", topic: "user/1/inbox", private: true });
+      await publishAs(ann, { data: "for everyone", topic: "user/1/inbox" });
+      await page.locator("#log td.data", { hasText: "only for user 1" }).waitFor();
+      await other.locator("#log td.data", { hasText: "for everyone" }).waitFor();
+      assert.equal(await other.locator("#log td.data", { hasText: "only for user 1" }).count(), 0);
+    } finally {
+      await context.close();
+      await anonymous.close();
+    }
+  });
+
+  test("cross origin: withCredentials sends the cookie to a listed origin", async () => {
+    const context = await browser.newContext();
+    try {
+      await context.addCookies([{ name: "sse_token", value: await token(2), url: server.url }]);
+      const withCookie = await context.newPage();
+      await withCookie.goto(
+        `${pagesOrigin}/?credentials=1&broker=${encodeURIComponent(server.url)}`,
+      );
+      const without = await context.newPage();
+      await without.goto(`${pagesOrigin}/?broker=${encodeURIComponent(server.url)}`);
+      // Both streams are open once each has received something.
+      await publishAs(await token(2), { data: "hello", topic: "user/2/a" });
+      for (const page of [withCookie, without]) {
+        await page.locator("#events li", { hasText: "hello" }).waitFor();
+      }
+      await publishAs(await token(2), { data: "private to 2", topic: "user/2/a", private: true });
+      await publishAs(await token(2), { data: "after", topic: "user/2/a" });
+      await withCookie.locator("#events li", { hasText: "private to 2" }).waitFor();
+      await without.locator("#events li", { hasText: "after" }).waitFor();
+      assert.equal(await without.locator("#events li", { hasText: "private to 2" }).count(), 0);
+    } finally {
+      await context.close();
+    }
   });
 });

@@ -16,6 +16,7 @@ import {
   subscribe,
 } from "./helpers.ts";
 import { RedisServer } from "./redis_server.mjs";
+import * as jose from "jose";
 
 const OTHER_RUNTIME = RUNTIME === "deno" ? "bun" : "deno";
 
@@ -120,6 +121,45 @@ describe("the ticker of a cluster", () => {
     assert.equal(new Set(times).size, 20, `no interval ticked twice: ${times}`);
     for (const time of times) assert.equal(time % 50, 0);
     await Promise.all(readers.map((reader) => reader.cancel()));
+  });
+});
+
+describe("private events on a cluster", () => {
+  const SECRET = "a cluster secret of at least 32 bytes";
+  const cluster = useCluster({ JWT_SECRET: SECRET }, [RUNTIME, OTHER_RUNTIME]);
+  const key = new TextEncoder().encode(SECRET);
+  const token = (grants: object) =>
+    new jose.SignJWT({ sse: grants }).setProtectedHeader({ alg: "HS256" }).sign(key);
+
+  test("reach only granted subscribers on every process, live and in replay", async () => {
+    const [a, b] = cluster.servers;
+    const granted = await token({ subscribe: ["team/*"], publish: ["*"] });
+    const other = await token({ subscribe: ["elsewhere"] });
+    const listen = (server: ServerProcess, bearer: string, headers = {}) =>
+      subscribe(`${server.url}events`, { authorization: `Bearer ${bearer}`, ...headers });
+    const [onB, otherOnB] = [await listen(b, granted), await listen(b, other)];
+    const post = (body: object) =>
+      fetch(new URL("/publish", a.url), {
+        method: "POST",
+        headers: { authorization: `Bearer ${granted}`, "content-type": "application/json" },
+        body: JSON.stringify(body),
+      }).then((response) => response.json());
+    const secret = (await post({ data: "secret", topic: "team/red", private: true })).id;
+    const open = (await post({ data: "public", topic: "team/red" })).id;
+    assert.deepEqual(ids(await onB.events(2)), [secret, open]);
+    assert.deepEqual(ids(await otherOnB.events(1)), [open]);
+    // Resuming on the other process from an id Redis does not hold: all it keeps is replayed.
+    const before = "0-0";
+    const replay = async (bearer: string) =>
+      ids(
+        (await (await listen(a, bearer, { "last-event-id": before })).until((e) =>
+          e.event === "replayed"
+        )).filter((e) => e.event === "message"),
+      );
+    assert.deepEqual(await replay(granted), [secret, open]);
+    assert.deepEqual(await replay(other), [open]);
+    await onB.cancel();
+    await otherOnB.cancel();
   });
 });
 
