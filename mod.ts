@@ -1019,16 +1019,24 @@ export class Broker {
     if (batch.length === 0) return;
     this.#batch = [];
     this.#liveId = batch[batch.length - 1].id;
-    // Clients that want the same events share one chunk, built once: with
-    // private events in the batch, that also takes the same grants.
-    const hasPrivate = batch.some((event) => event.private === true);
-    const shares = new Map<string | undefined, Share>();
+    // Clients that want the same events share one chunk, built once. They
+    // want the same when they named the same topics and, if some events are
+    // private, are granted the same of those: clients with other grants but
+    // the same events still share.
+    const privateEvents = batch.filter((event) => event.private === true);
+    const hasPrivate = privateEvents.length > 0;
+    const shares = new Map<string | undefined, Map<string, Share>>();
     const shareOf = (client: Client): Share => {
-      const key = hasPrivate ? `${client.topicKey}\n\n${client.grants.source}` : client.topicKey;
-      let share = shares.get(key);
+      let byGrants = shares.get(client.topicKey);
+      if (byGrants === undefined) shares.set(client.topicKey, byGrants = new Map());
+      const granted = hasPrivate ? grantedOf(client, privateEvents) : "";
+      let share = byGrants.get(granted);
       if (share === undefined) {
         const wanted = batch.filter((event) => client.wants(event));
-        shares.set(key, share = { chunk: concat(wanted.map(bytesOf)), events: wanted.length });
+        byGrants.set(
+          granted,
+          share = { chunk: concat(wanted.map(bytesOf)), events: wanted.length },
+        );
       }
       return share;
     };
@@ -1901,6 +1909,20 @@ function concat(chunks: readonly Uint8Array[]): Uint8Array {
 function isTopic(topic: unknown): boolean {
   // deno-lint-ignore no-control-regex -- control characters are what it refuses
   return typeof topic === "string" && /^[^\x00-\x1f\x7f]{1,256}$/.test(topic);
+}
+
+/** Which of `events` (private ones) `client` is granted, one `1` or `0` each. */
+function grantedOf(client: Client, events: readonly LogEvent[]): string {
+  let granted = "";
+  for (const event of events) {
+    let match = false;
+    for (const topic of event.topics) {
+      match = client.grants.test(topic);
+      if (match) break;
+    }
+    granted += match ? "1" : "0";
+  }
+  return granted;
 }
 
 /**
