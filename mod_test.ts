@@ -722,8 +722,10 @@ describe("heartbeats", () => {
       const { Broker } = await import(${JSON.stringify(new URL("./mod.ts", import.meta.url).href)});
       const broker = new Broker({ heartbeat: 10 });
       const body = broker.subscribe(new Request("http://x/")).body;
+      const expiring = broker.subscribe(new Request("http://x/"), { expires: Date.now() + 60000 }).body;
       await new Promise((resolve) => setTimeout(resolve, 30));
       await body.cancel();
+      await expiring.cancel();
       console.log("left");`;
     const args = RUNTIME === "deno" ? ["eval", "--no-config", program] : ["-e", program];
     const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
@@ -1749,8 +1751,13 @@ describe("jwtVerifier", () => {
   const sign = (claims: jose.JWTPayload, key: CryptoKey | Uint8Array, alg: string) =>
     new jose.SignJWT(claims).setProtectedHeader({ alg }).sign(key);
   /** A token with any header, signed with HS256 by crypto.subtle directly. */
-  async function handMade(header: object, claims: object, secret = hs256): Promise<string> {
-    const part = (value: object) => jose.base64url.encode(JSON.stringify(value));
+  async function handMade(
+    header: object,
+    claims: object | Uint8Array,
+    secret = hs256,
+  ): Promise<string> {
+    const part = (value: object) =>
+      jose.base64url.encode(value instanceof Uint8Array ? value : JSON.stringify(value));
     const input = `${part(header)}.${part(claims)}`;
     const key = await crypto.subtle.importKey(
       "raw",
@@ -1778,6 +1785,10 @@ describe("jwtVerifier", () => {
       const { publicKey, privateKey } = await jose.generateKeyPair(alg, { extractable: true });
       const verify = await jwtVerifier({ publicKey: await jose.exportSPKI(publicKey) });
       assert.deepEqual(await verify(await sign(claims, privateKey, alg)), claims, alg);
+      if (alg === "EdDSA") {
+        // "Ed25519" is the newer name of the same algorithm.
+        assert.deepEqual(await verify(await sign(claims, privateKey, "Ed25519")), claims);
+      }
     }
   });
 
@@ -1816,8 +1827,14 @@ describe("jwtVerifier", () => {
         `${header}.${jose.base64url.encode("not json")}.${signature}`,
         `${header}.${jose.base64url.encode("null")}.${signature}`,
         `${header}.${payload.slice(1)}.${signature}`,
+        `${header}.${payload}. ${signature}`,
+        `${header}.${payload}.${signature} `,
+        `${jose.base64url.encode("5")}.${payload}.${signature}`,
       ]
     ) await refuses(verify(token), "malformed token");
+    // Signed, but not UTF-8: {"sub":"<0xff>"}.
+    const notUtf8 = new Uint8Array([...new TextEncoder().encode('{"sub":"'), 0xff, 0x22, 0x7d]);
+    await refuses(verify(await handMade({ alg: "HS256" }, notUtf8)), "malformed token");
     const other = new TextEncoder().encode("another secret of at least 32 bytes");
     await refuses(verify(await sign({ sub: "a" }, other, "HS256")), "bad signature");
     const tampered = `${header}.${jose.base64url.encode('{"sub":"b"}')}.${signature}`;
@@ -1833,8 +1850,10 @@ describe("jwtVerifier", () => {
     assert.ok(await verify(await token({ aud: ["other", "sse"] })));
     await refuses(verify(await token({ exp: now() - 10 })), "expired");
     await refuses(verify(await token({ exp: "tomorrow" })), "expired");
+    await refuses(verify(await token({ exp: "9999999999" })), "expired"); // a string is no time
     await refuses(verify(await token({ nbf: now() + 10 })), "not yet valid");
     await refuses(verify(await token({ nbf: "now" })), "not yet valid");
+    await refuses(verify(await token({ nbf: "0" })), "not yet valid");
     await refuses(verify(await token({ aud: "other" })), "wrong audience");
     await refuses(verify(await token({ aud: ["other"] })), "wrong audience");
     await refuses(verify(await sign({ iss: "https://id" }, hs256, "HS256")), "wrong audience");
@@ -1890,7 +1909,8 @@ describe("private events and grants", () => {
     const everything = grantsOf(["*"])(broker);
     const exact = grantsOf(["user/42/inbox"], "?topic=user/42/inbox")(broker);
     const none = open(broker);
-    const other = grantsOf(["user/4/*", "user/42"])(broker);
+    const other = grantsOf(["user/4/*", "user/42", "user.42/*"])(broker);
+    const second = grantsOf(["nothing", "user/42/*"])(broker);
     await broker.publish({ data: "secret" }, { topics: ["user/42/inbox"], private: true });
     await broker.publish({ data: "public" }, { topics: ["user/42/inbox"] });
     const data = async (reader: EventReader, count: number) =>
@@ -1899,21 +1919,29 @@ describe("private events and grants", () => {
     assert.deepEqual(await data(everything, 2), ["secret", "public"]);
     assert.deepEqual(await data(exact, 2), ["secret", "public"]);
     assert.deepEqual(await data(none, 1), ["public"]);
-    assert.deepEqual(await data(other, 1), ["public"]);
-    assert.equal(broker.stats().delivered, 3 + 5);
+    assert.deepEqual(await data(other, 1), ["public"], "`.` is no wildcard");
+    assert.deepEqual(await data(second, 2), ["secret", "public"]);
+    assert.equal(broker.stats().delivered, 4 + 6);
     broker.close();
   });
 
   test("in one burst, clients with other grants get their own chunks", async () => {
     const broker = new Broker();
     const reader = (grants: string[]) =>
-      broker.subscribe(new Request("http://x/?topic=news&topic=a"), { grants }).body!.getReader();
-    const [a1, a2, b, none] = [reader(["a"]), reader(["a", "z/*"]), reader(["b"]), reader([])];
+      broker.subscribe(new Request("http://x/?topic=news&topic=a&topic=b"), { grants }).body!
+        .getReader();
+    // a2's grants differ, and cover a public topic too: it still gets what a1 gets.
+    const [a1, a2, b, none] = [
+      reader(["a"]),
+      reader(["news", "a", "z/*"]),
+      reader(["b"]),
+      reader([]),
+    ];
     for (const r of [a1, a2, b, none]) await r.read(); // retry:
     await Promise.all([
       broker.publish({ data: "news" }, { topics: ["news"] }),
-      broker.publish({ data: "for a" }, { topics: ["a"], private: true }),
-      broker.publish({ data: "for b" }, { topics: ["b", "news"], private: true }),
+      broker.publish({ data: "for a" }, { topics: ["a", "z/1"], private: true }),
+      broker.publish({ data: "for b" }, { topics: ["b"], private: true }),
     ]);
     const data = (chunk: Uint8Array) =>
       parseAll(chunk).items.map((item) => (item as SseEvent).data);
@@ -1928,10 +1956,12 @@ describe("private events and grants", () => {
 
   test("a client granted none of a burst's events gets nothing from it, not an empty chunk", async () => {
     const broker = new Broker({ heartbeat: 20 });
-    const reader = open(broker);
+    const reader = broker.subscribe(new Request("http://x/")).body!.getReader();
+    await reader.read(); // retry:
     await broker.publish({ data: "hidden" }, { topics: ["a"], private: true });
-    // Had it been sent anything, the next tick would skip it: the next item is a comment.
-    assert.equal((await reader.next())?.type, "comment");
+    // The next bytes are the heartbeat: nothing was queued, not even nothing.
+    assert.equal(new TextDecoder().decode((await reader.read()).value), ": \n\n");
+    assert.equal(broker.stats().delivered, 0);
     broker.close();
   });
 
@@ -1983,7 +2013,10 @@ describe("private events and grants", () => {
     assert.equal(await past.next(), null);
     assert.equal(await reader.next(), null);
     assert.equal(broker.stats().clients, 0);
-    const lasting = open(broker, "");
+    const lasting = new EventReader(
+      // Beyond the longest timer (24.8 days): it must not fire at once.
+      broker.subscribe(new Request("http://x/"), { expires: Date.now() + 30 * 86_400_000 }).body!,
+    );
     const far = broker.subscribe(new Request("http://x/"), { expires: Date.now() + 60_000 });
     await far.body!.cancel(); // its timer is cleared with it
     await broker.publish({ data: "still here" });
@@ -2055,6 +2088,15 @@ describe("createHandler with grants", () => {
     broker.close();
   });
 
+  test("a hook that returns neither true nor grants refuses", async () => {
+    for (const result of [undefined, null, 0, "yes"]) {
+      const handler = createHandler(new Broker(), {
+        authorize: () => result as unknown as boolean,
+      });
+      assert.equal((await handler(new Request("http://x/events"))).status, 401, String(result));
+    }
+  });
+
   test("a TokenError from authorize is a 401 that names the reason", async () => {
     const handler = createHandler(new Broker(), {
       authorize: () => {
@@ -2107,8 +2149,14 @@ describe("jwtAuth", () => {
 
   test("takes the token from the Authorization header, else the cookie, else ?token= for subscribers", async () => {
     const authorize = await jwtAuth({ secret: SECRET });
-    const signed = await token({ sse: grants });
-    const expected = { subscribe: grants.subscribe, publish: grants.publish, expires: undefined };
+    const exp = Math.floor(Date.now() / 1000) + 600;
+    const signed = await token({ sse: grants, exp });
+    // The stream may last as long as the token, with the same 5 s of leeway.
+    const expected = {
+      subscribe: grants.subscribe,
+      publish: grants.publish,
+      expires: (exp + 5) * 1000,
+    };
     assert.deepEqual(
       await ask(authorize, "publish", { headers: { authorization: `Bearer ${signed}` } }),
       expected,
@@ -2121,6 +2169,20 @@ describe("jwtAuth", () => {
       false,
       "not for publishing",
     );
+    const spaced = { headers: { cookie: `sse_token=${signed} ; x=1` } };
+    assert.deepEqual(await ask(authorize, "subscribe", spaced), expected);
+    assert.equal(
+      await ask(authorize, "subscribe", { headers: { cookie: "sse_tokenX; a=1" } }),
+      false,
+    );
+    const header = (value: string) => ({ headers: { authorization: value } });
+    assert.deepEqual(await ask(authorize, "publish", header(`Bearer  ${signed}`)), expected);
+    for (const value of [`xBearer ${signed}`, `Bearer ${signed} junk`]) {
+      await assert.rejects(ask(authorize, "publish", header(value)), {
+        name: "TokenError",
+        message: "malformed authorization header",
+      });
+    }
     const named = await jwtAuth({ secret: SECRET, cookie: "auth" });
     assert.deepEqual(
       await ask(named, "subscribe", { headers: { cookie: `auth=${signed}` } }),
@@ -2147,7 +2209,7 @@ describe("jwtAuth", () => {
       publish: undefined,
       expires: undefined,
     });
-    for (const claim of [5, null, { subscribe: "a" }, { publish: [1] }]) {
+    for (const claim of [5, null, { subscribe: "a" }, { publish: [1] }, { subscribe: ["a", 1] }]) {
       await assert.rejects(ask(authorize, "subscribe", await bearer({ mercure: claim })), {
         name: "TokenError",
         message: "malformed mercure claim",
@@ -2183,7 +2245,7 @@ describe("jwtAuth", () => {
       'Bearer error="invalid_token", error_description="expired"',
     );
     assert.equal((await refused.text()).includes(expired), false, "the token is never echoed");
-    const soon = await token({ exp: Math.floor(Date.now() / 1000) + 1, sse: grants });
+    const soon = await token({ exp: Math.floor(Date.now() / 1000) + 2, sse: grants }); // 1 to 2 s
     const response = await handler(
       new Request("http://x/events", { headers: { cookie: `sse_token=${soon}` } }),
     );

@@ -85,6 +85,7 @@ const PAGE = `<!doctype html>
   td.data { overflow-wrap: anywhere; white-space: pre-wrap; }
   tr.replayed td:first-child { border-left: 3px solid var(--warn); }
   tr.control td { color: var(--accent); }
+  tr.private td.data::after { content: " (private)"; color: var(--muted); }
 </style>
 </head>
 <body>
@@ -132,6 +133,8 @@ const PAGE = `<!doctype html>
         <label>Data <input name="data" required autocomplete="off"></label>
         <label>Event name <input name="event" placeholder="message" autocomplete="off"></label>
         <label>Topic <input name="topic" placeholder="none" autocomplete="off"></label>
+        <label class="check" id="private-field" hidden><input type="checkbox" name="private">
+          Private: only subscribers granted its topic</label>
         <label id="token-field" hidden>Token
           <input name="token" type="password" autocomplete="current-password"></label>
         <button>Publish</button>
@@ -167,6 +170,7 @@ let wasOpen = false;      // opened before, so the next open is a reconnect
 let replaying = false;    // between a reconnect and the "replayed" event
 let gap = false;          // the server said events may be missing before the replay
 const listening = new Set();
+const privateIds = new Set(); // events this page published privately: the stream cannot say
 let shown = 0;
 
 function setState(state, text) {
@@ -191,6 +195,7 @@ function addRow(event, kind) {
   row.dataset.id = event.lastEventId;
   row.dataset.event = event.type;
   if (kind) row.className = kind;
+  if (privateIds.has(event.lastEventId)) row.classList.add("private");
   const topic = event.type === "tick" ? "time" : topics.length === 1 ? topics[0] : "";
   const shortId = event.lastEventId ? event.lastEventId.split("-").pop() : "";
   for (const [text, className] of [[shortId, ""], [event.type, ""], [topic, ""],
@@ -284,6 +289,7 @@ $("publish").addEventListener("submit", async (submit) => {
     localStorage.setItem("sse-events", [...names.add(event)].join(","));
   }
   if (topic) body.topic = topic;
+  if (form.get("private") === "on") body.private = true;
   const headers = { "content-type": "application/json" };
   const secret = form.get("token");
   if (secret) headers.authorization = "Bearer " + secret;
@@ -293,6 +299,12 @@ $("publish").addEventListener("submit", async (submit) => {
     if (!response.ok) {
       $("publish-error").textContent = (await response.json()).error;
       return;
+    }
+    if (body.private) {
+      const { id } = await response.json();
+      privateIds.add(id);
+      // The event may have come through the stream before this answer.
+      document.querySelector('#log tr[data-id="' + CSS.escape(id) + '"]')?.classList.add("private");
     }
     submit.target.elements.data.value = "";
     submit.target.elements.data.focus();
@@ -315,6 +327,7 @@ $("token-field").hidden = !config.publishToken;
 // With signed tokens, the cookie carries the token: EventSource sends it, and
 // so does fetch on this origin, for publishing.
 $("sign-in").hidden = !config.jwtCookie;
+$("private-field").hidden = !config.jwtCookie;
 $("sign-in").addEventListener("submit", (submit) => {
   submit.preventDefault();
   const value = new FormData(submit.target).get("jwt");

@@ -3,6 +3,7 @@
 // round: `npm run bench:private`. Writes bench/results/PRIVATE.md.
 //
 // Environment: REPEAT (rounds, default 3).
+import { execFileSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import {
   fmt,
@@ -10,6 +11,7 @@ import {
   out,
   prepare,
   REPEAT,
+  root,
   runLoadgen,
   startServer,
   stopServer,
@@ -61,6 +63,18 @@ for (const runtime of ["deno", "bun"]) {
     `| ${runtime} | ${fmt(median(open))} | ${fmt(median(closed))} | ` +
       `${(median(closed) / median(open)).toFixed(2)} | ${open.map(fmt).join(", ")}; ` +
       `${closed.map(fmt).join(", ")} |`,
+  );
+}
+// The check a subscribe pays for its token, in process (no HTTP).
+lines.push("", "Token check per subscribe (`bench/token_check.ts`: `jwtAuth`, 2,000 checks):", "");
+for (const runtime of ["deno", "bun"]) {
+  const args = runtime === "deno"
+    ? ["run", "-A", "bench/token_check.ts"]
+    : ["bench/token_check.ts"];
+  const output = execFileSync(`${root}node_modules/.bin/${runtime}`, args, { cwd: root });
+  const micros = JSON.parse(String(output));
+  lines.push(
+    `- ${runtime}: ${Object.entries(micros).map(([alg, us]) => `${alg} ${us} µs`).join(", ")}`,
   );
 }
 writeFileSync(`${out}/PRIVATE.md`, lines.join("\n") + "\n");

@@ -287,6 +287,13 @@ describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}
       await page.locator("#log td.data", { hasText: "only for user 1" }).waitFor();
       await other.locator("#log td.data", { hasText: "for everyone" }).waitFor();
       assert.equal(await other.locator("#log td.data", { hasText: "only for user 1" }).count(), 0);
+      // Published privately from the page's form: marked in its log.
+      await page.getByLabel("Data").fill("from the form");
+      await page.getByLabel("Topic").fill("user/1/notes");
+      await page.getByLabel("Private").check();
+      await page.getByRole("button", { name: "Publish" }).click();
+      await page.locator("#log tr.private td.data", { hasText: "from the form" }).waitFor();
+      await page.screenshot({ path: `${ROOT}test-output/page-jwt-${RUNTIME}.png`, fullPage: true });
     } finally {
       await context.close();
       await anonymous.close();
