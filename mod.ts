@@ -1934,7 +1934,7 @@ function selectorPattern(selectors: readonly string[]): RegExp {
   const alternatives = selectors.map((selector) =>
     selector.split("*").map((part) => part.replace(/[\\^$.|?*+()[\]{}]/g, "\\$&")).join(".*")
   );
-  return new RegExp(`^(?:${alternatives.join("|")})$`, "s");
+  return new RegExp(`^(?:${alternatives.join("|")})$`);
 }
 
 function checkCount(name: string, value: number): number {

@@ -1911,6 +1911,7 @@ describe("private events and grants", () => {
     const none = open(broker);
     const other = grantsOf(["user/4/*", "user/42", "user.42/*"])(broker);
     const second = grantsOf(["nothing", "user/42/*"])(broker);
+    const dotted = grantsOf(["user/42/in.box"], "?topic=user/42/in.box")(broker);
     await broker.publish({ data: "secret" }, { topics: ["user/42/inbox"], private: true });
     await broker.publish({ data: "public" }, { topics: ["user/42/inbox"] });
     const data = async (reader: EventReader, count: number) =>
@@ -1922,6 +1923,9 @@ describe("private events and grants", () => {
     assert.deepEqual(await data(other, 1), ["public"], "`.` is no wildcard");
     assert.deepEqual(await data(second, 2), ["secret", "public"]);
     assert.equal(broker.stats().delivered, 4 + 6);
+    // Characters special to patterns are plain ones in a selector.
+    await broker.publish({ data: "dotted" }, { topics: ["user/42/in.box"], private: true });
+    assert.equal((await dotted.event()).data, "dotted");
     broker.close();
   });
 
@@ -2056,6 +2060,7 @@ describe("createHandler with grants", () => {
     assert.equal((await post(anywhere, { data: "x" })).status, 200);
     const nothing = createHandler(broker, { authorize: () => ({}) });
     assert.equal((await post(nothing, { data: "x", topic: "a" })).status, 403);
+    assert.equal((await post(nothing, { data: "x" })).status, 403);
     assert.equal(broker.stats().published, 2);
     broker.close();
   });
