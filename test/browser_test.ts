@@ -289,7 +289,7 @@ describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}
       assert.equal(await other.locator("#log td.data", { hasText: "only for user 1" }).count(), 0);
       // Published privately from the page's form: marked in its log.
       await page.getByLabel("Data").fill("from the form");
-      await page.getByLabel("Topic").fill("user/1/notes");
+      await page.getByLabel("Topic", { exact: true }).fill("user/1/notes");
       await page.getByLabel("Private").check();
       await page.getByRole("button", { name: "Publish" }).click();
       await page.locator("#log tr.private td.data", { hasText: "from the form" }).waitFor();
