@@ -1039,7 +1039,12 @@ export class Broker {
       }
       return share;
     };
-    for (const client of this.#everyone) this.#send(client, shareOf(client));
+    // Without private events, every client that named no topic wants the
+    // whole batch: one chunk for all, looked up once per flush, not per client.
+    let all: Share | undefined;
+    for (const client of this.#everyone) {
+      this.#send(client, privateEvents.length === 0 ? all ??= shareOf(client) : shareOf(client));
+    }
     this.#flushTopics(batch, shareOf);
     // A waiting client reads the log again: it finds its event among these,
     // or that it is still ahead.
