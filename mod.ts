@@ -254,6 +254,11 @@ export interface EventLog {
    * Returns a function that stops the calls.
    */
   listen(listener: (events: readonly LogEvent[]) => void): () => void;
+  /**
+   * Resolves once the log answers and rejects when it cannot be reached, for
+   * {@linkcode Broker.health}. Optional: a log without it counts as up.
+   */
+  ping?(): Promise<void>;
 }
 
 /**
@@ -471,8 +476,20 @@ export interface BrokerOptions {
   maxQueueBytes?: number;
   /** Extra headers on every stream. Defaults to `access-control-allow-origin: *`. */
   headers?: HeadersInit;
-  /** Streams open at once; beyond it subscribing gets `503` with `Retry-After`. Defaults to no limit. */
+  /**
+   * Streams open at once. Beyond it a subscriber is sent away: it gets a
+   * `200` stream holding only a `retry:` drawn from `shedRetry` (and a
+   * `Retry-After` header for other clients), which then ends, so an
+   * `EventSource` comes back later; a `503` would make it give up for good.
+   * Defaults to no limit.
+   */
   maxClients?: number;
+  /**
+   * The range, in milliseconds, of the random `retry:` given to clients sent
+   * away (past `maxClients`, or by {@linkcode Broker.drain}), so that they
+   * come back spread out rather than all at once. Defaults to `[1000, 10000]`.
+   */
+  shedRetry?: readonly [min: number, max: number];
   /** Topics one client may name; more get `400`. Defaults to 32. */
   maxTopics?: number;
   /**
@@ -531,11 +548,34 @@ export interface PublishOptions {
 }
 
 /**
+ * Why a request was refused, as counted in {@linkcode BrokerStats.rejected}:
+ * `auth` (`401`, `403`), `validation` (`400`), `limits` (`413`, and
+ * subscribers sent away past `maxClients`), `draining` (subscribers sent
+ * away during {@linkcode Broker.drain}).
+ */
+export type RejectionReason = "auth" | "validation" | "limits" | "draining";
+
+/**
+ * Counts of a histogram, in the Prometheus layout: for each upper bound
+ * (`"0.001"`, ..., `"+Inf"`), the number of observations at or below it.
+ */
+export interface Histogram {
+  /** Upper bounds, lowest first, each with the observations at or below it. */
+  buckets: { le: string; count: number }[];
+  /** The sum of all observations. */
+  sum: number;
+  /** The number of observations (the `"+Inf"` bucket). */
+  count: number;
+}
+
+/**
  * Counters of a {@linkcode Broker}, as returned by {@linkcode Broker.stats}.
  */
 export interface BrokerStats {
   /** Streams open now. */
   clients: number;
+  /** Streams opened since the broker was created. */
+  connections: number;
   /** Of those, the streams that named no topic: they get every event. */
   clientsWithoutTopic: number;
   /**
@@ -551,8 +591,27 @@ export interface BrokerStats {
   replayed: number;
   /** Clients disconnected because they fell more than `maxQueueBytes` behind. */
   slowDisconnects: number;
+  /** Requests refused, by reason. */
+  rejected: Record<RejectionReason, number>;
+  /**
+   * Seconds from a publish being accepted until its event is queued for
+   * every client of this broker (the log's append included).
+   */
+  publishSeconds: Histogram;
   /** The id of the newest event, or `null` before the first. */
   lastEventId: string | null;
+}
+
+/**
+ * Whether a broker should get traffic, as returned by {@linkcode Broker.health}.
+ */
+export interface Health {
+  /** It takes subscribers and its event log answers. */
+  ready: boolean;
+  /** The event log answered its {@linkcode EventLog.ping} within a second. */
+  eventLogUp: boolean;
+  /** Why it is not ready (`"draining"`, `"closed"`, or the log's error); `null` when ready. */
+  reason: string | null;
 }
 
 /** What a client's stream and request report back to the broker. */
@@ -678,7 +737,7 @@ export class Broker {
   readonly #maxQueueBytes: number;
   readonly #maxClients: number;
   readonly #maxTopics: number;
-  readonly #retryAfter: string;
+  readonly #shedRetry: readonly [number, number];
   readonly #logger: ((line: string) => void) | undefined;
   readonly #headers: Headers;
   /** The first bytes of every stream: its `retry:`, or an empty comment. */
@@ -708,11 +767,26 @@ export class Broker {
   /** The clients in state `waiting`, so a flush finds them without a scan. */
   readonly #waiting = new Set<Client>();
   #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
-  #closed = false;
+  /**
+   * `open` takes subscribers; `draining` sends new ones away while
+   * {@linkcode Broker.drain} ends the open streams; `closed` has ended them
+   * all and refuses publishes.
+   */
+  #state: "open" | "draining" | "closed" = "open";
+  #connections = 0;
   #published = 0;
   #delivered = 0;
   #replayed = 0;
   #slowDisconnects = 0;
+  readonly #rejected: Record<RejectionReason, number> = {
+    auth: 0,
+    validation: 0,
+    limits: 0,
+    draining: 0,
+  };
+  /** Publishes per bucket of {@linkcode PUBLISH_BUCKETS}, and past the last. */
+  readonly #publishCounts: number[] = PUBLISH_BUCKETS.map(() => 0).concat(0);
+  #publishSeconds = 0;
 
   /**
    * Creates a broker with no clients; it starts no timer until one subscribes.
@@ -727,9 +801,11 @@ export class Broker {
     this.#maxQueueBytes = checkCount("maxQueueBytes", options.maxQueueBytes ?? 1 << 20);
     this.#maxClients = checkCount("maxClients", options.maxClients ?? Infinity);
     this.#maxTopics = checkCount("maxTopics", options.maxTopics ?? 32);
+    const [min, max] = options.shedRetry ?? [1000, 10_000];
+    this.#shedRetry = [checkCount("shedRetry[0]", min), checkCount("shedRetry[1]", max)];
+    if (!(min <= max)) throw new RangeError("shedRetry: the minimum must not exceed the maximum");
     this.#logger = options.logger;
     const retry = options.retry === undefined ? 2000 : options.retry;
-    this.#retryAfter = String(Math.max(1, Math.ceil((retry ?? 0) / 1000)));
     // The first bytes must go out at once: Bun sends no headers before the
     // first body chunk, and an EventSource stays "connecting" until then.
     this.#streamStart = encodeMessage(retry === null ? { comment: "" } : { retry });
@@ -754,9 +830,11 @@ export class Broker {
    * malformed), it is first sent an `event: gap` and then every retained
    * event. Neither of these two events carries an id.
    *
-   * Answers `400` for an invalid topic or too many, and `503` when
-   * `maxClients` streams are open. Once the broker is closed, the stream
-   * holds only its first bytes (the `retry:`) and ends, so clients retry later.
+   * Answers `400` for an invalid topic or too many. Past `maxClients`, and
+   * while draining, the client is sent away: its stream holds only a
+   * random `retry:` from `shedRetry` and ends, with a `Retry-After` header.
+   * Once the broker is closed, the stream holds only its first bytes (the
+   * `retry:`) and ends, so clients retry later.
    *
    * @example
    * ```ts
@@ -778,17 +856,20 @@ export class Broker {
     // A closed broker ends new streams at once, as it ended the open ones:
     // an EventSource then retries (and finds the restarted server), where a
     // 503 would make it give up for good.
-    if (this.#closed) return new Response(this.#streamStart, { headers: this.#headers });
-    if (this.#clients.size >= this.#maxClients) {
-      return errorResponse(503, "too many clients", { "retry-after": this.#retryAfter });
+    if (this.#state === "closed") {
+      return new Response(this.#streamStart, { headers: this.#headers });
     }
+    if (this.#state === "draining") return this.#sendAway("draining");
+    if (this.#clients.size >= this.#maxClients) return this.#sendAway("limits");
     const url = new URL(request.url);
     const topics = options.topics ?? url.searchParams.getAll("topic");
     if (topics.length > this.#maxTopics) {
+      this.#rejected.validation++;
       return errorResponse(400, `at most ${this.#maxTopics} topics per client`);
     }
     const invalid = topics.find((topic) => !isTopic(topic));
     if (invalid !== undefined) {
+      this.#rejected.validation++;
       return errorResponse(400, `invalid topic ${JSON.stringify(invalid.slice(0, 64))}`);
     }
     const lastEventId = options.lastEventId !== undefined
@@ -846,7 +927,19 @@ export class Broker {
     message: Omit<ServerSentEventMessage, "id">,
     options: PublishOptions = {},
   ): Promise<string> {
-    if (this.#closed) throw new Error("the broker is closed");
+    if (this.#state === "closed") throw new Error("the broker is closed");
+    try {
+      return await this.#publish(message, options);
+    } catch (error) {
+      if (error instanceof MessageError) this.#rejected.validation++;
+      throw error;
+    }
+  }
+
+  async #publish(
+    message: Omit<ServerSentEventMessage, "id">,
+    options: PublishOptions,
+  ): Promise<string> {
     if (typeof message !== "object" || message === null) {
       throw new MessageError("message", "must be an object");
     }
@@ -867,6 +960,7 @@ export class Broker {
     // Validate before the event reaches the log, so a refused message
     // leaves no hole in the ids.
     const text = formatMessage(message);
+    const accepted = performance.now();
     let id: string;
     try {
       id = await this.#eventLog.append(topics, text, isPrivate);
@@ -875,11 +969,119 @@ export class Broker {
     }
     this.#published++;
     // The event comes back through the log's listener, in the log's order.
-    while (!this.#closed && (this.#liveId === null || compareIds(id, this.#liveId) > 0)) {
+    while (this.#state !== "closed" && this.#isNewer(id)) {
       this.#flushed ??= Promise.withResolvers();
       await this.#flushed.promise;
     }
+    const seconds = (performance.now() - accepted) / 1000;
+    const bucket = PUBLISH_BUCKETS.findIndex((bound) => seconds <= bound);
+    this.#publishCounts[bucket === -1 ? PUBLISH_BUCKETS.length : bucket]++;
+    this.#publishSeconds += seconds;
     return id;
+  }
+
+  /**
+   * Sends every client away gradually, for a server about to stop: from now
+   * on subscribers are sent away as past `maxClients`, and
+   * {@linkcode Broker.health} reports `draining`; the open streams end one
+   * after another, spread evenly over `ms`, each with a random `retry:` from
+   * `shedRetry`, so that their clients reconnect to other servers a few at
+   * a time. Publishing goes on meanwhile. Resolves once every stream has
+   * ended; then call {@linkcode Broker.close}. Does nothing unless the
+   * broker is open.
+   *
+   * @example
+   * ```ts
+   * import { Broker } from "./mod.ts";
+   *
+   * const broker = new Broker();
+   * const response = broker.subscribe(new Request("http://localhost/events"));
+   * await broker.drain(100);
+   * console.log(broker.stats().clients); // 0
+   * broker.close();
+   * await response.text();
+   * ```
+   *
+   * @param ms Over how many milliseconds to spread the ends of the streams.
+   */
+  async drain(ms: number): Promise<void> {
+    checkCount("ms", ms);
+    if (this.#state !== "open") return;
+    this.#state = "draining";
+    const clients = [...this.#clients];
+    const started = performance.now();
+    let ended = 0;
+    while (ended < clients.length && this.#state === "draining") {
+      // Client i ends once i / n of the time has passed.
+      const elapsed = performance.now() - started;
+      const due = elapsed >= ms ? clients.length : Math.ceil((elapsed / ms) * clients.length);
+      for (; ended < due; ended++) {
+        const client = clients[ended];
+        if (client.state === "gone") continue;
+        client.controller.enqueue(encodeMessage({ retry: this.#randomRetry() }));
+        this.#end(client);
+      }
+      if (ended < clients.length) {
+        await new Promise((resolve) => setTimeout(resolve, DRAIN_TICK_MS));
+      }
+    }
+  }
+
+  /**
+   * Whether this broker should get traffic: open, and its event log
+   * answers {@linkcode EventLog.ping} within a second. For a readiness
+   * route: answer `503` when `ready` is false.
+   *
+   * @example
+   * ```ts
+   * import { Broker } from "./mod.ts";
+   *
+   * const broker = new Broker();
+   * console.log(await broker.health()); // { ready: true, eventLogUp: true, reason: null }
+   * broker.close();
+   * ```
+   */
+  async health(): Promise<Health> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error("no answer within 1 s")), PING_TIMEOUT_MS);
+    });
+    let logError: string | null = null;
+    try {
+      await Promise.race([this.#eventLog.ping?.(), timeout]);
+    } catch (error) {
+      logError = `the event log did not answer: ${(error as Error)?.message ?? error}`;
+    } finally {
+      clearTimeout(timer);
+    }
+    const reason = this.#state === "open" ? logError : this.#state;
+    return { ready: reason === null, eventLogUp: logError === null, reason };
+  }
+
+  /**
+   * Counts a request refused before it reached the broker, in
+   * {@linkcode BrokerStats.rejected}: for a handler of your own that checks
+   * access or input (the one of {@linkcode createHandler} counts its own).
+   *
+   * @param reason Why it was refused.
+   */
+  countRejection(reason: RejectionReason): void {
+    this.#rejected[reason]++;
+  }
+
+  /** A stream that holds only a random `retry:` and ends: the client comes back later. */
+  #sendAway(reason: RejectionReason): Response {
+    this.#rejected[reason]++;
+    const retry = this.#randomRetry();
+    const headers = new Headers(this.#headers);
+    headers.set("retry-after", String(Math.ceil(retry / 1000)));
+    const comment = reason === "draining" ? "the server is stopping" : "too many clients";
+    return new Response(encodeMessage({ comment, retry }), { headers });
+  }
+
+  #randomRetry(): number {
+    const [min, max] = this.#shedRetry;
+    return min + Math.floor(Math.random() * (max - min + 1));
   }
 
   /**
@@ -900,8 +1102,8 @@ export class Broker {
    * ```
    */
   close(): void {
-    if (this.#closed) return;
-    this.#closed = true;
+    if (this.#state === "closed") return;
+    this.#state = "closed";
     this.#stopListening();
     this.#flush(); // accepted events go out before the streams end
     this.#flushed?.resolve();
@@ -922,8 +1124,14 @@ export class Broker {
    * ```
    */
   stats(): BrokerStats {
+    let count = 0;
+    const buckets = this.#publishCounts.map((n, i) => ({
+      le: String(PUBLISH_BUCKETS[i] ?? "+Inf"),
+      count: count += n,
+    }));
     return {
       clients: this.#clients.size,
+      connections: this.#connections,
       clientsWithoutTopic: this.#everyone.size,
       clientsByTopic: Object.fromEntries(
         [...this.#byTopic].map(([topic, clients]) => [topic, clients.size]),
@@ -932,12 +1140,15 @@ export class Broker {
       delivered: this.#delivered,
       replayed: this.#replayed,
       slowDisconnects: this.#slowDisconnects,
+      rejected: { ...this.#rejected },
+      publishSeconds: { buckets, sum: this.#publishSeconds, count },
       lastEventId: this.#liveId,
     };
   }
 
   #add(client: Client, lastEventId: string | null): void {
     this.#clients.add(client);
+    this.#connections++;
     if (client.topics === undefined) this.#everyone.add(client);
     else {
       for (const topic of client.topics) {
@@ -1195,6 +1406,12 @@ const NO_GRANTS = /(?!)/;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 /** Events per read of the log during a replay. */
 const REPLAY_PAGE = 512;
+/** Upper bounds, in seconds, of the buckets of {@linkcode BrokerStats.publishSeconds}. */
+const PUBLISH_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
+/** How often a drain ends the streams that are due. */
+const DRAIN_TICK_MS = 25;
+/** How long {@linkcode Broker.health} waits for the event log. */
+const PING_TIMEOUT_MS = 1000;
 // Stryker disable next-line ObjectLiteral,BooleanLiteral: a signal fires abort once anyway
 const ONCE = { once: true };
 
@@ -1749,6 +1966,7 @@ export function createHandler(
       if (route.action !== undefined) allowed = await authorize(request, route.action);
     } catch (error) {
       if (!(error instanceof TokenError)) throw error;
+      broker.countRejection("auth");
       const description = error.message.replace(/["\\]/g, "");
       return errorResponse(401, error.message, {
         "www-authenticate": `Bearer error="invalid_token", error_description="${description}"`,
@@ -1756,6 +1974,7 @@ export function createHandler(
     }
     // Only `true` or grants allow: a hook that forgets to return refuses.
     if (allowed !== true && (typeof allowed !== "object" || allowed === null)) {
+      broker.countRejection("auth");
       return errorResponse(401, "a valid token is required", {
         "www-authenticate": 'Bearer realm="sse"',
       });
@@ -1764,7 +1983,10 @@ export function createHandler(
       return await handle(request, url, server, allowed === true ? undefined : allowed);
     } catch (error) {
       if (error instanceof MessageError) return errorResponse(400, error.message);
-      if (error instanceof HttpError) return errorResponse(error.status, error.message);
+      if (error instanceof HttpError) {
+        broker.countRejection(REJECTION_OF_STATUS[error.status]);
+        return errorResponse(error.status, error.message);
+      }
       if (error instanceof EventLogError) {
         return errorResponse(503, "the event log is unavailable: try again", {
           "retry-after": "1",
@@ -1775,6 +1997,13 @@ export function createHandler(
   };
   return async (request, server) => withCors(request, await respond(request, server));
 }
+
+/** What each status the handler refuses with counts as. */
+const REJECTION_OF_STATUS: Record<number, RejectionReason> = {
+  400: "validation",
+  403: "auth",
+  413: "limits",
+};
 
 /** One path: a function per method, and the action `authorize` is asked about. */
 interface Route {
@@ -1845,6 +2074,88 @@ async function readPublication(
   } as Omit<ServerSentEventMessage, "id">;
   const topics = (topic === undefined ? [] : Array.isArray(topic) ? topic : [topic]) as string[];
   return { message, topics, private: isPrivate as boolean };
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------
+
+/**
+ * The broker's counters in the Prometheus text format (version 0.0.4), for
+ * a `/metrics` route: serve it with the content type
+ * {@linkcode METRICS_CONTENT_TYPE}. Names start with `sse_`; the counters
+ * are those of {@linkcode Broker.stats}, `sse_event_log_up` is
+ * {@linkcode Health.eventLogUp}, and `sse_publish_seconds` is a histogram
+ * of {@linkcode BrokerStats.publishSeconds}. Process metrics such as memory
+ * are the runtime's to add.
+ *
+ * @example
+ * ```ts
+ * import { Broker, METRICS_CONTENT_TYPE, metricsText } from "./mod.ts";
+ *
+ * const broker = new Broker();
+ * const response = new Response(await metricsText(broker), {
+ *   headers: { "content-type": METRICS_CONTENT_TYPE },
+ * });
+ * console.log((await response.text()).includes("sse_clients 0")); // true
+ * broker.close();
+ * ```
+ *
+ * @param broker The broker to describe.
+ * @returns The exposition text, one metric family after another.
+ */
+export async function metricsText(broker: Broker): Promise<string> {
+  const stats = broker.stats();
+  const { eventLogUp } = await broker.health();
+  const histogram = stats.publishSeconds;
+  return [
+    family("sse_clients", "gauge", "Streams open now.", [["", stats.clients]]),
+    family("sse_event_log_up", "gauge", "Whether the event log answered a ping (1) or not (0).", [
+      ["", eventLogUp ? 1 : 0],
+    ]),
+    family("sse_connections_total", "counter", "Streams opened.", [["", stats.connections]]),
+    family("sse_published_total", "counter", "Events accepted by publish.", [
+      ["", stats.published],
+    ]),
+    family("sse_delivered_total", "counter", "Events handed to live clients.", [
+      ["", stats.delivered],
+    ]),
+    family("sse_replayed_total", "counter", "Events resent from the event log.", [
+      ["", stats.replayed],
+    ]),
+    family("sse_slow_disconnects_total", "counter", "Clients cut for falling behind.", [
+      ["", stats.slowDisconnects],
+    ]),
+    family(
+      "sse_rejected_total",
+      "counter",
+      "Requests refused, by reason.",
+      Object.entries(stats.rejected).map(([reason, count]) => [`{reason="${reason}"}`, count]),
+    ),
+    family(
+      "sse_publish_seconds",
+      "histogram",
+      "Seconds from a publish accepted until queued for every client.",
+      [
+        ...histogram.buckets.map(({ le, count }): Sample => [`_bucket{le="${le}"}`, count]),
+        ["_sum", histogram.sum],
+        ["_count", histogram.count],
+      ],
+    ),
+  ].join("");
+}
+
+/** The content type of {@linkcode metricsText}. */
+export const METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8";
+
+/** One line of a metric family: what follows its name (a suffix, labels), and its value. */
+type Sample = [suffix: string, value: number];
+
+/** A metric family: its `# HELP` and `# TYPE` lines, then its samples. */
+function family(name: string, type: string, help: string, samples: Sample[]): string {
+  let text = `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n`;
+  for (const [suffix, value] of samples) text += `${name}${suffix} ${value}\n`;
+  return text;
 }
 
 /** Reads a body as UTF-8 text, refusing it as soon as it passes `maxBytes`. */

@@ -14,6 +14,8 @@ import {
   type LogRead,
   MemoryLog,
   MessageError,
+  METRICS_CONTENT_TYPE,
+  metricsText,
   type ServerSentEventMessage,
   ServerSentEventStream,
   tokenAuth,
@@ -461,29 +463,54 @@ describe("Broker options and limits", () => {
     broker.close();
   });
 
-  test("retry: null starts streams with a comment, and Retry-After is at least a second", async () => {
-    const broker = new Broker({ retry: null, maxClients: 1 });
-    const body = broker.subscribe(new Request("http://x/")).body!;
-    const reader = body.getReader();
+  test("retry: null starts streams with a comment", async () => {
+    const broker = new Broker({ retry: null });
+    const reader = broker.subscribe(new Request("http://x/")).body!.getReader();
     assert.equal(new TextDecoder().decode((await reader.read()).value), ": \n\n");
-    const full = broker.subscribe(new Request("http://x/"));
-    assert.equal(full.headers.get("retry-after"), "1");
     await reader.cancel();
     broker.close();
   });
 
-  test("maxClients: one stream too many gets 503 with Retry-After in whole seconds", async () => {
-    const broker = new Broker({ maxClients: 2, retry: 2500 });
+  test("maxClients: one stream too many is sent away with a 200 that EventSource retries", async () => {
+    const broker = new Broker({ maxClients: 2, shedRetry: [2500, 2500] });
     const bodies = [0, 1].map(() => broker.subscribe(new Request("http://x/")).body!);
     const full = broker.subscribe(new Request("http://x/"));
-    assert.equal(full.status, 503);
-    assert.equal(full.headers.get("retry-after"), "3");
-    assert.deepEqual(await full.json(), { error: "too many clients" });
+    assert.equal(full.status, 200);
+    assert.equal(full.headers.get("content-type"), "text/event-stream");
+    assert.equal(full.headers.get("retry-after"), "3", "whole seconds, rounded up");
+    assert.equal(await full.text(), ": too many clients\nretry: 2500\n\n");
+    assert.equal(broker.stats().clients, 2);
+    assert.equal(broker.stats().rejected.limits, 1);
     await bodies[0].cancel();
     const again = broker.subscribe(new Request("http://x/"));
-    assert.equal(again.status, 200, "a place freed is taken");
-    await again.body!.cancel();
+    assert.equal(await again.body!.getReader().read().then((r) => r.value!.length), 13);
+    assert.equal(broker.stats().clients, 2, "a place freed is taken");
     broker.close();
+  });
+
+  test("shedRetry: the retry of a client sent away is drawn from the whole range", async () => {
+    const broker = new Broker({ maxClients: 0, shedRetry: [1000, 1002] });
+    const seen = new Set<string>();
+    const afters = new Set<string | null>();
+    for (let i = 0; i < 200; i++) {
+      const response = broker.subscribe(new Request("http://x/"));
+      seen.add(/retry: (\d+)/.exec(await response.text())![1]);
+      afters.add(response.headers.get("retry-after"));
+    }
+    assert.deepEqual([...seen].sort(), ["1000", "1001", "1002"]);
+    assert.deepEqual([...afters].sort(), ["1", "2"]);
+    broker.close();
+  });
+
+  test("shedRetry must be two counts, the first not above the second", () => {
+    for (const range of [[-1, 5], [1, 1.5]]) {
+      assert.throws(() => new Broker({ shedRetry: range as [number, number] }), RangeError);
+    }
+    assert.throws(() => new Broker({ shedRetry: [5, 4] }), {
+      name: "RangeError",
+      message: "shedRetry: the minimum must not exceed the maximum",
+    });
+    new Broker({ shedRetry: [4, 4] }).close();
   });
 
   test("maxTopics: a client may name that many topics and no more", async () => {
@@ -628,6 +655,248 @@ describe("Broker options and limits", () => {
     const late = broker.subscribe(new Request("http://x/"));
     assert.equal(late.headers.get("content-type"), "text/event-stream");
     await late.body!.cancel();
+  });
+});
+
+describe("operations: drain, health, counters, metrics", () => {
+  /** Reads a stream to its end and returns its text and when it ended. */
+  const readToEnd = async (body: ReadableStream<Uint8Array>) => {
+    const text = await new Response(body).text();
+    return { text, at: performance.now() };
+  };
+
+  test("drain ends the streams spread over the time given, each with a random retry", async () => {
+    const broker = new Broker({ retry: 50, shedRetry: [300, 302] });
+    const bodies = Array.from(
+      { length: 8 },
+      () => broker.subscribe(new Request("http://x/")).body!,
+    );
+    const ends = bodies.map(readToEnd);
+    const started = performance.now();
+    await broker.drain(400);
+    const drained = performance.now() - started;
+    const results = await Promise.all(ends);
+    const times = results.map(({ at }) => at - started);
+    for (const { text } of results) assert.match(text, /^retry: 50\n\nretry: 30[012]\n\n$/);
+    assert.deepEqual([...times].sort((a, b) => a - b), times, "in the order they connected");
+    assert.ok(times[0] < 200, `the first ends early (${times[0]} ms)`);
+    assert.ok(times[7] >= 350, `the last ends near the end (${times[7]} ms)`);
+    assert.ok(times[3] >= 100 && times[3] < 350, `the fourth ends midway (${times[3]} ms)`);
+    assert.ok(drained >= 350, `resolves once all have ended (${drained} ms)`);
+    assert.equal(broker.stats().clients, 0);
+    broker.close();
+  });
+
+  test("while draining: not ready, subscribers sent away, publishes still delivered", async () => {
+    const broker = new Broker({ shedRetry: [700, 700] });
+    const leaves = broker.subscribe(new Request("http://x/"));
+    const stays = open(broker); // ends second, halfway through
+    const draining = broker.drain(300);
+    assert.deepEqual(await broker.health(), { ready: false, eventLogUp: true, reason: "draining" });
+    const late = broker.subscribe(new Request("http://x/"));
+    assert.equal(late.status, 200);
+    assert.equal(late.headers.get("retry-after"), "1");
+    assert.equal(await late.text(), ": the server is stopping\nretry: 700\n\n");
+    assert.equal(broker.stats().rejected.draining, 1);
+    assert.equal(broker.stats().rejected.limits, 0);
+    const id = await broker.publish({ data: "still here" });
+    const events = [await stays.event()];
+    assert.deepEqual(events.map((e) => [e.data, e.lastEventId]), [["still here", id]]);
+    await draining;
+    assert.equal(await stays.next(), null);
+    await leaves.body!.cancel();
+    await broker.drain(300); // not open any more: nothing to do
+    broker.close();
+    assert.deepEqual(await broker.health(), { ready: false, eventLogUp: true, reason: "closed" });
+  });
+
+  test("drain(0) ends every stream at once; close during a drain ends the rest", async () => {
+    const broker = new Broker();
+    const first = broker.subscribe(new Request("http://x/")).body!;
+    await broker.drain(0);
+    assert.equal(broker.stats().clients, 0);
+    await first.cancel();
+    const other = new Broker();
+    const bodies = Array.from({ length: 4 }, () => other.subscribe(new Request("http://x/")).body!);
+    const draining = other.drain(60_000);
+    other.close();
+    await draining; // resolves: close stopped it
+    assert.equal(other.stats().clients, 0);
+    await Promise.all(bodies.map((body) => new Response(body).text()));
+    await assert.rejects(other.drain(-1), { message: "ms must be a non-negative integer" });
+  });
+
+  test("health: ready while open and the log answers its ping; the reason when not", async () => {
+    let ping: () => Promise<void> = () => Promise.resolve();
+    const inner = new MemoryLog();
+    const log: EventLog = {
+      get lastId() {
+        return inner.lastId;
+      },
+      append: (...args) => inner.append(...args),
+      read: (afterId, limit) => inner.read(afterId, limit),
+      listen: (listener) => inner.listen(listener),
+      ping: () => ping(),
+    };
+    const broker = new Broker({ eventLog: log });
+    assert.deepEqual(await broker.health(), { ready: true, eventLogUp: true, reason: null });
+    ping = () => Promise.reject(new Error("connection refused"));
+    assert.deepEqual(await broker.health(), {
+      ready: false,
+      eventLogUp: false,
+      reason: "the event log did not answer: connection refused",
+    });
+    ping = () => new Promise(() => {});
+    const started = performance.now();
+    assert.deepEqual(await broker.health(), {
+      ready: false,
+      eventLogUp: false,
+      reason: "the event log did not answer: no answer within 1 s",
+    });
+    assert.ok(performance.now() - started >= 990);
+    ping = () => Promise.reject("down");
+    assert.equal((await broker.health()).reason, "the event log did not answer: down");
+    broker.close();
+    assert.deepEqual(await broker.health(), { ready: false, eventLogUp: false, reason: "closed" });
+  });
+
+  test("stats count connections, rejections by reason, and publish times", async () => {
+    const broker = new Broker({ maxClients: 1, maxTopics: 1 });
+    const one = broker.subscribe(new Request("http://x/"));
+    broker.subscribe(new Request("http://x/")); // sent away: limits
+    await one.body!.cancel();
+    await broker.subscribe(new Request("http://x/")).body!.cancel();
+    broker.subscribe(new Request("http://x/?topic=a&topic=b")); // validation
+    broker.subscribe(new Request("http://x/?topic=")); // validation
+    await assert.rejects(broker.publish({ data: "x", event: "a\nb" }), MessageError);
+    broker.countRejection("auth");
+    await broker.publish({ data: "x" });
+    const stats = broker.stats();
+    assert.equal(stats.connections, 2);
+    assert.deepEqual(stats.rejected, { auth: 1, validation: 3, limits: 1, draining: 0 });
+    assert.equal(stats.publishSeconds.count, 1, "only accepted publishes are timed");
+    assert.deepEqual(stats.publishSeconds.buckets.at(-1), { le: "+Inf", count: 1 });
+    broker.close();
+  });
+
+  test("publishSeconds: each publish lands in the bucket of its time, buckets cumulative", async () => {
+    const inner = new MemoryLog();
+    const slow: EventLog = {
+      get lastId() {
+        return inner.lastId;
+      },
+      append: (...args) =>
+        new Promise((resolve) => setTimeout(() => resolve(inner.append(...args)), 60)),
+      read: (afterId, limit) => inner.read(afterId, limit),
+      listen: (listener) => inner.listen(listener),
+    };
+    const broker = new Broker({ eventLog: slow });
+    await broker.publish({ data: "slow" });
+    const { buckets, sum, count } = broker.stats().publishSeconds;
+    assert.deepEqual(
+      buckets.map(({ le }) => le),
+      [
+        "0.001",
+        "0.0025",
+        "0.005",
+        "0.01",
+        "0.025",
+        "0.05",
+        "0.1",
+        "0.25",
+        "0.5",
+        "1",
+        "2.5",
+        "5",
+        "+Inf",
+      ],
+    );
+    const counts = buckets.map((bucket) => bucket.count);
+    assert.deepEqual(counts.slice(0, 6), [0, 0, 0, 0, 0, 0], "above 50 ms");
+    assert.deepEqual(counts.slice(7), [1, 1, 1, 1, 1, 1], "at most 250 ms, and counted on");
+    assert.equal(count, 1);
+    assert.ok(sum >= 0.059 && sum < 0.25, `sum ${sum}`);
+    broker.close();
+  });
+
+  test("metricsText is the Prometheus text format of the broker's counters", async () => {
+    const broker = new Broker();
+    const reader = open(broker);
+    await broker.publish({ data: "x" });
+    await reader.event();
+    broker.countRejection("validation");
+    const text = await metricsText(broker);
+    const [histogram, rest] = [
+      text.split("\n").filter((line) => line.startsWith("sse_publish_seconds")),
+      text.split("\n").filter((line) => !line.startsWith("sse_publish_seconds")).join("\n"),
+    ];
+    assert.equal(
+      rest,
+      `# HELP sse_clients Streams open now.
+# TYPE sse_clients gauge
+sse_clients 1
+# HELP sse_event_log_up Whether the event log answered a ping (1) or not (0).
+# TYPE sse_event_log_up gauge
+sse_event_log_up 1
+# HELP sse_connections_total Streams opened.
+# TYPE sse_connections_total counter
+sse_connections_total 1
+# HELP sse_published_total Events accepted by publish.
+# TYPE sse_published_total counter
+sse_published_total 1
+# HELP sse_delivered_total Events handed to live clients.
+# TYPE sse_delivered_total counter
+sse_delivered_total 1
+# HELP sse_replayed_total Events resent from the event log.
+# TYPE sse_replayed_total counter
+sse_replayed_total 0
+# HELP sse_slow_disconnects_total Clients cut for falling behind.
+# TYPE sse_slow_disconnects_total counter
+sse_slow_disconnects_total 0
+# HELP sse_rejected_total Requests refused, by reason.
+# TYPE sse_rejected_total counter
+sse_rejected_total{reason="auth"} 0
+sse_rejected_total{reason="validation"} 1
+sse_rejected_total{reason="limits"} 0
+sse_rejected_total{reason="draining"} 0
+# HELP sse_publish_seconds Seconds from a publish accepted until queued for every client.
+# TYPE sse_publish_seconds histogram
+`,
+    );
+    assert.equal(histogram.length, 15);
+    assert.equal(histogram[0].split(" ")[0], 'sse_publish_seconds_bucket{le="0.001"}');
+    assert.equal(histogram[12], 'sse_publish_seconds_bucket{le="+Inf"} 1');
+    assert.match(histogram[13], /^sse_publish_seconds_sum 0\.\d+(e-\d+)?$/);
+    assert.equal(histogram[14], "sse_publish_seconds_count 1");
+    assert.ok(text.endsWith("sse_publish_seconds_count 1\n"));
+    assert.equal(METRICS_CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
+    broker.close();
+  });
+
+  test("the handler counts what it refuses: auth, validation and limits, each once", async () => {
+    const broker = new Broker();
+    const handler = createHandler(broker, {
+      maxBodyBytes: 40,
+      authorize: (request, action) =>
+        action === "subscribe" ? request.headers.get("x-ok") === "1" : { publish: ["a"] },
+    });
+    const post = (body: string, path = "/publish") =>
+      handler(
+        new Request(`http://x${path}`, {
+          method: "POST",
+          body,
+          headers: { "content-type": "application/json" },
+        }),
+      );
+    assert.equal((await handler(new Request("http://x/events"))).status, 401);
+    assert.equal((await post('{"data":1}')).status, 403); // no topic: no grant
+    assert.equal((await post("{")).status, 400);
+    assert.equal((await post(JSON.stringify({ data: "x".repeat(40) }))).status, 413);
+    assert.equal((await post('{"data":"x","topic":"a","event":""}')).status, 200);
+    assert.equal((await post('{"data":1,"topic":"a","retry":-1}')).status, 400);
+    assert.equal((await handler(new Request("http://x/nope"))).status, 404);
+    assert.deepEqual(broker.stats().rejected, { auth: 2, validation: 2, limits: 1, draining: 0 });
+    broker.close();
   });
 });
 
