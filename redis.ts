@@ -189,6 +189,15 @@ export class RedisLog implements EventLog {
     return reply === "OK";
   }
 
+  /**
+   * Resolves once Redis answers a `PING`; rejects while either connection
+   * is down (for {@linkcode Broker.health}).
+   */
+  async ping(): Promise<void> {
+    if (!this.#reader.isReady) throw new Error("not connected to Redis");
+    await this.#writer.ping();
+  }
+
   /** Stops following the stream and closes both connections. */
   close(): void {
     if (this.#closed) return;

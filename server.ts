@@ -6,7 +6,10 @@
  *     bun run server.ts
  *
  * Configured by the environment (see README.md). The first line printed is
- * the URL it listens on. SIGINT and SIGTERM end every stream, then exit 0.
+ * the URL it listens on. SIGINT and SIGTERM end every stream, then exit 0;
+ * with `DRAIN_MS` set, SIGTERM first drains (see `Broker.drain`). Besides
+ * the broker's routes it serves `/health`, `/ready`, `/metrics`, the path
+ * check `/probe` and the live page at `/`.
  *
  * With `REDIS_URL` set, events live in a Redis stream shared by every
  * process started with the same URL (see redis.ts), and the ticker ticks once
@@ -15,9 +18,19 @@
  *
  * @module
  */
-import { type Authorize, Broker, createHandler, jwtAuth, MemoryLog, tokenAuth } from "./mod.ts";
+import {
+  type Authorize,
+  Broker,
+  createHandler,
+  jwtAuth,
+  MemoryLog,
+  METRICS_CONTENT_TYPE,
+  metricsText,
+  tokenAuth,
+} from "./mod.ts";
 import { renderPage } from "./page.ts";
-import { currentRuntime, type Handler, integerSetting } from "./runtime.ts";
+import { probeResponse } from "./probe.ts";
+import { currentRuntime, type Handler, integerSetting, ListenError, log } from "./runtime.ts";
 
 const runtime = currentRuntime();
 const port = integerSetting(runtime, "PORT", 8000);
@@ -28,6 +41,26 @@ const publishToken = runtime.env("PUBLISH_TOKEN");
 const history = integerSetting(runtime, "HISTORY", 1000);
 const historyBytes = integerSetting(runtime, "HISTORY_BYTES", 0) || Infinity;
 const redisUrl = runtime.env("REDIS_URL");
+const heartbeatMs = integerSetting(runtime, "HEARTBEAT_MS", 15_000);
+const drainMs = integerSetting(runtime, "DRAIN_MS", 0);
+const metricsToken = runtime.env("METRICS_TOKEN") || undefined;
+
+/** Stops at start with a one-line reason and exit 1. */
+function fail(reason: string): never {
+  log("error", reason);
+  return runtime.exit(1);
+}
+
+/** `SHED_RETRY_MS` as `min-max` (or one number), for the broker's `shedRetry`. */
+function shedRetry(): [number, number] {
+  const text = runtime.env("SHED_RETRY_MS") || "1000-10000";
+  const match = /^(\d+)(?:-(\d+))?$/.exec(text);
+  const [min, max] = [Number(match?.[1]), Number(match?.[2] ?? match?.[1])];
+  if (!match || !Number.isSafeInteger(max) || min > max) {
+    fail(`SHED_RETRY_MS must be "<min>-<max>" in milliseconds, got ${JSON.stringify(text)}`);
+  }
+  return [min, max];
+}
 const jwtSecret = runtime.env("JWT_SECRET") || undefined;
 const jwtPublicKey = runtime.env("JWT_PUBLIC_KEY") || undefined;
 const jwtCookie = (jwtSecret ?? jwtPublicKey)
@@ -40,10 +73,6 @@ async function authorization(): Promise<Authorize> {
   if (jwtCookie === undefined) {
     return tokenAuth({ publish: publishToken, subscribe: subscribeToken });
   }
-  const fail = (reason: string): never => {
-    console.error(`error: ${reason}`);
-    return runtime.exit(1);
-  };
   if (publishToken || subscribeToken) {
     fail("JWT_SECRET and JWT_PUBLIC_KEY replace PUBLISH_TOKEN and SUBSCRIBE_TOKEN: set one kind");
   }
@@ -64,20 +93,18 @@ async function authorization(): Promise<Authorize> {
 // Loaded only when asked for, so the in-memory demo needs no npm package.
 const redis = redisUrl
   ? await (await import("./redis.ts")).RedisLog.connect({ url: redisUrl, history })
-    .catch((error) => {
-      console.error(`error: ${error.message}`);
-      return runtime.exit(1);
-    })
+    .catch((error) => fail(error.message))
   : undefined;
 
 const broker = new Broker({
   // Redis trims its stream to about HISTORY events itself, by count only.
   eventLog: redis ?? new MemoryLog({ history, historyBytes }),
-  heartbeat: integerSetting(runtime, "HEARTBEAT_MS", 15_000),
+  heartbeat: heartbeatMs,
   retry: retryMs,
   maxQueueBytes: integerSetting(runtime, "MAX_QUEUE_BYTES", 1 << 20),
   maxClients: integerSetting(runtime, "MAX_CLIENTS", 0) || Infinity,
   maxTopics: integerSetting(runtime, "MAX_TOPICS", 32),
+  shedRetry: shedRetry(),
 });
 const corsOrigin = runtime.env("CORS_ORIGIN") || "*";
 const handleBroker = createHandler(broker, {
@@ -87,23 +114,62 @@ const handleBroker = createHandler(broker, {
 });
 
 const page = renderPage({ retryMs, publishToken: Boolean(publishToken), jwtCookie });
-const handler: Handler = (request, server) => {
-  if (new URL(request.url).pathname === "/") {
-    if (request.method !== "GET" && request.method !== "HEAD") {
-      return Response.json({ error: "use GET" }, { status: 405, headers: { allow: "GET" } });
+// Prometheus sends the token as a bearer token; tokenAuth compares in constant time.
+const metricsAuth = tokenAuth({ publish: metricsToken });
+
+/** The demo's own routes, by path: each answers GET (and HEAD, which runtimes strip). */
+const routes: Record<string, Handler> = {
+  "/": () => new Response(page, { headers: { "content-type": "text/html; charset=utf-8" } }),
+  "/health": () => Response.json({ status: "alive" }),
+  "/ready": async () => {
+    const { ready, eventLogUp, reason } = await broker.health();
+    return Response.json({ ready, eventLogUp, reason }, { status: ready ? 200 : 503 });
+  },
+  "/metrics": async (request) => {
+    if (!metricsAuth(request, "publish")) {
+      return Response.json({ error: "a valid token is required" }, {
+        status: 401,
+        headers: { "www-authenticate": 'Bearer realm="metrics"' },
+      });
     }
-    return new Response(page, { headers: { "content-type": "text/html; charset=utf-8" } });
-  }
-  return handleBroker(request, server);
+    const memory = "# HELP process_resident_memory_bytes Resident memory size in bytes.\n" +
+      "# TYPE process_resident_memory_bytes gauge\n" +
+      `process_resident_memory_bytes ${runtime.residentMemory()}\n`;
+    return new Response(await metricsText(broker) + memory, {
+      headers: { "content-type": METRICS_CONTENT_TYPE },
+    });
+  },
+  "/probe": (request, server) => {
+    server?.timeout?.(request, 0); // silent on purpose: Bun would close it after 10 s
+    return probeResponse(2 * heartbeatMs, request.signal);
+  },
 };
 
-const server = runtime.serve(handler, {
-  port,
-  hostname,
-  reusePort: runtime.env("REUSE_PORT") === "1",
-});
+const handler: Handler = (request, server) => {
+  const route = routes[new URL(request.url).pathname];
+  if (route === undefined) return handleBroker(request, server);
+  if (request.method !== "GET" && request.method !== "HEAD") {
+    return Response.json({ error: "use GET" }, { status: 405, headers: { allow: "GET" } });
+  }
+  return route(request, server);
+};
+
+let server: ReturnType<typeof runtime.serve>;
+try {
+  server = runtime.serve(handler, {
+    port,
+    hostname,
+    reusePort: runtime.env("REUSE_PORT") === "1",
+  });
+} catch (error) {
+  if (!(error instanceof ListenError)) throw error;
+  fail(error.message);
+}
 const host = hostname.includes(":") ? `[${hostname}]` : hostname;
-console.log(`http://${host}:${server.port}/`);
+const url = `http://${host}:${server.port}/`;
+// In text, the URL alone on the first line, for scripts that wait for it.
+if (runtime.env("LOG_FORMAT") === "json") log("info", "listening", { url });
+else console.log(url);
 
 // Each tick publishes the start of its interval. With Redis every process
 // tries, and the one that claims the interval first publishes it.
@@ -118,17 +184,23 @@ async function tick(): Promise<void> {
     tickFailing = false;
   } catch (error) {
     // Once per outage, not once per tick.
-    if (!tickFailing) console.error(`error: tick not published: ${(error as Error).message}`);
+    if (!tickFailing) log("error", `tick not published: ${(error as Error).message}`);
     tickFailing = true;
   }
 }
 const ticker = tickMs > 0 ? setInterval(tick, tickMs) : undefined;
 
-let stopping = false;
+/** `draining` until the drain is over (SIGTERM with DRAIN_MS), then `closing`. */
+let stopping: "draining" | "closing" | undefined;
 async function shutdown(signal: string): Promise<void> {
-  if (stopping) return;
-  stopping = true;
-  console.log(`${signal}: closing ${broker.stats().clients} streams`);
+  if (signal === "SIGTERM" && drainMs > 0 && stopping === undefined) {
+    stopping = "draining";
+    log("info", `${signal}: draining ${broker.stats().clients} streams over ${drainMs} ms`);
+    await broker.drain(drainMs);
+    if (stopping !== "draining") return; // a second signal closed meanwhile
+  } else if (stopping === "closing") return;
+  stopping = "closing";
+  log("info", `${signal}: closing ${broker.stats().clients} streams`);
   clearInterval(ticker);
   // Streams first: both runtimes' graceful stop waits for open responses.
   broker.close();

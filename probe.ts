@@ -1,0 +1,67 @@
+/**
+ * The path check: an event stream of timed probes, sent with the same
+ * headers as the broker's streams, so that a page can see what the path
+ * between server and browser does to a stream (a proxy that buffers it,
+ * compresses it, or cuts it while it is idle). The live page reads it from
+ * its "Check my connection" panel. Only web standards, like `mod.ts`.
+ *
+ * The stream: `event: probe` with `data: {"seq", "sentMs"}` every
+ * {@linkcode PROBE_INTERVAL_MS} ({@linkcode PROBE_COUNT} of them; `sentMs`
+ * is the server's clock), then nothing for `idleMs`, then `event: done`
+ * with `data: {"idleMs"}`, and the end.
+ *
+ * @module
+ */
+
+/** Probes sent before the silence. */
+export const PROBE_COUNT = 8;
+/** Milliseconds between probes. */
+export const PROBE_INTERVAL_MS = 250;
+
+const encoder = new TextEncoder();
+
+/**
+ * The probe stream, for `GET /probe`.
+ *
+ * @param idleMs How long to stay silent after the probes: the longest a
+ *   broker stream can be silent (twice its heartbeat interval).
+ * @param signal Ends the stream early, when the client goes away.
+ * @returns The stream's response.
+ */
+export function probeResponse(idleMs: number, signal: AbortSignal): Response {
+  const timers = new Set<ReturnType<typeof setTimeout>>();
+  const after = (ms: number, run: () => void) => {
+    const timer = setTimeout(() => {
+      timers.delete(timer);
+      run();
+    }, ms);
+    timers.add(timer);
+  };
+  const body = new ReadableStream<Uint8Array>({
+    start(controller) {
+      const send = (event: string, data: unknown) => {
+        controller.enqueue(encoder.encode(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`));
+      };
+      for (let seq = 0; seq < PROBE_COUNT; seq++) {
+        after(seq * PROBE_INTERVAL_MS, () => send("probe", { seq, sentMs: Date.now() }));
+      }
+      after((PROBE_COUNT - 1) * PROBE_INTERVAL_MS + idleMs, () => {
+        send("done", { idleMs });
+        controller.close();
+      });
+    },
+    cancel() {
+      for (const timer of timers) clearTimeout(timer);
+    },
+  });
+  signal.addEventListener("abort", () => {
+    for (const timer of timers) clearTimeout(timer);
+  }, { once: true });
+  return new Response(body, {
+    headers: {
+      "content-type": "text/event-stream",
+      "cache-control": "no-store, no-transform",
+      "x-accel-buffering": "no",
+    },
+  });
+}
