@@ -12,6 +12,8 @@ export interface PageConfig {
   retryMs: number;
   /** Whether publishing needs a token, to show the token field. */
   publishToken: boolean;
+  /** The heartbeat interval, to tell how long a stream can stay silent. */
+  heartbeatMs: number;
   /**
    * The cookie that carries a signed token (JWT), when the server takes
    * them: the page then asks for one and sets it. Absent otherwise.
@@ -86,6 +88,8 @@ const PAGE = `<!doctype html>
   tr.replayed td:first-child { border-left: 3px solid var(--warn); }
   tr.control td { color: var(--accent); }
   tr.private td.data::after { content: " (private)"; color: var(--muted); }
+  #check-result ul { margin: .25rem 0 0; padding-left: 1.2rem; }
+  #check-result .problem strong { color: var(--bad); }
 </style>
 </head>
 <body>
@@ -142,6 +146,14 @@ const PAGE = `<!doctype html>
       </fieldset>
     </form>
   </div>
+
+  <section aria-labelledby="check-title" class="wide">
+    <h2 id="check-title">Check my connection</h2>
+    <p class="muted" style="margin: 0 0 .5rem">Streams timed probes through every proxy between this
+      server and this browser, and says what the path does to an event stream.</p>
+    <button id="check-button" type="button">Check my connection</button>
+    <div id="check-result" role="status" aria-live="polite"></div>
+  </section>
 
   <section aria-labelledby="log-title">
     <h2 id="log-title">Events <span class="muted" id="log-count">(0)</span></h2>
@@ -312,6 +324,91 @@ $("publish").addEventListener("submit", async (submit) => {
     $("publish-error").textContent = "The server cannot be reached.";
   }
 });
+
+// The path check: /probe sends a probe every 250 ms, stays silent for as
+// long as a stream can (two heartbeat intervals), then says done.
+async function checkConnection() {
+  const url = new URL("/probe?at=" + Date.now(), location.href).href;
+  const seconds = Math.ceil((1750 + 2 * config.heartbeatMs) / 1000);
+  $("check-button").disabled = true;
+  $("check-result").textContent = "Checking: this takes about " + seconds + " s.";
+  const problems = [];
+  const notes = [];
+  const lags = []; // arrival on this clock minus sending on the server's: only differences count
+  let done = false;
+  let lastArrival = performance.now();
+  let encoding = null;
+  try {
+    const response = await fetch(url, { cache: "no-store" });
+    encoding = response.headers.get("content-encoding");
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let text = "";
+    for (;;) {
+      const { value, done: ended } = await reader.read();
+      if (ended) break;
+      lastArrival = performance.now();
+      text += value;
+      let end;
+      while ((end = text.indexOf("\\n\\n")) !== -1) {
+        const block = text.slice(0, end);
+        text = text.slice(end + 2);
+        const event = /^event: (.*)$/m.exec(block)?.[1];
+        if (event === "probe") lags.push(Date.now() - JSON.parse(/^data: (.*)$/m.exec(block)[1]).sentMs);
+        if (event === "done") done = true;
+      }
+    }
+  } catch (error) {
+    if (/^HTTP/.test(error.message)) problems.push(["The probe got " + error.message + ".",
+      "Check that this server, not another, answers /probe."]);
+  }
+  if (!done && problems.length === 0) {
+    const silent = ((performance.now() - lastArrival) / 1000).toFixed(1);
+    problems.push(["The connection was cut after " + silent + " s without data.",
+      "A proxy closes idle connections sooner than the heartbeat keeps them busy: set HEARTBEAT_MS " +
+      "below that (it is " + config.heartbeatMs / 1000 + " s), or raise the proxy's idle timeout " +
+      "(nginx: proxy_read_timeout)."]);
+  }
+  const spread = lags.length > 0 ? Math.max(...lags) - Math.min(...lags) : 0;
+  if (spread > 1000) {
+    problems.push(["A proxy buffers the stream: probes sent 250 ms apart arrived in bursts, up to " +
+      Math.round(spread) + " ms late.",
+      "Turn response buffering off for event streams (nginx: proxy_buffering off; the server sends " +
+      "X-Accel-Buffering: no, which nginx honours unless told to ignore it)."]);
+  }
+  const timing = performance.getEntriesByName(url).at(-1);
+  const shrunk = timing && timing.encodedBodySize > 0 && timing.encodedBodySize < timing.decodedBodySize;
+  if (encoding || shrunk) {
+    problems.push(["The stream is compressed" + (encoding ? " (" + encoding + ")" : "") + ".",
+      "Compression holds events back until a block fills: exclude text/event-stream from " +
+      "compression at the proxy (the server sends Cache-Control: no-transform)."]);
+  }
+  if (timing?.nextHopProtocol === "http/1.1") {
+    notes.push(["HTTP/1.1: a browser opens at most six connections to one origin, and each open " +
+      "stream holds one, so a seventh tab's stream waits.",
+      "Serve over HTTP/2 (a TLS proxy in front) to lift the limit."]);
+  }
+  const result = $("check-result");
+  result.replaceChildren();
+  const verdict = document.createElement("p");
+  verdict.textContent = problems.length === 0
+    ? "No problem found: events reach this browser as they are sent."
+    : "Found " + problems.length + (problems.length === 1 ? " problem:" : " problems:");
+  const list = document.createElement("ul");
+  for (const [items, kind] of [[problems, "problem"], [notes, "note"]]) {
+    for (const [what, fix] of items) {
+      const item = document.createElement("li");
+      item.className = kind;
+      const title = document.createElement("strong");
+      title.textContent = what;
+      item.append(title, " " + fix);
+      list.append(item);
+    }
+  }
+  result.append(verdict, list);
+  $("check-button").disabled = false;
+}
+$("check-button").addEventListener("click", checkConnection);
 
 async function refreshClients() {
   if (source?.readyState !== EventSource.OPEN) return; // no noise while the server is away

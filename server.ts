@@ -113,7 +113,12 @@ const handleBroker = createHandler(broker, {
   allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
 });
 
-const page = renderPage({ retryMs, publishToken: Boolean(publishToken), jwtCookie });
+const page = renderPage({
+  retryMs,
+  heartbeatMs,
+  publishToken: Boolean(publishToken),
+  jwtCookie,
+});
 // Prometheus sends the token as a bearer token; tokenAuth compares in constant time.
 const metricsAuth = tokenAuth({ publish: metricsToken });
 

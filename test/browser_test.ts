@@ -25,6 +25,8 @@ const FLAGS = [
 /**
  * A TCP proxy between the browser and the server, so a test can sever the
  * browser's connection (and refuse new ones) without touching the server.
+ * With `holdMs`, it holds what the server sends and passes it on only every
+ * `holdMs`, as a buffering proxy does.
  */
 class Proxy {
   readonly #server: Server;
@@ -32,7 +34,7 @@ class Proxy {
   readonly #target: number;
   #up = true;
 
-  constructor(target: number) {
+  constructor(target: number, holdMs = 0) {
     this.#target = target;
     this.#server = createServer((client) => {
       if (!this.#up) return client.destroy();
@@ -43,7 +45,17 @@ class Proxy {
         socket.on("close", () => this.#sockets.delete(socket));
         socket.on("error", () => {});
       }
-      client.pipe(upstream).pipe(client);
+      client.pipe(upstream);
+      if (holdMs === 0) upstream.pipe(client);
+      else {
+        let held: Buffer[] = [];
+        const release = setInterval(() => {
+          for (const chunk of held) client.write(chunk);
+          held = [];
+        }, holdMs);
+        upstream.on("data", (chunk: Buffer) => held.push(chunk));
+        client.on("close", () => clearInterval(release));
+      }
       client.on("close", () => upstream.destroy());
       upstream.on("close", () => client.destroy());
     });
@@ -198,6 +210,35 @@ describe(`the live page in Chromium, server under ${RUNTIME}`, () => {
       await page.close();
     } finally {
       assert.equal(await secured.stop(), 0);
+    }
+  });
+
+  test("the path check finds nothing wrong directly, and names a proxy's buffering", {
+    timeout: 40_000,
+  }, async () => {
+    // A short heartbeat keeps the check short: it waits two intervals of silence.
+    const checked = await startServer({ HEARTBEAT_MS: "500", TICK_MS: "0" });
+    const holding = new Proxy(Number(new URL(checked.url).port), 2000);
+    try {
+      const check = async (url: string): Promise<string> => {
+        const page = await open(url);
+        await page.getByRole("button", { name: "Check my connection" }).click();
+        const result = page.locator("#check-result", { hasText: /No problem found|Found/ });
+        await result.waitFor({ timeout: 12_000 });
+        const text = await result.innerText();
+        await page.close();
+        return text;
+      };
+      const direct = await check(checked.url);
+      assert.match(direct, /^No problem found/);
+      assert.match(direct, /HTTP\/1\.1: a browser opens at most six connections/);
+      const buffered = await check(`http://127.0.0.1:${await holding.listen()}/`);
+      assert.match(buffered, /^Found 1 problem:/);
+      assert.match(buffered, /A proxy buffers the stream: .* up to \d+ ms late/);
+      assert.match(buffered, /proxy_buffering off/);
+    } finally {
+      await holding.close();
+      assert.equal(await checked.stop(), 0);
     }
   });
 
