@@ -821,6 +821,10 @@ export class Broker {
   /**
    * Opens an event stream for one client and returns its `Response`.
    *
+   * A client that does not resume is first sent the id of the newest event
+   * (an `id:` line alone, which dispatches no event), so that it resumes
+   * from where it joined if it reconnects before its first event.
+   *
    * Topics come from `?topic=` (repeatable) and the resume point from the
    * `Last-Event-ID` header or `?lastEventId=`, unless `options` says
    * otherwise. A resuming client first receives every retained event after
@@ -882,8 +886,16 @@ export class Broker {
       this.#clientCallbacks,
     );
     const body = new ReadableStream(client, BYTE_QUEUING);
-    client.controller.enqueue(this.#streamStart);
-    this.#add(client, lastEventId || null);
+    const resumeFrom = lastEventId || null;
+    // A client that does not resume is told where it joined (an `id:` with
+    // no data sets its last event id and dispatches nothing), so that even
+    // before its first event a reconnect resumes with nothing lost.
+    client.controller.enqueue(
+      resumeFrom === null && this.#liveId !== null
+        ? concat([this.#streamStart, encodeMessage({ id: this.#liveId })])
+        : this.#streamStart,
+    );
+    this.#add(client, resumeFrom);
     if (options.expires !== undefined) {
       const ms = Math.min(Math.max(options.expires - Date.now(), 0), MAX_TIMER_MS);
       client.expiry = setTimeout(() => this.#end(client), ms);

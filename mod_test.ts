@@ -1181,6 +1181,34 @@ describe("replay", () => {
     broker.close();
   });
 
+  test("a client that does not resume is told where it joined, and resumes from there", async () => {
+    const broker = new Broker({ retry: 100 });
+    const first = broker.subscribe(new Request("http://x/")).body!.getReader();
+    assert.equal(new TextDecoder().decode((await first.read()).value), "retry: 100\n\n");
+    const before = await broker.publish({ data: "before" });
+    const joined = broker.subscribe(new Request("http://x/")).body!.getReader();
+    const start = new TextDecoder().decode((await joined.read()).value);
+    assert.equal(start, `retry: 100\n\nid: ${before}\n\n`, "one chunk: the id, no event");
+    await joined.cancel(); // it leaves before its first event, which it misses
+    const missed = await broker.publish({ data: "missed" });
+    const resumed = open(broker, "", { headers: { "last-event-id": before } });
+    assert.deepEqual((await resumed.events(2)).map((e) => [e.event, e.data]), [
+      ["message", "missed"],
+      ["replayed", '{"count":1}'],
+    ]);
+    assert.equal(resumed.parser.lastEventId, missed);
+    const rejoined = broker.subscribe(
+      new Request("http://x/", { headers: { "last-event-id": missed } }),
+    ).body!.getReader();
+    assert.equal(
+      new TextDecoder().decode((await rejoined.read()).value),
+      "retry: 100\n\n",
+      "a resuming client keeps its own id",
+    );
+    await Promise.all([first.cancel(), resumed.cancel(), rejoined.cancel()]);
+    broker.close();
+  });
+
   test("the resume point comes from ?lastEventId=, or the lastEventId option over the request's", async () => {
     const broker = new Broker();
     const [a, b] = await Promise.all(["a", "b"].map((data) => broker.publish({ data })));

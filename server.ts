@@ -150,13 +150,21 @@ const routes: Record<string, Handler> = {
   },
 };
 
-const handler: Handler = (request, server) => {
+/** `draining` until the drain is over (SIGTERM with DRAIN_MS), then `closing`. */
+let stopping: "draining" | "closing" | undefined;
+
+const handler: Handler = async (request, server) => {
   const route = routes[new URL(request.url).pathname];
-  if (route === undefined) return handleBroker(request, server);
-  if (request.method !== "GET" && request.method !== "HEAD") {
-    return Response.json({ error: "use GET" }, { status: 405, headers: { allow: "GET" } });
-  }
-  return route(request, server);
+  const response = route === undefined
+    ? await handleBroker(request, server)
+    : request.method !== "GET" && request.method !== "HEAD"
+    ? Response.json({ error: "use GET" }, { status: 405, headers: { allow: "GET" } })
+    : await route(request, server);
+  // While stopping, a connection serves one request: the client's next one
+  // (a drained stream's reconnect) opens a new connection, which a load
+  // balancer sends to another process, rather than reusing this one.
+  if (stopping !== undefined) response.headers.set("connection", "close");
+  return response;
 };
 
 let server: ReturnType<typeof runtime.serve>;
@@ -195,8 +203,6 @@ async function tick(): Promise<void> {
 }
 const ticker = tickMs > 0 ? setInterval(tick, tickMs) : undefined;
 
-/** `draining` until the drain is over (SIGTERM with DRAIN_MS), then `closing`. */
-let stopping: "draining" | "closing" | undefined;
 async function shutdown(signal: string): Promise<void> {
   if (signal === "SIGTERM" && drainMs > 0 && stopping === undefined) {
     stopping = "draining";

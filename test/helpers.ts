@@ -237,11 +237,13 @@ export function startServer(
     const onData = (chunk: Buffer) => {
       output += chunk.toString();
       const line = output.split("\n")[0];
-      if (output.includes("\n") && /^http:\/\//.test(line)) {
+      // The URL alone, or with LOG_FORMAT=json in the first entry's `url`.
+      const url = line.startsWith("{") ? JSON.parse(line).url ?? "" : line.trim();
+      if (output.includes("\n") && /^http:\/\//.test(url)) {
         child.stdout!.off("data", onData);
         child.stdout!.on("data", (more: Buffer) => output += more.toString());
         resolve({
-          url: line.trim(),
+          url,
           child,
           output: () => output,
           exited,

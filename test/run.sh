@@ -15,10 +15,12 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
 # The browser test drives Debian's Chromium (never a downloaded browser); the
-# cluster test runs Debian's redis-server. Installed here when missing.
+# cluster test runs Debian's redis-server, the metrics test Debian's promtool.
+# Installed here when missing.
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v promtool >/dev/null || missing+=(prometheus) # promtool checks /metrics
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} from Debian's packages for the tests"
@@ -32,7 +34,7 @@ fi
 
 deno fmt --check
 deno lint
-deno check mod.ts redis.ts server.ts runtime.ts bench/servers/ bench/token_check.ts test/ mod_test.ts
+deno check mod.ts redis.ts server.ts runtime.ts probe.ts bench/servers/ bench/token_check.ts test/ mod_test.ts
 deno check --doc mod.ts   # the JSDoc examples type-check
 deno doc --lint mod.ts redis.ts
 
