@@ -212,7 +212,8 @@ export interface LogRead {
  * Ids must be two non-negative integers joined by `-` (as Redis stream ids
  * are), ordered by the first and then the second, increasing in log order:
  * the broker compares them to join replay and live delivery without a gap
- * or a duplicate.
+ * or a duplicate. The first is the time of the append in milliseconds since
+ * the epoch, which `?since=` relies on.
  *
  * @example A log that forwards to another, counting appends
  * ```ts
@@ -224,7 +225,7 @@ export interface LogRead {
  *   get lastId() {
  *     return inner.lastId;
  *   },
- *   append: (...event) => (appended++, inner.append(...event)),
+ *   append: (events, options) => (appended += events.length, inner.append(events, options)),
  *   read: (afterId, limit) => inner.read(afterId, limit),
  *   listen: (listener) => inner.listen(listener),
  * };
@@ -238,11 +239,13 @@ export interface EventLog {
   /** The id of the newest event listeners have been told of, or `null` before any. */
   readonly lastId: string | null;
   /**
-   * Stores an event and resolves with its id once it is stored; rejects if
-   * it was not. A private event must come back private from `read` and
-   * `listen`, also in other processes.
+   * Stores events, all or none, in order and one after another (no other
+   * writer's event between them), and resolves with their ids once they are
+   * stored; rejects if they were not. A private event must come back private
+   * from `read` and `listen`, also in other processes. With an idempotency
+   * key, see {@linkcode AppendOptions}.
    */
-  append(topics: readonly string[], text: string, isPrivate?: boolean): Promise<string>;
+  append(events: readonly NewEvent[], options?: AppendOptions): Promise<Appended>;
   /**
    * Reads up to `limit` retained events after the one with id `afterId`
    * (`null`: from the oldest). May answer at once or with a promise.
@@ -269,14 +272,27 @@ export interface MemoryLogOptions {
   history?: number;
   /** Also cap the kept events by their encoded size in bytes. Defaults to no cap. */
   historyBytes?: number;
+  /**
+   * Also drop events older than this many milliseconds: they are no longer
+   * replayed, and a client resuming from one gets the gap event. Defaults
+   * to no limit.
+   */
+  historyTtl?: number;
+  /**
+   * How long, in milliseconds, an idempotency key is remembered (see
+   * {@linkcode PublishBatchOptions.idempotencyKey}). Defaults to 300000 (5
+   * minutes).
+   */
+  idempotencyWindow?: number;
 }
 
 /**
  * The default {@linkcode EventLog}: the newest events in this process's
- * memory, and listeners told at once. Ids are `<epoch>-<seq>`, where
- * `epoch` is the time the log was created, so ids from an earlier run of
- * the server always compare older than this run's and a client resuming
- * across a restart is never mistaken for one that is ahead.
+ * memory, and listeners told at once. Ids are `<ms>-<seq>` as in Redis: the
+ * time of the append in milliseconds, and a sequence number within that
+ * millisecond, so ids from an earlier run of the server compare older than
+ * this run's, and a client resuming across a restart is never mistaken for
+ * one that is ahead.
  *
  * @example
  * ```ts
@@ -287,14 +303,19 @@ export interface MemoryLogOptions {
  * ```
  */
 export class MemoryLog implements EventLog {
-  readonly #epoch = Date.now();
   readonly #maxEvents: number;
   readonly #maxBytes: number;
+  readonly #maxAge: number;
+  readonly #idempotencyWindow: number;
   readonly #listeners = new Set<(events: readonly LogEvent[]) => void>();
   #events: LogEvent[] = [];
   #start = 0; // index of the oldest retained event in #events
   #bytes = 0;
-  #lastSeq = 0;
+  #lastId: [number, number] | null = null;
+  /** The newest event dropped: reading after it misses nothing that is kept. */
+  #droppedId: string | null = null;
+  /** Appends by idempotency key, oldest first: what was appended, and until when the key holds. */
+  readonly #keys = new Map<string, { fingerprint: string; ids: string[]; until: number }>();
 
   /**
    * Creates an empty log.
@@ -304,6 +325,8 @@ export class MemoryLog implements EventLog {
   constructor(options: MemoryLogOptions = {}) {
     this.#maxEvents = checkCount("history", options.history ?? 1000);
     this.#maxBytes = checkCount("historyBytes", options.historyBytes ?? Infinity);
+    this.#maxAge = checkCount("historyTtl", options.historyTtl ?? Infinity);
+    this.#idempotencyWindow = checkCount("idempotencyWindow", options.idempotencyWindow ?? 300_000);
   }
 
   /**
@@ -317,43 +340,60 @@ export class MemoryLog implements EventLog {
    * ```
    */
   get lastId(): string | null {
-    return this.#lastSeq === 0 ? null : `${this.#epoch}-${this.#lastSeq}`;
+    return this.#lastId && `${this.#lastId[0]}-${this.#lastId[1]}`;
   }
 
   /**
-   * Keeps an event, drops the oldest beyond the limits, and tells listeners.
+   * Keeps events, drops the oldest beyond the limits, and tells listeners.
+   * With an idempotency key seen within the window, appends nothing and
+   * answers the ids of that earlier append (or rejects with an
+   * {@linkcode IdempotencyKeyError} when its events were others).
    *
    * @example
    * ```ts
    * import { MemoryLog } from "./mod.ts";
    *
-   * const id = await new MemoryLog().append([], "data: hi\n\n");
-   * console.log(id); // "<epoch>-1"
+   * const { ids } = await new MemoryLog().append([{ topics: [], text: "data: hi\n\n" }]);
+   * console.log(ids); // ["<ms>-0"]
    * ```
    *
-   * @param topics The event's topics.
-   * @param text The encoded message without its `id:` line.
-   * @param isPrivate Whether only clients granted one of its topics receive it.
-   * @returns The event's id.
+   * @param events The events, in order.
+   * @param options An idempotency key.
+   * @returns The events' ids, and whether they were appended before.
    */
-  append(topics: readonly string[], text: string, isPrivate = false): Promise<string> {
-    const id = `${this.#epoch}-${++this.#lastSeq}`;
-    const event: LogEvent = isPrivate ? { id, topics, text, private: true } : { id, topics, text };
-    this.#events.push(event);
-    this.#bytes += bytesOf(event).byteLength;
-    while (this.#size > this.#maxEvents || this.#bytes > this.#maxBytes) {
-      this.#bytes -= bytesOf(this.#events[this.#start]).byteLength;
-      this.#start++;
+  append(events: readonly NewEvent[], options: AppendOptions = {}): Promise<Appended> {
+    const now = Date.now();
+    const key = options.idempotencyKey;
+    for (const [old, { until }] of this.#keys) {
+      if (until > now) break;
+      this.#keys.delete(old);
     }
-    // Compact now and then, so evicting stays O(1) amortised without a ring.
-    // Stryker disable next-line all: when (or whether) it compacts changes memory, no read
-    if (this.#start > 1024 && this.#start * 2 > this.#events.length) {
-      this.#events = this.#events.slice(this.#start);
-      this.#start = 0;
+    const fingerprint = key === undefined ? "" : fingerprintOf(events);
+    const seen = key === undefined ? undefined : this.#keys.get(key);
+    if (seen !== undefined) {
+      if (seen.fingerprint !== fingerprint) return Promise.reject(new IdempotencyKeyError());
+      return Promise.resolve({ ids: seen.ids, repeated: true });
     }
-    const events = [event];
-    for (const listener of this.#listeners) listener(events);
-    return Promise.resolve(event.id);
+    const appended: LogEvent[] = [];
+    for (const { topics, text, private: isPrivate } of events) {
+      // Ids as Redis makes them: the clock, or the last id's time if the clock went back.
+      const [ms, seq] = this.#lastId ?? [0, 0];
+      this.#lastId = now > ms ? [now, 0] : [ms, seq + 1];
+      const id = this.lastId!;
+      const event: LogEvent = isPrivate
+        ? { id, topics, text, private: true }
+        : { id, topics, text };
+      this.#events.push(event);
+      this.#bytes += bytesOf(event).byteLength;
+      appended.push(event);
+    }
+    this.#drop(now);
+    const ids = appended.map((event) => event.id);
+    if (key !== undefined) {
+      this.#keys.set(key, { fingerprint, ids, until: now + this.#idempotencyWindow });
+    }
+    for (const listener of this.#listeners) listener(appended);
+    return Promise.resolve({ ids, repeated: false });
   }
 
   /**
@@ -364,9 +404,11 @@ export class MemoryLog implements EventLog {
    * import { MemoryLog } from "./mod.ts";
    *
    * const log = new MemoryLog();
-   * const first = await log.append([], "data: 1\n\n");
-   * await log.append([], "data: 2\n\n");
-   * console.log(log.read(first, 10).events.length); // 1
+   * const { ids } = await log.append([
+   *   { topics: [], text: "data: 1\n\n" },
+   *   { topics: [], text: "data: 2\n\n" },
+   * ]);
+   * console.log(log.read(ids[0], 10).events.length); // 1
    * ```
    *
    * @param afterId The id to read after; `null` reads from the oldest.
@@ -374,24 +416,22 @@ export class MemoryLog implements EventLog {
    * @returns The events, and whether `afterId` could not be placed.
    */
   read(afterId: string | null, limit: number): LogRead {
-    const firstSeq = this.#lastSeq - this.#size + 1;
-    let seq = firstSeq - 1;
+    this.#drop(Date.now());
+    let from = this.#start;
     let gap = false;
-    if (afterId !== null) {
-      const id = parseId(afterId);
-      const wanted = id?.[0] === this.#epoch ? id[1] : -1;
-      // An id of this log that is still retained, or the newest one: no gap.
-      // Anything else (older than what is kept, from an earlier run,
-      // malformed, or ahead) may have missed events: resend all retained.
-      if (wanted >= firstSeq - 1 && wanted <= this.#lastSeq) seq = wanted;
-      else gap = true;
+    // A retained id, or the newest dropped one: no gap. Anything else (older
+    // than what is kept, from an earlier run, malformed, or ahead) may have
+    // missed events: resend all retained.
+    if (afterId !== null && afterId !== this.#droppedId) {
+      const found = this.#indexOf(afterId);
+      if (found === -1) gap = true;
+      else from = found + 1;
     }
-    const from = this.#start + seq + 1 - firstSeq;
     return { events: this.#events.slice(from, from + limit), gap };
   }
 
   /**
-   * Calls `listener` with each event as it is appended.
+   * Calls `listener` with the events of each append.
    *
    * @example
    * ```ts
@@ -399,7 +439,7 @@ export class MemoryLog implements EventLog {
    *
    * const log = new MemoryLog();
    * const stop = log.listen((events) => console.log(events[0].text));
-   * await log.append([], "data: hi\n\n"); // logs "data: hi\n\n"
+   * await log.append([{ topics: [], text: "data: hi\n\n" }]); // logs "data: hi\n\n"
    * stop();
    * ```
    *
@@ -411,9 +451,94 @@ export class MemoryLog implements EventLog {
     return () => this.#listeners.delete(listener);
   }
 
-  get #size(): number {
-    return this.#events.length - this.#start;
+  /** Drops the oldest events beyond the limits. */
+  #drop(now: number): void {
+    const events = this.#events;
+    while (
+      this.#start < events.length &&
+      (events.length - this.#start > this.#maxEvents || this.#bytes > this.#maxBytes ||
+        parseId(events[this.#start].id)![0] < now - this.#maxAge)
+    ) {
+      this.#bytes -= bytesOf(events[this.#start]).byteLength;
+      this.#droppedId = events[this.#start++].id;
+    }
+    // Compact now and then, so dropping stays O(1) amortised without a ring.
+    // Stryker disable next-line all: when (or whether) it compacts changes memory, no read
+    if (this.#start > 1024 && this.#start * 2 > events.length) {
+      this.#events = events.slice(this.#start);
+      this.#start = 0;
+    }
   }
+
+  /** Where event `id` is in `#events` (a binary search: ids increase), or -1. */
+  #indexOf(id: string): number {
+    if (parseId(id) === undefined) return -1;
+    let low = this.#start;
+    let high = this.#events.length - 1;
+    while (low <= high) {
+      const middle = (low + high) >>> 1;
+      const order = compareIds(this.#events[middle].id, id);
+      if (order === 0) return middle;
+      if (order < 0) low = middle + 1;
+      else high = middle - 1;
+    }
+    return -1;
+  }
+}
+
+/** What an {@linkcode EventLog.append} returns. */
+export interface Appended {
+  /** The ids of the events, in order. */
+  ids: string[];
+  /** Whether an earlier append with the same idempotency key stored them: nothing new was stored. */
+  repeated: boolean;
+}
+
+/** Options of one {@linkcode EventLog.append}. */
+export interface AppendOptions {
+  /**
+   * Store the events once per key: a repeat within the log's window
+   * answers the first append's ids and stores nothing; a repeat with other
+   * events rejects with {@linkcode IdempotencyKeyError}. Defaults to none.
+   */
+  idempotencyKey?: string;
+}
+
+/** An event to store, as {@linkcode Broker.publish} hands it to the log. */
+export interface NewEvent {
+  /** Its topics. */
+  readonly topics: readonly string[];
+  /** The message's encoded fields without the `id:` line, ending with the blank line. */
+  readonly text: string;
+  /** Whether only clients granted one of its topics receive it. Defaults to false. */
+  readonly private?: boolean;
+}
+
+/**
+ * Rejects an append whose idempotency key was used, within the window, for
+ * other events. {@linkcode createHandler} answers `422`.
+ *
+ * @example
+ * ```ts
+ * import { IdempotencyKeyError, MemoryLog } from "./mod.ts";
+ *
+ * const log = new MemoryLog();
+ * await log.append([{ topics: [], text: "data: a\n\n" }], { idempotencyKey: "k" });
+ * await log.append([{ topics: [], text: "data: b\n\n" }], { idempotencyKey: "k" })
+ *   .catch((error) => console.log(error instanceof IdempotencyKeyError)); // true
+ * ```
+ */
+export class IdempotencyKeyError extends Error {
+  /** Says that the key was used for other events. */
+  constructor() {
+    super("the idempotency key was used for other events");
+    this.name = "IdempotencyKeyError";
+  }
+}
+
+/** What identifies a batch of events, to tell a repeat from another batch under one key. */
+function fingerprintOf(events: readonly NewEvent[]): string {
+  return JSON.stringify(events.map(({ topics, text, private: p }) => [topics, text, p === true]));
 }
 
 /**
@@ -522,11 +647,17 @@ export interface SubscribeOptions {
    */
   expires?: number;
   /**
-   * Resume after this event id; `null` does not resume. Defaults to the
-   * `Last-Event-ID` header, or the `?lastEventId=` parameter for clients that
-   * cannot set headers.
+   * Resume after this event id; `"earliest"` replays every retained event;
+   * `null` does not resume. Defaults to the `Last-Event-ID` header, or the
+   * `?lastEventId=` parameter for clients that cannot set headers.
    */
   lastEventId?: string | null;
+  /**
+   * When not resuming from an id, first replay the retained events
+   * published after this time, in milliseconds since the epoch. Defaults to
+   * the `?since=` parameter (an ISO 8601 time), or none.
+   */
+  since?: number;
 }
 
 /**
@@ -545,6 +676,37 @@ export interface PublishOptions {
    * Defaults to false: every client that wants its topics receives it.
    */
   private?: boolean;
+  /** See {@linkcode PublishBatchOptions.idempotencyKey}. Defaults to none. */
+  idempotencyKey?: string;
+}
+
+/**
+ * One event of a {@linkcode Broker.publishBatch}: a message and its
+ * {@linkcode PublishOptions}.
+ */
+export interface BatchEntry {
+  /** The event; `data` is required. */
+  message: Omit<ServerSentEventMessage, "id">;
+  /** See {@linkcode PublishOptions.topics}. Defaults to none. */
+  topics?: readonly string[];
+  /** See {@linkcode PublishOptions.private}. Defaults to false. */
+  private?: boolean;
+}
+
+/**
+ * Options for one {@linkcode Broker.publishBatch}.
+ */
+export interface PublishBatchOptions {
+  /**
+   * Publish once per key: a publisher that retries after an ambiguous
+   * failure (the reply lost, the events stored) sends the same key, and a
+   * repeat within the event log's window gets the first publish's ids and
+   * publishes nothing; with a shared log, also when it reaches another
+   * process. A repeat with other events rejects with
+   * {@linkcode IdempotencyKeyError}. 1 to 256 printable characters.
+   * Defaults to none.
+   */
+  idempotencyKey?: string;
 }
 
 /**
@@ -659,6 +821,8 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
   cursor: string | null = null;
   /** Events resent from the log to this client. */
   replayed = 0;
+  /** Replay skips events published at or before this time (`?since=`). */
+  since = -Infinity;
   /** Whether anything was sent since the last heartbeat tick. */
   active = false;
   /** Ends the stream when its permission expires. */
@@ -879,6 +1043,12 @@ export class Broker {
     const lastEventId = options.lastEventId !== undefined
       ? options.lastEventId
       : request.headers.get("last-event-id") ?? url.searchParams.get("lastEventId");
+    const sinceText = url.searchParams.get("since");
+    const since = options.since ?? (sinceText === null ? undefined : parseTime(sinceText));
+    if (Number.isNaN(since)) {
+      this.#rejected.validation++;
+      return errorResponse(400, "since must be an ISO 8601 time, such as 2026-01-31T12:00:00Z");
+    }
 
     const client = new Client(
       topics.length > 0 ? new Set(topics) : undefined,
@@ -886,16 +1056,19 @@ export class Broker {
       this.#clientCallbacks,
     );
     const body = new ReadableStream(client, BYTE_QUEUING);
-    const resumeFrom = lastEventId || null;
+    // From an id; from the oldest retained event (`earliest`, or `since`,
+    // which skips the older ones); or not at all.
+    const resumes = Boolean(lastEventId) || since !== undefined;
     // A client that does not resume is told where it joined (an `id:` with
     // no data sets its last event id and dispatches nothing), so that even
     // before its first event a reconnect resumes with nothing lost.
     client.controller.enqueue(
-      resumeFrom === null && this.#liveId !== null
+      !resumes && this.#liveId !== null
         ? concat([this.#streamStart, encodeMessage({ id: this.#liveId })])
         : this.#streamStart,
     );
-    this.#add(client, resumeFrom);
+    if (!lastEventId && since !== undefined) client.since = since;
+    this.#add(client, resumes, lastEventId === "earliest" || !lastEventId ? null : lastEventId);
     if (options.expires !== undefined) {
       const ms = Math.min(Math.max(options.expires - Date.now(), 0), MAX_TIMER_MS);
       client.expiry = setTimeout(() => this.#end(client), ms);
@@ -917,9 +1090,10 @@ export class Broker {
    * for a client. Events that arrive in the same turn of the event loop are
    * queued together, as one chunk per client; the promise resolves once the
    * event is in the log and queued for this broker's clients. Rejects with
-   * {@linkcode MessageError} for a message that cannot be encoded, and with
-   * {@linkcode EventLogError} when the log did not store it; nothing is sent
-   * then.
+   * {@linkcode MessageError} for a message that cannot be encoded, with
+   * {@linkcode EventLogError} when the log did not store it, and with
+   * {@linkcode IdempotencyKeyError} for a key used for another event;
+   * nothing is sent then.
    *
    * @example
    * ```ts
@@ -927,61 +1101,99 @@ export class Broker {
    *
    * const broker = new Broker();
    * const id = await broker.publish({ event: "price", data: "42" }, { topics: ["ACME"] });
-   * console.log(id); // "<epoch>-1"
+   * console.log(id); // "<ms>-0"
    * broker.close();
    * ```
    *
    * @param message The event; `data` is required.
-   * @param options The event's topics.
+   * @param options The event's topics, whether it is private, an idempotency key.
    * @returns The id the event was given.
    */
   async publish(
     message: Omit<ServerSentEventMessage, "id">,
     options: PublishOptions = {},
   ): Promise<string> {
-    if (this.#state === "closed") throw new Error("the broker is closed");
+    const { topics, private: isPrivate, idempotencyKey } = options;
+    const [id] = await this.#publish([{ message, topics, private: isPrivate }], idempotencyKey);
+    return id;
+  }
+
+  /**
+   * Publishes several events in order, all or none: each is checked as
+   * {@linkcode Broker.publish} checks one (a refusal names the index, as
+   * `[2].event`), then all reach the event log in one append, next to each
+   * other, and clients receive them in that order.
+   *
+   * @example
+   * ```ts
+   * import { Broker } from "./mod.ts";
+   *
+   * const broker = new Broker();
+   * const ids = await broker.publishBatch([
+   *   { message: { data: "first" } },
+   *   { message: { data: "second" }, topics: ["news"] },
+   * ]);
+   * console.log(ids.length); // 2
+   * broker.close();
+   * ```
+   *
+   * @param entries The events and their options.
+   * @param options An idempotency key for the whole batch.
+   * @returns The ids the events were given, in order.
+   */
+  publishBatch(
+    entries: readonly BatchEntry[],
+    options: PublishBatchOptions = {},
+  ): Promise<string[]> {
+    return this.#publish(entries, options.idempotencyKey, true);
+  }
+
+  async #publish(
+    entries: readonly BatchEntry[],
+    idempotencyKey: string | undefined,
+    isBatch = false,
+  ): Promise<string[]> {
+    this.#refuseIfClosed();
+    let events: NewEvent[];
     try {
-      return await this.#publish(message, options);
+      if (!Array.isArray(entries) || entries.length === 0) {
+        throw new MessageError("entries", "must be a non-empty array");
+      }
+      if (idempotencyKey !== undefined && !isTopic(idempotencyKey)) {
+        throw new MessageError("idempotencyKey", "must be 1 to 256 printable characters");
+      }
+      // Validate every event before any reaches the log, so a refused
+      // batch publishes nothing and leaves no hole in the ids.
+      events = entries.map((entry, index) => {
+        try {
+          return newEvent(entry);
+        } catch (error) {
+          if (!isBatch || !(error instanceof MessageError)) throw error;
+          throw new MessageError(
+            `[${index}].${error.field}`,
+            error.message.slice(error.field.length + 1),
+          );
+        }
+      });
     } catch (error) {
       if (error instanceof MessageError) this.#rejected.validation++;
       throw error;
     }
-  }
-
-  async #publish(
-    message: Omit<ServerSentEventMessage, "id">,
-    options: PublishOptions,
-  ): Promise<string> {
-    if (typeof message !== "object" || message === null) {
-      throw new MessageError("message", "must be an object");
-    }
-    if ("id" in message && message.id !== undefined) {
-      throw new MessageError("id", "is assigned by the broker");
-    }
-    if (message.data === undefined) throw new MessageError("data", "is required");
-    const topics = options.topics ?? [];
-    if (!Array.isArray(topics)) throw new MessageError("topics", "must be an array");
-    if (!topics.every(isTopic)) {
-      throw new MessageError("topic", "must be 1 to 256 printable characters");
-    }
-    const isPrivate = options.private ?? false;
-    if (typeof isPrivate !== "boolean") throw new MessageError("private", "must be true or false");
-    if (isPrivate && topics.length === 0) {
-      throw new MessageError("private", "events need at least one topic");
-    }
-    // Validate before the event reaches the log, so a refused message
-    // leaves no hole in the ids.
-    const text = formatMessage(message);
     const accepted = performance.now();
-    let id: string;
+    let appended: Appended;
     try {
-      id = await this.#eventLog.append(topics, text, isPrivate);
+      appended = await this.#eventLog.append(events, { idempotencyKey });
     } catch (error) {
+      if (error instanceof IdempotencyKeyError) {
+        this.#rejected.validation++;
+        throw error;
+      }
       throw new EventLogError(error);
     }
-    this.#published++;
-    // The event comes back through the log's listener, in the log's order.
-    while (this.#state !== "closed" && this.#isNewer(id)) {
+    const { ids, repeated } = appended;
+    if (!repeated) this.#published += ids.length;
+    // The events come back through the log's listener, in the log's order.
+    while (this.#state !== "closed" && this.#isNewer(ids[ids.length - 1])) {
       this.#flushed ??= Promise.withResolvers();
       await this.#flushed.promise;
     }
@@ -989,7 +1201,7 @@ export class Broker {
     const bucket = PUBLISH_BUCKETS.findIndex((bound) => seconds <= bound);
     this.#publishCounts[bucket === -1 ? PUBLISH_BUCKETS.length : bucket]++;
     this.#publishSeconds += seconds;
-    return id;
+    return ids;
   }
 
   /**
@@ -1081,6 +1293,10 @@ export class Broker {
     this.#rejected[reason]++;
   }
 
+  #refuseIfClosed(): void {
+    if (this.#state === "closed") throw new Error("the broker is closed");
+  }
+
   /** A stream that holds only a random `retry:` and ends: the client comes back later. */
   #sendAway(reason: RejectionReason): Response {
     this.#rejected[reason]++;
@@ -1158,7 +1374,8 @@ export class Broker {
     };
   }
 
-  #add(client: Client, lastEventId: string | null): void {
+  /** Counts a client in, and starts its replay when it resumes, after `cursor`. */
+  #add(client: Client, resumes: boolean, cursor: string | null): void {
     this.#clients.add(client);
     this.#connections++;
     if (client.topics === undefined) this.#everyone.add(client);
@@ -1170,11 +1387,11 @@ export class Broker {
       }
     }
     this.#logger?.(`client connected (${this.#clients.size} open)`);
-    if (lastEventId !== null) {
+    if (resumes) {
       // The log places the id as the replay's first read, which starts now.
       // Events published meanwhile are in the log after it: the seam has no gap.
       client.state = "placing";
-      client.cursor = lastEventId;
+      client.cursor = cursor;
       this.#read(client);
       this.#replay(client);
     }
@@ -1364,7 +1581,7 @@ export class Broker {
       if (this.#isNewer(event.id)) return this.#goLive(client);
       if (queuedBytes(client) >= this.#maxQueueBytes / 2) return;
       client.cursor = event.id;
-      if (client.wants(event)) {
+      if (client.wants(event) && parseId(event.id)![0] > client.since) {
         client.controller.enqueue(bytesOf(event));
         client.replayed++;
         this.#replayed++;
@@ -1912,21 +2129,31 @@ export function createHandler(
       action: "publish",
       methods: {
         POST: async (request, url, _server, grants) => {
-          const publication = await readPublication(request, url, maxBodyBytes);
-          const { message, topics } = publication;
+          const { entries, isBatch } = await readPublication(request, url, maxBodyBytes);
           if (grants !== undefined) {
             const granted = grants.publish === undefined
               ? NO_GRANTS
               : selectorPattern(grants.publish);
-            const refused = topics.length === 0
-              ? grants.publish?.includes("*") ? undefined : "an event with no topic"
-              : topics.find((topic) => !granted.test(topic));
-            if (refused !== undefined) {
-              throw new HttpError(403, `no publish grant for ${JSON.stringify(refused)}`);
+            for (const { topics = [] } of entries) {
+              const refused = topics.length === 0
+                ? grants.publish?.includes("*") ? undefined : "an event with no topic"
+                : topics.find((topic) => !granted.test(topic));
+              if (refused !== undefined) {
+                throw new HttpError(403, `no publish grant for ${JSON.stringify(refused)}`);
+              }
             }
           }
-          const id = await broker.publish(message, { topics, private: publication.private });
-          return Response.json({ id });
+          const idempotencyKey = request.headers.get("idempotency-key") ?? undefined;
+          if (!isBatch) {
+            const [{ message, topics, private: isPrivate }] = entries;
+            const id = await broker.publish(message, {
+              topics,
+              private: isPrivate,
+              idempotencyKey,
+            });
+            return Response.json({ id });
+          }
+          return Response.json({ ids: await broker.publishBatch(entries, { idempotencyKey }) });
         },
       },
     },
@@ -1995,6 +2222,7 @@ export function createHandler(
       return await handle(request, url, server, allowed === true ? undefined : allowed);
     } catch (error) {
       if (error instanceof MessageError) return errorResponse(400, error.message);
+      if (error instanceof IdempotencyKeyError) return errorResponse(422, error.message);
       if (error instanceof HttpError) {
         broker.countRejection(REJECTION_OF_STATUS[error.status]);
         return errorResponse(error.status, error.message);
@@ -2008,6 +2236,34 @@ export function createHandler(
     }
   };
   return async (request, server) => withCors(request, await respond(request, server));
+}
+
+/** An ISO 8601 time in milliseconds since the epoch, or `NaN`. */
+function parseTime(text: string): number {
+  return /^\d{4}-\d\d-\d\d(T\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\d))?$/.test(text)
+    ? Date.parse(text)
+    : NaN;
+}
+
+/** Checks one entry of a publish and encodes it for the log; throws a {@linkcode MessageError}. */
+function newEvent({ message, topics = [], private: isPrivate = false }: BatchEntry): NewEvent {
+  if (typeof message !== "object" || message === null) {
+    throw new MessageError("message", "must be an object");
+  }
+  if ("id" in message && message.id !== undefined) {
+    throw new MessageError("id", "is assigned by the broker");
+  }
+  if (message.data === undefined) throw new MessageError("data", "is required");
+  if (!Array.isArray(topics)) throw new MessageError("topics", "must be an array");
+  if (!topics.every(isTopic)) {
+    throw new MessageError("topic", "must be 1 to 256 printable characters");
+  }
+  if (typeof isPrivate !== "boolean") throw new MessageError("private", "must be true or false");
+  if (isPrivate && topics.length === 0) {
+    throw new MessageError("private", "events need at least one topic");
+  }
+  const text = formatMessage(message);
+  return isPrivate ? { topics, text, private: true } : { topics, text };
 }
 
 /** What each status the handler refuses with counts as. */
@@ -2041,23 +2297,26 @@ class HttpError extends Error {
   }
 }
 
-const PUBLISH_FIELDS = new Set(["data", "event", "topic", "retry", "comment", "id", "private"]);
-
+/**
+ * Reads a publish request: one event, or with a JSON array body a batch.
+ * Only translates: the broker validates every field and names the one it
+ * refuses (a missing `data` stays undefined, an `id` is refused there).
+ */
 async function readPublication(
   request: Request,
   url: URL,
   maxBytes: number,
-): Promise<{ message: Omit<ServerSentEventMessage, "id">; topics: string[]; private?: boolean }> {
+): Promise<{ entries: BatchEntry[]; isBatch: boolean }> {
   const text = await readText(request, maxBytes);
   // No content type reads as "null": not JSON.
   const type = String(request.headers.get("content-type"));
   if (!/^application\/(.+\+)?json\b/i.test(type)) {
     const topics = url.searchParams.getAll("topic");
     const event = url.searchParams.get("event") ?? undefined;
+    const isPrivate = url.searchParams.get("private") === "1";
     return {
-      message: { data: text, event },
-      topics,
-      private: url.searchParams.get("private") === "1",
+      entries: [{ message: { data: text, event }, topics, private: isPrivate }],
+      isBatch: false,
     };
   }
   let body: unknown;
@@ -2066,17 +2325,30 @@ async function readPublication(
   } catch {
     throw new HttpError(400, "body is not valid JSON");
   }
-  if (typeof body !== "object" || body === null || Array.isArray(body)) {
-    throw new HttpError(400, "body must be a JSON object");
+  if (Array.isArray(body)) {
+    if (body.length === 0) throw new HttpError(400, "a batch needs at least one event");
+    return { entries: body.map((item, index) => entryOf(item, `[${index}]`)), isBatch: true };
   }
-  const fields = body as Record<string, unknown>;
+  return { entries: [entryOf(body, "body")], isBatch: false };
+}
+
+const PUBLISH_FIELDS = new Set(["data", "event", "topic", "retry", "comment", "id", "private"]);
+
+/** One JSON event of a publish; `where` names it in errors (`body`, `[2]`). */
+function entryOf(value: unknown, where: string): BatchEntry {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new HttpError(400, `${where} must be a JSON object`);
+  }
+  const fields = value as Record<string, unknown>;
   const unknown = Object.keys(fields).find((key) => !PUBLISH_FIELDS.has(key));
   if (unknown !== undefined) {
-    throw new HttpError(400, `unknown field ${JSON.stringify(unknown.slice(0, 64))}`);
+    const name = JSON.stringify(unknown.slice(0, 64));
+    throw new HttpError(
+      400,
+      where === "body" ? `unknown field ${name}` : `${where} has unknown field ${name}`,
+    );
   }
   const { data, event, topic, retry, comment, id, private: isPrivate } = fields;
-  // Only translated here: the broker validates every field and names the one
-  // it refuses (a missing `data` stays undefined, an `id` is refused there).
   const message = {
     data: typeof data === "string" || data === undefined ? data : JSON.stringify(data),
     event,

@@ -2,12 +2,15 @@
 import { describe, test, track } from "./test/harness.ts";
 import assert from "node:assert/strict";
 import {
+  type Appended,
   type Authorize,
+  type BatchEntry,
   Broker,
   createHandler,
   encodeMessage,
   type EventLog,
   EventLogError,
+  IdempotencyKeyError,
   jwtAuth,
   jwtVerifier,
   type LogEvent,
@@ -16,6 +19,7 @@ import {
   MessageError,
   METRICS_CONTENT_TYPE,
   metricsText,
+  type NewEvent,
   type ServerSentEventMessage,
   ServerSentEventStream,
   tokenAuth,
@@ -25,6 +29,7 @@ import * as jose from "jose";
 import { spawn } from "node:child_process";
 import process from "node:process";
 import {
+  compareIds,
   EventReader,
   eventually,
   parseAll,
@@ -181,11 +186,7 @@ describe("Broker", () => {
     assert.equal(broker.stats().clients, 50);
     const ids = [];
     for (let i = 0; i < 5; i++) ids.push(await broker.publish({ data: `m${i}` }));
-    const parsed = ids.map((id) => id.split("-").map(Number));
-    for (let i = 1; i < parsed.length; i++) {
-      assert.equal(parsed[i][0], parsed[0][0]);
-      assert.equal(parsed[i][1], parsed[i - 1][1] + 1);
-    }
+    for (let i = 1; i < ids.length; i++) assert.ok(compareIds(ids[i], ids[i - 1]) > 0, ids[i]);
     for (const reader of readers) {
       const events = await reader.events(5);
       assert.deepEqual(events.map((e) => e.data), ["m0", "m1", "m2", "m3", "m4"]);
@@ -298,7 +299,8 @@ describe("Broker", () => {
   });
 
   test("refuses a message with an id, without data, or with an invalid field", async () => {
-    const broker = new Broker();
+    const log = new MemoryLog();
+    const broker = new Broker({ eventLog: log });
     const reader = open(broker);
     await assert.rejects(broker.publish({ id: "1", data: "x" } as ServerSentEventMessage), {
       field: "id",
@@ -309,7 +311,11 @@ describe("Broker", () => {
     const id = await broker.publish({ data: "valid" });
     const event = await reader.event();
     assert.deepEqual([event.data, event.lastEventId], ["valid", id]);
-    assert.match(id, /-1$/, "refused messages take no id");
+    assert.deepEqual(
+      log.read(null, 10).events.map((e) => e.id),
+      [id],
+      "refused messages take no id",
+    );
     broker.close();
   });
 
@@ -634,7 +640,7 @@ describe("Broker options and limits", () => {
       get lastId() {
         return memory.lastId;
       },
-      append: (topics, text) => memory.append(topics, text),
+      append: (events, options) => memory.append(events, options),
       read: (afterId, limit) => memory.read(afterId, limit),
       listen: (listener) => {
         listening++;
@@ -649,9 +655,10 @@ describe("Broker options and limits", () => {
     broker.close();
     broker.close();
     assert.equal(listening, 0, "stopped once");
-    assert.equal((await reader.event()).data, "last");
+    const last = await reader.event();
+    assert.equal(last.data, "last");
     assert.equal(await reader.next(), null);
-    assert.match(await published, /-1$/);
+    assert.equal(await published, last.lastEventId);
     const late = broker.subscribe(new Request("http://x/"));
     assert.equal(late.headers.get("content-type"), "text/event-stream");
     await late.body!.cancel();
@@ -900,6 +907,245 @@ sse_rejected_total{reason="draining"} 0
   });
 });
 
+describe("idempotent and batch publishing", () => {
+  test("a repeated idempotency key answers the first id and publishes nothing", async () => {
+    const broker = new Broker();
+    const reader = open(broker);
+    const first = await broker.publish({ data: "once" }, { idempotencyKey: "order-17" });
+    const again = await broker.publish({ data: "once" }, { idempotencyKey: "order-17" });
+    const other = await broker.publish({ data: "once" }, { idempotencyKey: "order-18" });
+    assert.equal(again, first);
+    assert.notEqual(other, first);
+    assert.deepEqual((await reader.events(2)).map((e) => e.lastEventId), [first, other]);
+    assert.equal(broker.stats().published, 2, "a repeat is not counted");
+    broker.close();
+  });
+
+  test("a key reused for another event, topic or privacy is refused; nothing is published", async () => {
+    const broker = new Broker();
+    await broker.publish({ data: "a" }, { topics: ["t"], idempotencyKey: "k" });
+    for (
+      const [message, options] of [
+        [{ data: "b" }, { topics: ["t"] }],
+        [{ data: "a" }, { topics: ["u"] }],
+        [{ data: "a" }, { topics: ["t"], private: true }],
+        [{ data: "a", event: "e" }, { topics: ["t"] }],
+      ] as const
+    ) {
+      await assert.rejects(broker.publish(message, { ...options, idempotencyKey: "k" }), {
+        name: "IdempotencyKeyError",
+        message: "the idempotency key was used for other events",
+      });
+    }
+    assert.equal(broker.stats().published, 1);
+    assert.equal(broker.stats().rejected.validation, 4);
+    broker.close();
+  });
+
+  test("the window: after idempotencyWindow ms the key is forgotten", async () => {
+    const log = new MemoryLog({ idempotencyWindow: 40 });
+    const broker = new Broker({ eventLog: log });
+    const first = await broker.publish({ data: "x" }, { idempotencyKey: "k" });
+    assert.equal(await broker.publish({ data: "x" }, { idempotencyKey: "k" }), first);
+    await new Promise((resolve) => setTimeout(resolve, 60));
+    const later = await broker.publish({ data: "x" }, { idempotencyKey: "k" });
+    assert.notEqual(later, first, "published again");
+    assert.equal(log.read(null, 10).events.length, 2);
+    broker.close();
+  });
+
+  test("an idempotency key is 1 to 256 printable characters", async () => {
+    const broker = new Broker();
+    for (const key of ["", "x".repeat(257), "a\nb"]) {
+      await assert.rejects(broker.publish({ data: "x" }, { idempotencyKey: key }), {
+        field: "idempotencyKey",
+      });
+    }
+    await broker.publish({ data: "x" }, { idempotencyKey: "x".repeat(256) });
+    broker.close();
+  });
+
+  test("a batch is published in order, as one chunk, with increasing ids", async () => {
+    const broker = new Broker();
+    const everyone = broker.subscribe(new Request("http://x/")).body!.getReader();
+    await everyone.read(); // the retry
+    const news = open(broker, "?topic=news");
+    const ids = await broker.publishBatch([
+      { message: { data: "1" } },
+      { message: { data: "2", event: "n" }, topics: ["news"] },
+      { message: { data: "3" }, topics: ["news"] },
+    ]);
+    assert.equal(ids.length, 3);
+    assert.ok(compareIds(ids[1], ids[0]) > 0 && compareIds(ids[2], ids[1]) > 0);
+    const chunk = new TextDecoder().decode((await everyone.read()).value);
+    assert.equal(
+      chunk,
+      `id: ${ids[0]}\ndata: 1\n\nid: ${ids[1]}\nevent: n\ndata: 2\n\nid: ${ids[2]}\ndata: 3\n\n`,
+    );
+    assert.deepEqual((await news.events(2)).map((e) => e.data), ["2", "3"]);
+    assert.equal(broker.stats().published, 3);
+    await everyone.cancel();
+    broker.close();
+  });
+
+  test("a batch with one bad event publishes none, and the error names its index", async () => {
+    const log = new MemoryLog();
+    const broker = new Broker({ eventLog: log });
+    const cases = [
+      [[{ message: { data: "ok" } }, { message: { data: "x", event: "a\nb" } }], "[1].event"],
+      [[{ message: {} }], "[0].data"],
+      [[{ message: { data: "ok" } }, { message: { data: "x" }, topics: [""] }], "[1].topic"],
+      [[{ message: { data: "x" }, private: true }], "[0].private"],
+      [[{ message: null }], "[0].message"],
+    ] as const;
+    for (const [entries, field] of cases) {
+      await assert.rejects(broker.publishBatch(entries as unknown as BatchEntry[]), { field });
+    }
+    await assert.rejects(broker.publishBatch([]), {
+      message: "entries must be a non-empty array",
+    });
+    assert.equal(log.lastId, null, "nothing reached the log");
+    assert.equal(broker.stats().rejected.validation, 6);
+    broker.close();
+  });
+
+  test("a batch under an idempotency key: a repeat answers the same ids", async () => {
+    const broker = new Broker();
+    const batch = [{ message: { data: "a" } }, { message: { data: "b" } }];
+    const ids = await broker.publishBatch(batch, { idempotencyKey: "b1" });
+    assert.deepEqual(await broker.publishBatch(batch, { idempotencyKey: "b1" }), ids);
+    await assert.rejects(
+      broker.publishBatch(batch.slice(0, 1), { idempotencyKey: "b1" }),
+      IdempotencyKeyError,
+    );
+    broker.close();
+  });
+
+  test("a batch is replayed in order to a client that missed it", async () => {
+    const broker = new Broker();
+    const before = await broker.publish({ data: "before" });
+    await broker.publishBatch([{ message: { data: "1" } }, { message: { data: "2" } }]);
+    const reader = open(broker, "", { headers: { "last-event-id": before } });
+    assert.deepEqual((await reader.events(3)).map((e) => e.data), ["1", "2", '{"count":2}']);
+    broker.close();
+  });
+
+  test("over HTTP: Idempotency-Key, a JSON array as a batch, 422 for a reused key", async () => {
+    const broker = new Broker();
+    const handler = createHandler(broker, {
+      authorize: (_request, action) => action === "subscribe" || { publish: ["news"] },
+    });
+    const post = (body: string, headers: Record<string, string> = {}) =>
+      handler(
+        new Request("http://x/publish", {
+          method: "POST",
+          body,
+          headers: { "content-type": "application/json", ...headers },
+        }),
+      );
+    const one = '{"data":"x","topic":"news"}';
+    const first = await (await post(one, { "idempotency-key": "k" })).json();
+    assert.deepEqual(await (await post(one, { "idempotency-key": "k" })).json(), first);
+    const reused = await post('{"data":"y","topic":"news"}', { "idempotency-key": "k" });
+    assert.equal(reused.status, 422);
+    assert.deepEqual(await reused.json(), {
+      error: "the idempotency key was used for other events",
+    });
+    const batch = await post('[{"data":"1","topic":"news"},{"data":"2","topic":"news"}]');
+    assert.equal(batch.status, 200);
+    const { ids } = await batch.json();
+    assert.equal(ids.length, 2);
+    const refused = await post('[{"data":"1","topic":"news"},{"data":"2","topic":"sport"}]');
+    assert.equal(refused.status, 403);
+    assert.deepEqual(await refused.json(), { error: 'no publish grant for "sport"' });
+    const bad = await post('[{"data":"1","topic":"news"},{"topic":"news"}]');
+    assert.deepEqual([bad.status, await bad.json()], [400, { error: "[1].data is required" }]);
+    assert.equal(broker.stats().published, 3);
+    broker.close();
+  });
+});
+
+describe("backlog on first connect, and expiry", () => {
+  test("lastEventId=earliest replays every retained event of its topics, with no gap event", async () => {
+    const broker = new Broker({ eventLog: new MemoryLog({ history: 3 }) });
+    for (const topic of ["a", "b", "a", "a", "b"]) {
+      await broker.publish({ data: topic }, { topics: [topic] });
+    }
+    const all = open(broker, "?lastEventId=earliest");
+    assert.deepEqual((await all.events(4)).map((e) => e.data), ["a", "a", "b", '{"count":3}']);
+    const onlyA = open(broker, "", { headers: { "last-event-id": "earliest" }, method: "GET" });
+    assert.deepEqual((await onlyA.events(4)).map((e) => e.data), ["a", "a", "b", '{"count":3}']);
+    const topicA = open(broker, "?topic=a&lastEventId=earliest");
+    assert.deepEqual((await topicA.events(3)).map((e) => e.data), ["a", "a", '{"count":2}']);
+    broker.close();
+  });
+
+  test("since replays the retained events published after that time; a Last-Event-ID wins", async () => {
+    const broker = new Broker();
+    const realNow = Date.now;
+    let now = Date.parse("2026-01-31T12:00:00Z");
+    Date.now = () => now;
+    try {
+      const ids = [];
+      for (const data of ["noon", "one", "two"]) {
+        ids.push(await broker.publish({ data }));
+        now += 3_600_000;
+      }
+      const since = open(broker, "?since=2026-01-31T12:00:00Z");
+      assert.deepEqual((await since.events(3)).map((e) => e.data), ["one", "two", '{"count":2}']);
+      const offset = open(broker, "?since=2026-01-31T13:00:00%2B01:00"); // noon UTC again
+      assert.deepEqual((await offset.events(1)).map((e) => e.data), ["one"]);
+      const date = open(broker, "?since=2026-01-30");
+      assert.deepEqual((await date.events(1)).map((e) => e.data), ["noon"]);
+      const option = broker.subscribe(new Request("http://x/"), { since: now });
+      const reader = new EventReader(option.body!);
+      assert.deepEqual((await reader.events(1)).map((e) => e.data), ['{"count":0}']);
+      const resumed = open(broker, "?since=2020-01-01", { headers: { "last-event-id": ids[1] } });
+      assert.deepEqual((await resumed.events(2)).map((e) => e.data), ["two", '{"count":1}']);
+      for (const bad of ["yesterday", "2026-13", "1700000000", "2026-01-31T12:00"]) {
+        const response = broker.subscribe(new Request(`http://x/?since=${bad}`));
+        assert.equal(response.status, 400, bad);
+        assert.deepEqual(await response.json(), {
+          error: "since must be an ISO 8601 time, such as 2026-01-31T12:00:00Z",
+        });
+      }
+    } finally {
+      Date.now = realNow;
+    }
+    broker.close();
+  });
+
+  test("historyTtl drops older events: not replayed, and resuming from one gets the gap event", async () => {
+    const log = new MemoryLog({ historyTtl: 1000 });
+    const broker = new Broker({ eventLog: log });
+    const realNow = Date.now;
+    let now = realNow();
+    Date.now = () => now;
+    try {
+      const old = await broker.publish({ data: "old" });
+      const older = await broker.publish({ data: "also old" });
+      now += 600;
+      const recent = await broker.publish({ data: "recent" });
+      now += 600; // the old ones are 1200 ms old now, "recent" 600
+      assert.deepEqual(log.read(null, 10).events.map((e) => e.id), [recent]);
+      const fromOld = open(broker, "", { headers: { "last-event-id": old } });
+      assert.equal((await fromOld.event()).event, "gap", "it missed one that expired");
+      assert.equal((await fromOld.event()).data, "recent");
+      const fromNewestDropped = open(broker, "", { headers: { "last-event-id": older } });
+      assert.equal((await fromNewestDropped.event()).data, "recent", "it missed nothing expired");
+      assert.deepEqual(log.read(recent, 10), { events: [], gap: false });
+      now += 1000; // all expired: the newest dropped id still places
+      assert.deepEqual(log.read(recent, 10), { events: [], gap: false });
+      assert.deepEqual(log.read(old, 10), { events: [], gap: true });
+      const at = open(broker, "?lastEventId=earliest");
+      assert.deepEqual((await at.events(1)).map((e) => e.data), ['{"count":0}']);
+    } finally {
+      Date.now = realNow;
+    }
+    broker.close();
+  });
+});
+
 describe("heartbeats", () => {
   const delay = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -1009,11 +1255,13 @@ describe("heartbeats", () => {
 });
 
 describe("MemoryLog", () => {
-  /** Appends `count` events with data `1`, `2`, ... and returns their ids. */
+  /** Appends `count` events with data `1`, `2`, ... in one append, and returns their ids. */
   async function fill(log: MemoryLog, count: number): Promise<string[]> {
-    const ids = [];
-    for (let n = 1; n <= count; n++) ids.push(await log.append([], `data: ${n}\n\n`));
-    return ids;
+    const events = Array.from(
+      { length: count },
+      (_, n) => ({ topics: [], text: `data: ${n + 1}\n\n` }),
+    );
+    return (await log.append(events)).ids;
   }
   const data = (read: { events: readonly LogEvent[] }) =>
     read.events.map((event) => event.text.slice(6, -2));
@@ -1024,14 +1272,28 @@ describe("MemoryLog", () => {
     assert.deepEqual(log.read(null, 10), { events: [], gap: false });
   });
 
-  test("ids are <epoch>-<seq>, the epoch the same for a log, the seq counting from 1", async () => {
+  test("ids are <ms>-<seq> as in Redis: the append's time, then a count within its millisecond", async () => {
     const log = new MemoryLog();
+    const before = Date.now();
     const ids = await fill(log, 12);
-    const epoch = ids[0].split("-")[0];
-    assert.match(epoch, /^\d{13}$/);
-    assert.deepEqual(ids, Array.from({ length: 12 }, (_, n) => `${epoch}-${n + 1}`));
+    const ms = Number(ids[0].split("-")[0]);
+    assert.ok(ms >= before && ms <= Date.now(), "the time of the append");
+    assert.deepEqual(ids, Array.from({ length: 12 }, (_, n) => `${ms}-${n}`), "one append, one ms");
     assert.equal(log.lastId, ids[11]);
     assert.deepEqual(log.read(null, 3).events.map((event) => event.id), ids.slice(0, 3));
+    const realNow = Date.now;
+    try {
+      Date.now = () => ms + 5;
+      assert.deepEqual(
+        await fill(log, 2),
+        [`${ms + 5}-0`, `${ms + 5}-1`],
+        "a later ms starts at 0",
+      );
+      Date.now = () => ms; // the clock went back: ids still increase
+      assert.deepEqual(await fill(log, 1), [`${ms + 5}-2`]);
+    } finally {
+      Date.now = realNow;
+    }
   });
 
   test("keeps the newest `history` events; reading after the newest evicted one is no gap", async () => {
@@ -1055,9 +1317,9 @@ describe("MemoryLog", () => {
       assert.deepEqual(data(log.read(null, 10)), kept, `historyBytes ${historyBytes}`);
     }
     const tiny = new MemoryLog({ historyBytes: 1 });
-    await fill(tiny, 2);
+    const tinyIds = await fill(tiny, 2);
     assert.deepEqual(data(tiny.read(null, 10)), [], "an event larger than the cap is not kept");
-    assert.equal(tiny.lastId?.endsWith("-2"), true, "yet it has its id");
+    assert.equal(tiny.lastId, tinyIds[1], "yet it has its id");
   });
 
   test("evicted events never come back, however many were evicted", async () => {
@@ -1071,22 +1333,24 @@ describe("MemoryLog", () => {
   test("an id it cannot place is a gap: malformed, from another log, or ahead", async () => {
     const log = new MemoryLog();
     const ids = await fill(log, 12);
-    const [epoch] = ids[0].split("-");
+    const [ms] = ids[0].split("-");
     for (
       const id of [
         `x${ids[0]}`,
         `${ids[0]}x`,
-        `${epoch}-`,
+        `${ms}-`,
         "1-1",
-        `${Number(epoch) + 1}-1`,
-        `${epoch}-13`,
+        `${Number(ms) + 1}-0`,
+        `${ms}-12`,
+        `${Number(ms) - 1}-5`,
       ]
     ) {
       const read = log.read(id, 20);
       assert.equal(read.gap, true, id);
       assert.equal(read.events.length, 12, id);
     }
-    assert.deepEqual(data(log.read(`${epoch}-10`, 20)), ["11", "12"], "a two-digit seq");
+    assert.deepEqual(data(log.read(`${ms}-9`, 20)), ["11", "12"], "found by its order");
+    assert.deepEqual(data(log.read(`${ms}-0`, 20)).length, 11, "the first");
   });
 
   test("listeners get each appended event until they stop listening", async () => {
@@ -1130,13 +1394,19 @@ class ListLog implements EventLog {
     this.#history = options.history ?? Infinity;
   }
 
-  append(topics: readonly string[], text: string): Promise<string> {
-    const event = { id: this.#idOf(++this.#appended), topics, text };
-    this.events.push(event);
-    if (this.events.length > this.#history) this.events.shift();
-    this.lastId = event.id;
-    for (const listener of this.#listeners) listener([event]);
-    return Promise.resolve(event.id);
+  append(events: readonly NewEvent[]): Promise<Appended> {
+    const appended = events.map(({ topics, text }) => ({
+      id: this.#idOf(++this.#appended),
+      topics,
+      text,
+    }));
+    for (const event of appended) {
+      this.events.push(event);
+      if (this.events.length > this.#history) this.events.shift();
+      this.lastId = event.id;
+    }
+    for (const listener of this.#listeners) listener(appended);
+    return Promise.resolve({ ids: appended.map((event) => event.id), repeated: false });
   }
 
   read(afterId: string | null, limit: number): LogRead | Promise<LogRead> {
@@ -1154,6 +1424,11 @@ class ListLog implements EventLog {
     this.#listeners.add(listener);
     return () => this.#listeners.delete(listener);
   }
+}
+
+/** Appends one public event with no topic to `log` and returns its id. */
+async function appendOne(log: EventLog, text: string): Promise<string> {
+  return (await log.append([{ topics: [], text }])).ids[0];
 }
 
 /** Publishes `count` events with data `x` in one turn and returns their ids. */
@@ -1359,7 +1634,7 @@ describe("EventLog", () => {
       memory,
       release: () => late.splice(0).forEach((tell) => tell()),
       lastId: memory.lastId,
-      append: (topics: readonly string[], text: string) => memory.append(topics, text),
+      append: (events: readonly NewEvent[]) => memory.append(events),
       read: async (afterId: string | null, limit: number) => {
         await Promise.resolve();
         return memory.read(afterId, limit);
@@ -1378,8 +1653,8 @@ describe("EventLog", () => {
     const broker = new Broker({ eventLog: log });
     await broker.publish({ data: "1" });
     log.held = true;
-    await log.memory.append([], "data: 2\n\n"); // published through another process
-    const third = await log.memory.append([], "data: 3\n\n");
+    await appendOne(log.memory, "data: 2\n\n"); // published through another process
+    const third = await appendOne(log.memory, "data: 3\n\n");
     // The client saw event 3 on the other process, and reconnects here.
     const reader = open(broker, "", { headers: { "last-event-id": third } });
     log.held = false;
@@ -1400,7 +1675,7 @@ describe("EventLog", () => {
     const broker = new Broker({ eventLog: log });
     await broker.publish({ data: "1" });
     log.held = true;
-    const second = await log.memory.append([], "data: 2\n\n"); // through another process
+    const second = await appendOne(log.memory, "data: 2\n\n"); // through another process
     const request = new Request("http://x/", { headers: { "last-event-id": second } });
     const body = broker.subscribe(request).body!;
     await new Promise((resolve) => setTimeout(resolve, 0)); // its read answers: it waits
@@ -1450,7 +1725,7 @@ describe("EventLog", () => {
     const broker = new Broker({ eventLog: log, heartbeat: 20 });
     await broker.publish({ data: "1" });
     log.held = true;
-    const second = await log.memory.append([], "data: 2\n\n"); // through another process
+    const second = await appendOne(log.memory, "data: 2\n\n"); // through another process
     const reader = open(broker, "", { headers: { "last-event-id": second } });
     assert.equal((await reader.next())?.type, "comment");
     log.held = false;
@@ -1493,7 +1768,7 @@ describe("EventLog", () => {
       get lastId() {
         return log.lastId;
       },
-      append: (topics, text) => log.append(topics, text),
+      append: (events, options) => log.append(events, options),
       read: () => Promise.reject(new Error("connection lost")),
       listen: (listener) => log.listen(listener),
     };
@@ -1565,7 +1840,7 @@ describe("EventLog", () => {
     const log = sharedLog();
     const broker = new Broker({ eventLog: log });
     const reader = open(broker);
-    const id = await log.memory.append([], "data: from elsewhere\n\n");
+    const id = await appendOne(log.memory, "data: from elsewhere\n\n");
     assert.deepEqual(await reader.event(), {
       type: "event",
       event: "message",
@@ -1580,8 +1855,8 @@ describe("EventLog", () => {
     const log = sharedLog();
     const broker = new Broker({ eventLog: log });
     log.held = true;
-    const first = await log.memory.append([], "data: 1\n\n");
-    const second = await log.memory.append([], "data: 2\n\n");
+    const first = await appendOne(log.memory, "data: 1\n\n");
+    const second = await appendOne(log.memory, "data: 2\n\n");
     const fromFirst = open(broker, "", { headers: { "last-event-id": first } });
     const fromSecond = open(broker, "", { headers: { "last-event-id": second } });
     await new Promise((resolve) => setTimeout(resolve, 0)); // their reads answer
@@ -1833,7 +2108,9 @@ describe("createHandler: publishing", () => {
       ["{not json", "body is not valid JSON"],
       ["null", "body must be a JSON object"],
       ["5", "body must be a JSON object"],
-      ["[]", "body must be a JSON object"],
+      ["[]", "a batch needs at least one event"],
+      ['[{"data":"x"},5]', "[1] must be a JSON object"],
+      ['[{"data":"x","nope":1}]', '[0] has unknown field "nope"'],
       [`{"data":"x","${"f".repeat(100)}":1}`, `unknown field "${"f".repeat(64)}"`],
       ['{"data":"x","topic":5}', "topic must be 1 to 256 printable characters"],
     ];

@@ -24,9 +24,17 @@
  * @module
  */
 import { createClient } from "redis";
-import type { EventLog, LogEvent, LogRead } from "./mod.ts";
+import {
+  type Appended,
+  type AppendOptions,
+  type EventLog,
+  IdempotencyKeyError,
+  type LogEvent,
+  type LogRead,
+  type NewEvent,
+} from "./mod.ts";
 
-export type { EventLog, LogEvent, LogRead };
+export type { Appended, AppendOptions, EventLog, LogEvent, LogRead, NewEvent };
 
 /** Options for {@linkcode RedisLog.connect}. */
 export interface RedisLogOptions {
@@ -36,6 +44,17 @@ export interface RedisLogOptions {
   key?: string;
   /** About how many events the stream keeps for replay (`MAXLEN ~`). Defaults to 1000. */
   history?: number;
+  /**
+   * Events older than this many milliseconds are no longer replayed, and
+   * are trimmed (`MINID ~`) at the next append; a client resuming from one
+   * gets the gap event. Defaults to no limit.
+   */
+  historyTtl?: number;
+  /**
+   * How long, in milliseconds, Redis remembers an idempotency key, for
+   * every process that shares the stream. Defaults to 300000 (5 minutes).
+   */
+  idempotencyWindow?: number;
   /** Told when the connection is lost and when it is back. Defaults to `console.error`. */
   logger?: (line: string) => void;
 }
@@ -65,13 +84,21 @@ const ID = /^\d{1,15}-\d{1,15}$/;
  * `--appendonly yes` (and `--appendfsync always` so that no acknowledged
  * event can be lost). A publish whose connection breaks after Redis took it
  * but before the reply came back is refused and still delivered: a
- * publisher that retries on `503` may publish it twice.
+ * publisher that retries on `503` publishes it twice, unless it sends an
+ * idempotency key.
+ *
+ * An append is one Lua script: the events of a batch are added next to
+ * each other in one round trip, and an idempotency key is checked and set
+ * in the same atomic step, so two processes racing on one key store the
+ * events once.
  */
 export class RedisLog implements EventLog {
   readonly #writer: Connection;
   readonly #reader: Connection;
   readonly #key: string;
   readonly #history: number;
+  readonly #maxAge: number;
+  readonly #idempotencyWindow: number;
   readonly #logger: (line: string) => void;
   readonly #listeners = new Set<(events: readonly LogEvent[]) => void>();
   #lastId: string | null = null;
@@ -85,6 +112,18 @@ export class RedisLog implements EventLog {
     this.#history = options.history ?? 1000;
     if (!Number.isSafeInteger(this.#history) || this.#history < 1) {
       throw new RangeError("history must be a positive integer");
+    }
+    this.#maxAge = options.historyTtl ?? 0;
+    this.#idempotencyWindow = options.idempotencyWindow ?? 300_000;
+    for (
+      const [name, value] of [["historyTtl", this.#maxAge], [
+        "idempotencyWindow",
+        this.#idempotencyWindow,
+      ]] as const
+    ) {
+      if (!Number.isSafeInteger(value) || value < 0) {
+        throw new RangeError(`${name} must be a non-negative integer`);
+      }
     }
     this.#logger = options.logger ?? ((line) => console.error(line));
     this.#writer = connection(options.url, () => this.#started);
@@ -124,39 +163,56 @@ export class RedisLog implements EventLog {
   }
 
   /**
-   * Adds an event to the stream, trimming it to about `history` events.
+   * Adds events to the stream, next to each other, trimming it to about
+   * `history` events (and those older than `historyTtl`), in one atomic
+   * step with the check of an idempotency key.
    *
-   * @param topics The event's topics.
-   * @param text The encoded message without its `id:` line.
-   * @param isPrivate Whether only clients granted one of its topics receive it.
-   * @returns The id Redis gave it.
+   * @param events The events, in order.
+   * @param options An idempotency key.
+   * @returns The ids Redis gave them, and whether an earlier append with the key stored them.
    */
-  async append(topics: readonly string[], text: string, isPrivate = false): Promise<string> {
-    const fields = { t: topics.join("\n"), m: text, ...(isPrivate ? { p: "1" } : {}) };
-    return await this.#writer.xAdd(this.#key, "*", fields, {
-      TRIM: { strategy: "MAXLEN", strategyModifier: "~", threshold: this.#history },
-    });
+  async append(events: readonly NewEvent[], options: AppendOptions = {}): Promise<Appended> {
+    const key = options.idempotencyKey;
+    const fields = events.flatMap((
+      event,
+    ) => [event.topics.join("\n"), event.text, event.private ? "1" : ""]);
+    const [outcome, ids] = await this.#writer.eval(APPEND, {
+      keys: key === undefined ? [this.#key] : [this.#key, `${this.#key}:idempotency:${key}`],
+      arguments: [
+        String(this.#history),
+        String(this.#maxAge),
+        String(this.#idempotencyWindow),
+        key === undefined ? "" : fingerprintOf(events),
+        ...fields,
+      ],
+    }) as [number, string];
+    if (outcome === CONFLICT) throw new IdempotencyKeyError();
+    return { ids: ids.split(","), repeated: outcome === REPEATED };
   }
 
   /**
    * Reads up to `limit` events after `afterId`. The id is looked up first:
-   * one the stream no longer holds (trimmed, from a stream that Redis lost,
-   * malformed) is a gap, and the events then start at the oldest.
+   * one the stream no longer holds (trimmed, older than `historyTtl`, from a
+   * stream that Redis lost, malformed) is a gap, and the events then start
+   * at the oldest.
    *
    * @param afterId The id to read after; `null` reads from the oldest.
    * @param limit The most events to return.
    * @returns The events, and whether `afterId` could not be placed.
    */
   async read(afterId: string | null, limit: number): Promise<LogRead> {
-    if (afterId !== null && ID.test(afterId)) {
+    // Entries older than the TTL may wait for the next append's trim: skip them.
+    const cutoff = this.#maxAge > 0 ? Date.now() - this.#maxAge : 0;
+    const oldest = cutoff > 0 ? `${cutoff}-0` : "-";
+    if (afterId !== null && ID.test(afterId) && Number(afterId.split("-")[0]) >= cutoff) {
       const [found, after] = await this.#writer.multi()
         .xRange(this.#key, afterId, afterId)
         .xRange(this.#key, "(" + afterId, "+", { COUNT: limit })
         .exec() as unknown as [Entry[], Entry[]];
       if (found.length > 0) return { events: after.map(toEvent), gap: false };
     }
-    const oldest = await this.#writer.xRange(this.#key, "-", "+", { COUNT: limit }) as Entry[];
-    return { events: oldest.map(toEvent), gap: afterId !== null };
+    const entries = await this.#writer.xRange(this.#key, oldest, "+", { COUNT: limit }) as Entry[];
+    return { events: entries.map(toEvent), gap: afterId !== null };
   }
 
   /**
@@ -245,6 +301,52 @@ export class RedisLog implements EventLog {
     this.#lost = false;
     this.#logger("redis: connection back");
   }
+}
+
+/** What the append script answers first: stored now, stored before under the key, or another batch's key. */
+const [STORED, REPEATED, CONFLICT] = [0, 1, 2];
+
+/**
+ * The append, atomic in Redis. KEYS: the stream, then the idempotency key's
+ * entry if any. ARGV: the history, the TTL (0: none), the key's window, the
+ * batch's fingerprint, then three fields per event (topics, text, "1" if
+ * private). Answers {outcome, ids joined with ","}. The key's entry holds
+ * the fingerprint's SHA-1 and the ids.
+ */
+const APPEND = `
+if KEYS[2] then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then
+    local space = string.find(seen, ' ', 1, true)
+    if string.sub(seen, 1, space - 1) ~= redis.sha1hex(ARGV[4]) then return {${CONFLICT}, ''} end
+    return {${REPEATED}, string.sub(seen, space + 1)}
+  end
+end
+local ids = {}
+for i = 5, #ARGV, 3 do
+  local id
+  if ARGV[i + 2] == '1' then
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[i], 'm', ARGV[i + 1], 'p', '1')
+  else
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[i], 'm', ARGV[i + 1])
+  end
+  ids[#ids + 1] = id
+end
+if ARGV[2] ~= '0' then
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(ms - tonumber(ARGV[2])))
+end
+local joined = table.concat(ids, ',')
+if KEYS[2] then
+  redis.call('SET', KEYS[2], redis.sha1hex(ARGV[4]) .. ' ' .. joined, 'PX', ARGV[3])
+end
+return {${STORED}, joined}
+`;
+
+/** What identifies a batch, to tell a repeat from another batch under one key. */
+function fingerprintOf(events: readonly NewEvent[]): string {
+  return JSON.stringify(events.map(({ topics, text, private: p }) => [topics, text, p === true]));
 }
 
 /**

@@ -40,6 +40,8 @@ const retryMs = integerSetting(runtime, "RETRY_MS", 2000);
 const publishToken = runtime.env("PUBLISH_TOKEN");
 const history = integerSetting(runtime, "HISTORY", 1000);
 const historyBytes = integerSetting(runtime, "HISTORY_BYTES", 0) || Infinity;
+const historyTtl = integerSetting(runtime, "HISTORY_TTL_MS", 0) || undefined;
+const idempotencyWindow = integerSetting(runtime, "IDEMPOTENCY_WINDOW_MS", 300_000);
 const redisUrl = runtime.env("REDIS_URL");
 const heartbeatMs = integerSetting(runtime, "HEARTBEAT_MS", 15_000);
 const drainMs = integerSetting(runtime, "DRAIN_MS", 0);
@@ -92,13 +94,18 @@ async function authorization(): Promise<Authorize> {
 
 // Loaded only when asked for, so the in-memory demo needs no npm package.
 const redis = redisUrl
-  ? await (await import("./redis.ts")).RedisLog.connect({ url: redisUrl, history })
+  ? await (await import("./redis.ts")).RedisLog.connect({
+    url: redisUrl,
+    history,
+    historyTtl,
+    idempotencyWindow,
+  })
     .catch((error) => fail(error.message))
   : undefined;
 
 const broker = new Broker({
-  // Redis trims its stream to about HISTORY events itself, by count only.
-  eventLog: redis ?? new MemoryLog({ history, historyBytes }),
+  // Redis trims its stream to about HISTORY events itself, not by size.
+  eventLog: redis ?? new MemoryLog({ history, historyBytes, historyTtl, idempotencyWindow }),
   heartbeat: heartbeatMs,
   retry: retryMs,
   maxQueueBytes: integerSetting(runtime, "MAX_QUEUE_BYTES", 1 << 20),
