@@ -13,6 +13,7 @@ import {
   type ServerProcess,
   type SseEvent,
   startServer,
+  stats,
   subscribe,
 } from "./helpers.ts";
 import { RedisServer } from "./redis_server.mjs";
@@ -279,5 +280,136 @@ describe("starting a cluster", () => {
     assert.equal(await first.stop(), 0);
     assert.equal(await second.stop(), 0);
     await redis.stop();
+  });
+});
+
+describe("idempotent and batch publishing, backlog and expiry on Redis", () => {
+  const cluster = useCluster({ IDEMPOTENCY_WINDOW_MS: "1500", HISTORY_TTL_MS: "1500" }, [
+    RUNTIME,
+    RUNTIME,
+  ]);
+
+  const publishWith = async (base: string, body: unknown, key?: string) => {
+    const response = await fetch(new URL("/publish", base), {
+      method: "POST",
+      headers: {
+        "content-type": "application/json",
+        ...(key === undefined ? {} : { "idempotency-key": key }),
+      },
+      body: JSON.stringify(body),
+    });
+    return { status: response.status, body: await response.json() };
+  };
+
+  test("20 concurrent identical publishes with one key through two processes: one id, one event", async () => {
+    const [a, b] = cluster.servers;
+    const readers = [await subscribe(`${a.url}events`), await subscribe(`${b.url}events`)];
+    const answers = await Promise.all(
+      Array.from(
+        { length: 20 },
+        (_, i) => publishWith((i % 2 ? a : b).url, { data: "charge 42" }, "payment-42"),
+      ),
+    );
+    assert.deepEqual(new Set(answers.map((answer) => answer.status)), new Set([200]));
+    const ids = new Set(answers.map((answer) => answer.body.id));
+    assert.equal(ids.size, 1, "one id for all");
+    const marker = await publish(a.url, { data: "marker" });
+    for (const reader of readers) {
+      const seen = await reader.until((event) => event.lastEventId === marker);
+      assert.deepEqual(seen.map((event) => event.data), ["charge 42", "marker"]);
+    }
+    const reused = await publishWith(b.url, { data: "charge 43" }, "payment-42");
+    assert.deepEqual(reused, {
+      status: 422,
+      body: { error: "the idempotency key was used for other events" },
+    });
+    await Promise.all(readers.map((reader) => reader.cancel()));
+  });
+
+  test("IDEMPOTENCY_WINDOW_MS: once it has passed, the key publishes again", async () => {
+    const [a, b] = cluster.servers;
+    const first = await publishWith(a.url, { data: "x" }, "window-key");
+    const again = await publishWith(b.url, { data: "x" }, "window-key");
+    assert.equal(again.body.id, first.body.id);
+    await new Promise((resolve) => setTimeout(resolve, 1600)); // the window is 1.5 s
+    const later = await publishWith(b.url, { data: "x" }, "window-key");
+    assert.equal(later.status, 200);
+    assert.notEqual(later.body.id, first.body.id);
+  });
+
+  test("a batch through Redis: ids in order, delivered in order on both processes, replayed", async () => {
+    const [a, b] = cluster.servers;
+    const reader = await subscribe(`${b.url}events?topic=batch`);
+    const before = await publish(a.url, { data: "before", topic: "batch" });
+    const batch = await publishWith(a.url, [
+      { data: "1", topic: "batch" },
+      { data: "2", topic: "batch", event: "two" },
+      { data: "3", topic: "batch" },
+    ]);
+    assert.equal(batch.status, 200);
+    const ids: string[] = batch.body.ids;
+    assert.deepEqual([...ids].sort(compareIds), ids);
+    const live = await reader.until((event) => event.lastEventId === ids[2]);
+    assert.deepEqual(live.map((event) => [event.data, event.lastEventId]), [
+      ["before", before],
+      ["1", ids[0]],
+      ["2", ids[1]],
+      ["3", ids[2]],
+    ]);
+    const replay = await subscribe(`${a.url}events?topic=batch`, { "last-event-id": before });
+    assert.deepEqual((await replay.events(4)).map((event) => event.data), [
+      "1",
+      "2",
+      "3",
+      '{"count":3}',
+    ]);
+    const bad = await publishWith(a.url, [{ data: "ok" }, { data: "x", retry: -1 }]);
+    assert.deepEqual(bad, {
+      status: 400,
+      body: { error: "[1].retry must be a non-negative integer" },
+    });
+    await Promise.all([reader.cancel(), replay.cancel()]);
+  });
+
+  test("HISTORY_TTL_MS: expired events are not replayed; resuming from one reports the gap", async () => {
+    const [a, b] = cluster.servers;
+    const old = await publish(a.url, { data: "old", topic: "ttl" });
+    await new Promise((resolve) => setTimeout(resolve, 1600)); // the TTL is 1.5 s
+    const recent = await publish(a.url, { data: "recent", topic: "ttl" });
+    const resumed = await subscribe(`${b.url}events?topic=ttl`, { "last-event-id": old });
+    assert.equal((await resumed.event()).event, "gap");
+    assert.deepEqual([(await resumed.event()).lastEventId], [recent]);
+    const earliest = await subscribe(`${b.url}events?topic=ttl&lastEventId=earliest`);
+    assert.deepEqual((await earliest.events(2)).map((event) => event.data), [
+      "recent",
+      '{"count":1}',
+    ]);
+    const since = new Date(Number(recent.split("-")[0]) - 1).toISOString();
+    const fromTime = await subscribe(`${a.url}events?topic=ttl&since=${since}`);
+    assert.deepEqual((await fromTime.events(2)).map((event) => event.data), [
+      "recent",
+      '{"count":1}',
+    ]);
+    await Promise.all([resumed.cancel(), earliest.cancel(), fromTime.cancel()]);
+  });
+
+  test("per-topic counts in /stats follow clients as they come and go, per process", async () => {
+    const [a, b] = cluster.servers;
+    const readers = [
+      await subscribe(`${a.url}events?topic=x&topic=y`),
+      await subscribe(`${a.url}events?topic=x`),
+      await subscribe(`${a.url}events`),
+      await subscribe(`${b.url}events?topic=x`),
+    ];
+    const counted = await stats(a.url);
+    assert.deepEqual([counted.clientsByTopic, counted.clientsWithoutTopic], [{ x: 2, y: 1 }, 1]);
+    assert.deepEqual((await stats(b.url)).clientsByTopic, { x: 1 }, "per process");
+    await readers[0].cancel();
+    await eventually(
+      async () => JSON.stringify((await stats(a.url)).clientsByTopic) === '{"x":1}',
+      5000,
+      "y gone from the counts",
+    );
+    await Promise.all(readers.slice(1).map((reader) => reader.cancel()));
   });
 });
