@@ -2811,7 +2811,10 @@ describe("jwtAuth", () => {
     });
   });
 
-  test("through the handler: a refused token is a 401 with the reason; the stream ends at exp", async () => {
+  // Waits for a token's expiry, whole seconds away: longer than the mutation run's 2 s limit.
+  test("through the handler: a refused token is a 401 with the reason; the stream ends at exp", {
+    timeout: 5000,
+  }, async () => {
     const broker = new Broker();
     const handler = createHandler(broker, {
       authorize: await jwtAuth({ secret: SECRET, leeway: 0 }),
