@@ -509,8 +509,11 @@ describe("Broker options and limits", () => {
   });
 
   test("shedRetry must be two counts, the first not above the second", () => {
-    for (const range of [[-1, 5], [1, 1.5]]) {
-      assert.throws(() => new Broker({ shedRetry: range as [number, number] }), RangeError);
+    for (const [range, name] of [[[-1, 5], "shedRetry[0]"], [[1, 1.5], "shedRetry[1]"]] as const) {
+      assert.throws(() => new Broker({ shedRetry: range as unknown as [number, number] }), {
+        name: "RangeError",
+        message: `${name} must be a non-negative integer`,
+      });
     }
     assert.throws(() => new Broker({ shedRetry: [5, 4] }), {
       name: "RangeError",
@@ -694,6 +697,20 @@ describe("operations: drain, health, counters, metrics", () => {
     broker.close();
   });
 
+  test("a client that leaves before its turn in a drain is skipped", async () => {
+    const broker = new Broker();
+    const bodies = Array.from(
+      { length: 3 },
+      () => broker.subscribe(new Request("http://x/")).body!,
+    );
+    const draining = broker.drain(200);
+    await bodies[2].cancel(); // its turn comes last
+    await draining;
+    assert.equal(broker.stats().clients, 0);
+    await Promise.all(bodies.slice(0, 2).map((body) => new Response(body).text()));
+    broker.close();
+  });
+
   test("while draining: not ready, subscribers sent away, publishes still delivered", async () => {
     const broker = new Broker({ shedRetry: [700, 700] });
     const leaves = broker.subscribe(new Request("http://x/"));
@@ -714,14 +731,17 @@ describe("operations: drain, health, counters, metrics", () => {
     await leaves.body!.cancel();
     await broker.drain(300); // not open any more: nothing to do
     broker.close();
+    await broker.drain(300);
     assert.deepEqual(await broker.health(), { ready: false, eventLogUp: true, reason: "closed" });
+    assert.equal(await broker.subscribe(new Request("http://x/")).text(), "retry: 2000\n\n");
   });
 
   test("drain(0) ends every stream at once; close during a drain ends the rest", async () => {
     const broker = new Broker();
     const first = broker.subscribe(new Request("http://x/")).body!;
-    await broker.drain(0);
-    assert.equal(broker.stats().clients, 0);
+    const drained = broker.drain(0);
+    assert.equal(broker.stats().clients, 0, "before any timer");
+    await drained;
     await first.cancel();
     const other = new Broker();
     const bodies = Array.from({ length: 4 }, () => other.subscribe(new Request("http://x/")).body!);
@@ -763,6 +783,8 @@ describe("operations: drain, health, counters, metrics", () => {
     assert.ok(performance.now() - started >= 990);
     ping = () => Promise.reject("down");
     assert.equal((await broker.health()).reason, "the event log did not answer: down");
+    ping = () => Promise.reject(undefined);
+    assert.equal((await broker.health()).reason, "the event log did not answer: undefined");
     broker.close();
     assert.deepEqual(await broker.health(), { ready: false, eventLogUp: false, reason: "closed" });
   });
@@ -824,6 +846,53 @@ describe("operations: drain, health, counters, metrics", () => {
     assert.equal(count, 1);
     assert.ok(sum >= 0.059 && sum < 0.25, `sum ${sum}`);
     broker.close();
+  });
+
+  test("a publish slower than the last bucket counts under +Inf only", async () => {
+    const inner = new MemoryLog();
+    const realNow = performance.now;
+    let offset = 0;
+    const clock = () => realNow.call(performance) + offset;
+    const slow: EventLog = {
+      get lastId() {
+        return inner.lastId;
+      },
+      append: (events, options) => {
+        offset += 6000; // the append "takes" 6 s
+        return inner.append(events, options);
+      },
+      read: (afterId, limit) => inner.read(afterId, limit),
+      listen: (listener) => inner.listen(listener),
+    };
+    performance.now = clock;
+    try {
+      const broker = new Broker({ eventLog: slow });
+      await broker.publish({ data: "slow" });
+      const { buckets, count, sum } = broker.stats().publishSeconds;
+      assert.deepEqual(buckets.slice(-2), [{ le: "5", count: 0 }, { le: "+Inf", count: 1 }]);
+      assert.equal(count, 1);
+      assert.ok(sum >= 6, `sum ${sum}`);
+      broker.close();
+    } finally {
+      performance.now = realNow;
+    }
+  });
+
+  test("a publish waiting for its event returns when the broker closes", async () => {
+    const inner = new MemoryLog();
+    const silent: EventLog = { // stores, but never tells its listeners
+      get lastId() {
+        return inner.lastId;
+      },
+      append: (events, options) => inner.append(events, options),
+      read: (afterId, limit) => inner.read(afterId, limit),
+      listen: () => () => {},
+    };
+    const broker = new Broker({ eventLog: silent });
+    const publishing = broker.publish({ data: "x" });
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    broker.close();
+    assert.equal(await publishing, inner.lastId);
   });
 
   test("metricsText is the Prometheus text format of the broker's counters", async () => {
@@ -903,6 +972,13 @@ sse_rejected_total{reason="draining"} 0
     assert.equal((await post('{"data":1,"topic":"a","retry":-1}')).status, 400);
     assert.equal((await handler(new Request("http://x/nope"))).status, 404);
     assert.deepEqual(broker.stats().rejected, { auth: 2, validation: 2, limits: 1, draining: 0 });
+    const withTokens = createHandler(broker, {
+      authorize: () => {
+        throw new TokenError("the token expired");
+      },
+    });
+    assert.equal((await withTokens(new Request("http://x/events"))).status, 401);
+    assert.equal(broker.stats().rejected.auth, 3);
     broker.close();
   });
 });
@@ -954,11 +1030,31 @@ describe("idempotent and batch publishing", () => {
     broker.close();
   });
 
+  test("a key holds for exactly idempotencyWindow ms", async () => {
+    const log = new MemoryLog({ idempotencyWindow: 100 });
+    const realNow = Date.now;
+    const start = realNow();
+    let now = start;
+    Date.now = () => now;
+    try {
+      const append = () =>
+        log.append([{ topics: [], text: "data: x\n\n" }], { idempotencyKey: "k" });
+      const { ids } = await append();
+      now = start + 99;
+      assert.deepEqual(await append(), { ids, repeated: true }, "1 ms before the end");
+      now = start + 100;
+      assert.equal((await append()).repeated, false, "forgotten at the end of the window");
+    } finally {
+      Date.now = realNow;
+    }
+  });
+
   test("an idempotency key is 1 to 256 printable characters", async () => {
     const broker = new Broker();
     for (const key of ["", "x".repeat(257), "a\nb"]) {
       await assert.rejects(broker.publish({ data: "x" }, { idempotencyKey: key }), {
         field: "idempotencyKey",
+        message: "idempotencyKey must be 1 to 256 printable characters",
       });
     }
     await broker.publish({ data: "x" }, { idempotencyKey: "x".repeat(256) });
@@ -1051,16 +1147,22 @@ describe("idempotent and batch publishing", () => {
     assert.deepEqual(await reused.json(), {
       error: "the idempotency key was used for other events",
     });
-    const batch = await post('[{"data":"1","topic":"news"},{"data":"2","topic":"news"}]');
+    const twoEvents = '[{"data":"1","topic":"news"},{"data":"2","topic":"news"}]';
+    const batch = await post(twoEvents, { "idempotency-key": "b" });
     assert.equal(batch.status, 200);
     const { ids } = await batch.json();
     assert.equal(ids.length, 2);
+    assert.deepEqual(await (await post(twoEvents, { "idempotency-key": "b" })).json(), { ids });
+    const text = await handler(
+      new Request("http://x/publish?topic=news", { method: "POST", body: "plain" }),
+    );
+    assert.deepEqual(Object.keys(await text.json()), ["id"], "a text body is one event");
     const refused = await post('[{"data":"1","topic":"news"},{"data":"2","topic":"sport"}]');
     assert.equal(refused.status, 403);
     assert.deepEqual(await refused.json(), { error: 'no publish grant for "sport"' });
     const bad = await post('[{"data":"1","topic":"news"},{"topic":"news"}]');
     assert.deepEqual([bad.status, await bad.json()], [400, { error: "[1].data is required" }]);
-    assert.equal(broker.stats().published, 3);
+    assert.equal(broker.stats().published, 4);
     broker.close();
   });
 });
@@ -1100,19 +1202,51 @@ describe("backlog on first connect, and expiry", () => {
       const option = broker.subscribe(new Request("http://x/"), { since: now });
       const reader = new EventReader(option.body!);
       assert.deepEqual((await reader.events(1)).map((e) => e.data), ['{"count":0}']);
-      const resumed = open(broker, "?since=2020-01-01", { headers: { "last-event-id": ids[1] } });
-      assert.deepEqual((await resumed.events(2)).map((e) => e.data), ["two", '{"count":1}']);
-      for (const bad of ["yesterday", "2026-13", "1700000000", "2026-01-31T12:00"]) {
-        const response = broker.subscribe(new Request(`http://x/?since=${bad}`));
-        assert.equal(response.status, 400, bad);
+      const resumed = open(broker, "?since=2030-01-01", { headers: { "last-event-id": ids[0] } });
+      assert.deepEqual((await resumed.events(3)).map((e) => e.data), ["one", "two", '{"count":2}']);
+      const bad = [
+        "yesterday",
+        "2026-13",
+        "1700000000",
+        "2026-01-31T12:00",
+        "2026-01-31T12:00:00.Z",
+      ];
+      for (const text of bad) {
+        const response = broker.subscribe(new Request(`http://x/?since=${text}`));
+        assert.equal(response.status, 400, text);
         assert.deepEqual(await response.json(), {
           error: "since must be an ISO 8601 time, such as 2026-01-31T12:00:00Z",
         });
+      }
+      assert.equal(broker.stats().rejected.validation, bad.length);
+      for (
+        const good of ["2026-01-31T12:00Z", "2026-01-31T12:00:00.5Z", "2026-01-31T12:00:00.123Z"]
+      ) {
+        const response = broker.subscribe(new Request(`http://x/?since=${good}`));
+        assert.equal(response.status, 200, good);
+        await response.body!.cancel();
       }
     } finally {
       Date.now = realNow;
     }
     broker.close();
+  });
+
+  test("historyTtl keeps an event exactly that old, and drops it 1 ms later", async () => {
+    const log = new MemoryLog({ historyTtl: 1000 });
+    const realNow = Date.now;
+    const start = realNow();
+    let now = start;
+    Date.now = () => now;
+    try {
+      const id = await appendOne(log, "data: x\n\n");
+      now = Number(id.split("-")[0]) + 1000;
+      assert.equal(log.read(null, 10).events.length, 1);
+      now += 1;
+      assert.equal(log.read(null, 10).events.length, 0);
+    } finally {
+      Date.now = realNow;
+    }
   });
 
   test("historyTtl drops older events: not replayed, and resuming from one gets the gap event", async () => {
@@ -1364,7 +1498,14 @@ describe("MemoryLog", () => {
   });
 
   test("refuses options that are not non-negative integers, naming them", () => {
-    for (const options of [{ history: -1 }, { history: 1.5 }, { historyBytes: NaN }]) {
+    const cases = [
+      { history: -1 },
+      { history: 1.5 },
+      { historyBytes: NaN },
+      { historyTtl: -5 },
+      { idempotencyWindow: 0.5 },
+    ];
+    for (const options of cases) {
       const name = Object.keys(options)[0];
       assert.throws(() => new MemoryLog(options), {
         name: "RangeError",
