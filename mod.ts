@@ -370,7 +370,8 @@ export class MemoryLog implements EventLog {
     }
     // Stryker disable next-line ConditionalExpression: the map never holds the key undefined
     const seen = key === undefined ? undefined : this.#keys.get(key);
-    if (seen !== undefined) {
+    // A key past its window is forgotten, even if the clock went back since.
+    if (seen !== undefined && seen.until > now) {
       if (seen.fingerprint !== fingerprintOf(events)) {
         return Promise.reject(new IdempotencyKeyError());
       }
@@ -394,6 +395,7 @@ export class MemoryLog implements EventLog {
     const ids = appended.map((event) => event.id);
     // Stryker disable next-line ConditionalExpression: a key undefined is never looked up
     if (key !== undefined) {
+      this.#keys.delete(key); // to the end of the map, which is in order of expiry
       this.#keys.set(key, {
         fingerprint: fingerprintOf(events),
         ids,
@@ -721,7 +723,7 @@ export interface PublishBatchOptions {
 
 /**
  * Why a request was refused, as counted in {@linkcode BrokerStats.rejected}:
- * `auth` (`401`, `403`), `validation` (`400`), `limits` (`413`, and
+ * `auth` (`401`, `403`), `validation` (`400`, `422`), `limits` (`413`, and
  * subscribers sent away past `maxClients`), `draining` (subscribers sent
  * away during {@linkcode Broker.drain}).
  */
@@ -899,7 +901,7 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
  * const broker = new Broker();
  * const response = broker.subscribe(new Request("http://localhost/events"));
  * const id = await broker.publish({ event: "greeting", data: "hello" });
- * console.log(id, broker.stats().clients); // "<epoch>-1" 1
+ * console.log(id, broker.stats().clients); // "<ms>-0" 1
  * broker.close(); // ends every stream
  * await response.text();
  * ```
@@ -976,7 +978,10 @@ export class Broker {
     this.#maxClients = checkCount("maxClients", options.maxClients ?? Infinity);
     this.#maxTopics = checkCount("maxTopics", options.maxTopics ?? 32);
     const [min, max] = options.shedRetry ?? [1000, 10_000];
-    this.#shedRetry = [checkCount("shedRetry[0]", min), checkCount("shedRetry[1]", max)];
+    this.#shedRetry = [
+      checkCount("shedRetry[0]", min, false),
+      checkCount("shedRetry[1]", max, false),
+    ];
     if (!(min <= max)) throw new RangeError("shedRetry: the minimum must not exceed the maximum");
     this.#logger = options.logger;
     const retry = options.retry === undefined ? 2000 : options.retry;
@@ -1054,7 +1059,8 @@ export class Broker {
       ? options.lastEventId
       : request.headers.get("last-event-id") ?? url.searchParams.get("lastEventId");
     const sinceText = url.searchParams.get("since");
-    const since = options.since ?? (sinceText === null ? undefined : parseTime(sinceText));
+    // -Infinity: every retained event is newer.
+    const since = options.since ?? (sinceText === null ? -Infinity : parseTime(sinceText));
     if (Number.isNaN(since)) {
       this.#rejected.validation++;
       return errorResponse(400, "since must be an ISO 8601 time, such as 2026-01-31T12:00:00Z");
@@ -1068,7 +1074,7 @@ export class Broker {
     const body = new ReadableStream(client, BYTE_QUEUING);
     // From an id; from the oldest retained event (`earliest`, or `since`,
     // which skips the older ones); or not at all.
-    const resumes = Boolean(lastEventId) || since !== undefined;
+    const resumes = Boolean(lastEventId) || since !== -Infinity;
     // A client that does not resume is told where it joined (an `id:` with
     // no data sets its last event id and dispatches nothing), so that even
     // before its first event a reconnect resumes with nothing lost.
@@ -1077,7 +1083,7 @@ export class Broker {
         ? concat([this.#streamStart, encodeMessage({ id: this.#liveId })])
         : this.#streamStart,
     );
-    if (!lastEventId && since !== undefined) client.since = since;
+    if (!lastEventId) client.since = since;
     this.#add(client, resumes, lastEventId === "earliest" || !lastEventId ? null : lastEventId);
     if (options.expires !== undefined) {
       const ms = Math.min(Math.max(options.expires - Date.now(), 0), MAX_TIMER_MS);
@@ -1240,7 +1246,7 @@ export class Broker {
    * @param ms Over how many milliseconds to spread the ends of the streams.
    */
   async drain(ms: number): Promise<void> {
-    checkCount("ms", ms);
+    checkCount("ms", ms, false);
     if (this.#state !== "open") return;
     this.#state = "draining";
     const clients = [...this.#clients];
@@ -1248,6 +1254,7 @@ export class Broker {
     let ended = 0;
     while (this.#state === "draining") {
       // Client i ends once i / n of the time has passed; with no time, all at once.
+      // Stryker disable next-line ConditionalExpression: 0 / 0 needs no time to pass, then a tick
       const share = ms === 0 ? 1 : (performance.now() - started) / ms;
       const due = Math.min(clients.length, Math.ceil(share * clients.length));
       for (; ended < due; ended++) {
@@ -1300,7 +1307,7 @@ export class Broker {
    * @param reason Why it was refused.
    */
   countRejection(reason: RejectionReason): void {
-    this.#rejected[reason]++;
+    if (Object.hasOwn(this.#rejected, reason)) this.#rejected[reason]++;
   }
 
   #refuseIfClosed(): void {
@@ -2092,9 +2099,12 @@ export interface FetchServer {
  *
  * - `GET /events`: the event stream (see {@linkcode Broker.subscribe});
  * - `POST /publish`: a JSON body `{"data", "event"?, "topic"?, "retry"?,
- *   "comment"?}` (non-string `data` is sent as its JSON text) or any other
- *   body as the data, with `?event=` and `?topic=` in the URL; answers
- *   `{"id"}`, `400` with `{"error"}` naming the field, or `503` with
+ *   "comment"?, "private"?}` (non-string `data` is sent as its JSON text),
+ *   a JSON array of those (a batch, see {@linkcode Broker.publishBatch}),
+ *   or any other body as the data, with `?event=` and `?topic=` in the
+ *   URL; an `Idempotency-Key` header publishes once per key. Answers
+ *   `{"id"}` (`{"ids"}` for a batch), `400` with `{"error"}` naming the
+ *   field, `422` for a key used for other events, or `503` with
  *   `Retry-After` when the event log did not store it;
  * - `GET /stats`: the broker's {@linkcode BrokerStats} as JSON.
  *
@@ -2197,7 +2207,8 @@ export function createHandler(
         headers: {
           // Stryker disable next-line StringLiteral: every route has one method
           "access-control-allow-methods": methods.join(", "),
-          "access-control-allow-headers": "authorization, content-type, last-event-id",
+          "access-control-allow-headers":
+            "authorization, content-type, idempotency-key, last-event-id",
           "access-control-max-age": "86400",
         },
       });
@@ -2547,8 +2558,9 @@ function selectorPattern(selectors: readonly string[]): RegExp {
   return new RegExp(`^(?:${alternatives.join("|")})$`);
 }
 
-function checkCount(name: string, value: number): number {
-  if (!(value >= 0) || (value !== Infinity && !Number.isSafeInteger(value))) {
+/** A count option: a non-negative safe integer, or `Infinity` (no limit) when `infinite`. */
+function checkCount(name: string, value: number, infinite = true): number {
+  if (!(value >= 0) || ((value !== Infinity || !infinite) && !Number.isSafeInteger(value))) {
     throw new RangeError(`${name} must be a non-negative integer`);
   }
   return value;

@@ -20,6 +20,7 @@ import {
   METRICS_CONTENT_TYPE,
   metricsText,
   type NewEvent,
+  type RejectionReason,
   type ServerSentEventMessage,
   ServerSentEventStream,
   tokenAuth,
@@ -515,6 +516,9 @@ describe("Broker options and limits", () => {
         message: `${name} must be a non-negative integer`,
       });
     }
+    assert.throws(() => new Broker({ shedRetry: [0, Infinity] }), {
+      message: "shedRetry[1] must be a non-negative integer",
+    });
     assert.throws(() => new Broker({ shedRetry: [5, 4] }), {
       name: "RangeError",
       message: "shedRetry: the minimum must not exceed the maximum",
@@ -751,6 +755,7 @@ describe("operations: drain, health, counters, metrics", () => {
     assert.equal(other.stats().clients, 0);
     await Promise.all(bodies.map((body) => new Response(body).text()));
     await assert.rejects(other.drain(-1), { message: "ms must be a non-negative integer" });
+    await assert.rejects(other.drain(Infinity), { message: "ms must be a non-negative integer" });
   });
 
   test("health: ready while open and the log answers its ping; the reason when not", async () => {
@@ -799,6 +804,7 @@ describe("operations: drain, health, counters, metrics", () => {
     broker.subscribe(new Request("http://x/?topic=")); // validation
     await assert.rejects(broker.publish({ data: "x", event: "a\nb" }), MessageError);
     broker.countRejection("auth");
+    broker.countRejection("other" as RejectionReason); // from JavaScript: ignored
     await broker.publish({ data: "x" });
     const stats = broker.stats();
     assert.equal(stats.connections, 2);
@@ -1044,6 +1050,25 @@ describe("idempotent and batch publishing", () => {
       assert.deepEqual(await append(), { ids, repeated: true }, "1 ms before the end");
       now = start + 100;
       assert.equal((await append()).repeated, false, "forgotten at the end of the window");
+    } finally {
+      Date.now = realNow;
+    }
+  });
+
+  test("a key past its window is forgotten even when the clock went back meanwhile", async () => {
+    const log = new MemoryLog({ idempotencyWindow: 100 });
+    const realNow = Date.now;
+    let now = realNow();
+    Date.now = () => now;
+    try {
+      const append = (key: string) =>
+        log.append([{ topics: [], text: "data: x\n\n" }], { idempotencyKey: key });
+      await append("a"); // held until now + 100
+      now -= 500; // the clock goes back
+      await append("b"); // held until now + 100, yet after "a" in order
+      now += 150; // "b" has expired, "a" has not
+      assert.equal((await append("b")).repeated, false);
+      assert.equal((await append("a")).repeated, true);
     } finally {
       Date.now = realNow;
     }
@@ -2077,7 +2102,8 @@ describe("createHandler", () => {
           method: "POST",
           body,
           headers: { "content-type": type },
-        }),
+          duplex: "half", // Node's Request needs it for a stream body
+        } as RequestInit),
       );
     return { broker, handler, reader, post };
   };
@@ -2184,7 +2210,14 @@ describe("createHandler: publishing", () => {
     const handler = createHandler(broker, { maxBodyBytes });
     const reader = open(broker);
     const post = (body: BodyInit | null, headers: HeadersInit = {}, query = "") =>
-      handler(new Request(`http://localhost/publish${query}`, { method: "POST", body, headers }));
+      handler(
+        new Request(`http://localhost/publish${query}`, {
+          method: "POST",
+          body,
+          headers,
+          duplex: "half", // Node's Request needs it for a stream body
+        } as RequestInit),
+      );
     return { broker, reader, post };
   };
   const json = { "content-type": "application/json" };
@@ -2331,7 +2364,7 @@ describe("createHandler: routes, CORS and authorization", () => {
     const preflight = await handler(new Request("http://x/events", { method: "OPTIONS" }));
     assert.equal(preflight.status, 204);
     assert.deepEqual(Object.fromEntries(preflight.headers), {
-      "access-control-allow-headers": "authorization, content-type, last-event-id",
+      "access-control-allow-headers": "authorization, content-type, idempotency-key, last-event-id",
       "access-control-allow-methods": "GET",
       "access-control-allow-origin": "*",
       "access-control-max-age": "86400",

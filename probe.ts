@@ -26,10 +26,17 @@ const encoder = new TextEncoder();
  * @param idleMs How long to stay silent after the probes: the longest a
  *   broker stream can be silent (twice its heartbeat interval).
  * @param signal Ends the stream early, when the client goes away.
+ * @param onEnd Called once when the stream has ended or the client left.
  * @returns The stream's response.
  */
-export function probeResponse(idleMs: number, signal: AbortSignal): Response {
+export function probeResponse(idleMs: number, signal: AbortSignal, onEnd = () => {}): Response {
   const timers = new Set<ReturnType<typeof setTimeout>>();
+  let ended = false;
+  const end = () => {
+    for (const timer of timers) clearTimeout(timer);
+    if (!ended) onEnd();
+    ended = true;
+  };
   const after = (ms: number, run: () => void) => {
     const timer = setTimeout(() => {
       timers.delete(timer);
@@ -48,15 +55,12 @@ export function probeResponse(idleMs: number, signal: AbortSignal): Response {
       after((PROBE_COUNT - 1) * PROBE_INTERVAL_MS + idleMs, () => {
         send("done", { idleMs });
         controller.close();
+        end();
       });
     },
-    cancel() {
-      for (const timer of timers) clearTimeout(timer);
-    },
+    cancel: end,
   });
-  signal.addEventListener("abort", () => {
-    for (const timer of timers) clearTimeout(timer);
-  }, { once: true });
+  signal.addEventListener("abort", end, { once: true });
   return new Response(body, {
     headers: {
       "content-type": "text/event-stream",

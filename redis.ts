@@ -114,7 +114,7 @@ export class RedisLog implements EventLog {
       throw new RangeError("history must be a positive integer");
     }
     this.#maxAge = options.historyTtl ?? 0;
-    this.#idempotencyWindow = options.idempotencyWindow ?? 300_000;
+    this.#idempotencyWindow = options.idempotencyWindow ?? 300_000; // 0: keys are not kept
     for (
       const [name, value] of [["historyTtl", this.#maxAge], [
         "idempotencyWindow",
@@ -142,15 +142,20 @@ export class RedisLog implements EventLog {
    * @returns The log, following the stream from its newest event.
    */
   static async connect(options: RedisLogOptions): Promise<RedisLog> {
-    const log = new RedisLog(options);
+    let log: RedisLog | undefined;
     try {
+      log = new RedisLog(options); // the client parses the URL here
       await log.#writer.connect();
       await log.#reader.connect();
       const newest = await log.#writer.xRevRange(log.#key, "+", "-", { COUNT: 1 }) as Entry[];
       log.#lastId = newest[0]?.id ?? null;
     } catch (error) {
-      log.close();
-      const reason = (error as Error).message;
+      if (error instanceof RangeError) throw error; // an option, named
+      log?.close();
+      // The client's message may quote the URL: never its password.
+      const password = PASSWORD.exec(options.url)?.[1];
+      let reason = String((error as Error)?.message ?? error);
+      if (password) reason = reason.replaceAll(password, "***");
       throw new Error(`cannot reach Redis at ${redact(options.url)}: ${reason}`);
     }
     log.#started = true;
@@ -308,7 +313,7 @@ const [STORED, REPEATED, CONFLICT] = [0, 1, 2];
 
 /**
  * The append, atomic in Redis. KEYS: the stream, then the idempotency key's
- * entry if any. ARGV: the history, the TTL (0: none), the key's window, the
+ * entry if any. ARGV: the history, the TTL (0: none), the key's window (0: none), the
  * batch's fingerprint, then three fields per event (topics, text, "1" if
  * private). Answers {outcome, ids joined with ","}. The key's entry holds
  * the fingerprint's SHA-1 and the ids.
@@ -324,21 +329,22 @@ if KEYS[2] then
 end
 local ids = {}
 for i = 5, #ARGV, 3 do
-  local id
   if ARGV[i + 2] == '1' then
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[i], 'm', ARGV[i + 1], 'p', '1')
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'm', ARGV[i + 1], 'p', '1')
   else
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[i], 'm', ARGV[i + 1])
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'm', ARGV[i + 1])
   end
-  ids[#ids + 1] = id
 end
+-- Trimmed once, after the whole batch: a batch longer than the history
+-- must still reach every process's listener.
+redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', math.max(tonumber(ARGV[1]), #ids))
 if ARGV[2] ~= '0' then
   local now = redis.call('TIME')
   local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(ms - tonumber(ARGV[2])))
 end
 local joined = table.concat(ids, ',')
-if KEYS[2] then
+if KEYS[2] and ARGV[3] ~= '0' then
   redis.call('SET', KEYS[2], redis.sha1hex(ARGV[4]) .. ' ' .. joined, 'PX', ARGV[3])
 end
 return {${STORED}, joined}
@@ -373,5 +379,9 @@ function toEvent({ id, message }: Entry): LogEvent {
 
 /** The URL without its password, for error messages. */
 function redact(url: string): string {
-  return url.replace(/\/\/([^:@/]*):[^@/]*@/, "//$1:***@");
+  const password = PASSWORD.exec(url)?.[1];
+  return password ? url.replace(`:${password}@`, ":***@") : url;
 }
+
+/** The password of a `redis://user:password@host` URL: up to the last `@`, which may be in it. */
+const PASSWORD = /^[a-z]+:\/\/[^:@/]*:(.*)@[^@]*$/i;

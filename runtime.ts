@@ -1,7 +1,8 @@
 /**
  * What the demo and the benchmark servers need of a runtime (its
- * environment, one listener, signals and exit) on Deno and on Bun, chosen at
- * run time so the same file runs unchanged on both. Not part of the library:
+ * environment, one listener, signals and exit) on Deno, Bun and Node,
+ * chosen at run time so the same file runs unchanged on each. On Node it
+ * serves `Request` and `Response` over `node:http`. Not part of the library:
  * `mod.ts` needs none of it.
  *
  * @module
@@ -21,12 +22,18 @@ export interface Address {
 /** The runtime's services this project uses. */
 export interface Runtime {
   env(name: string): string | undefined;
-  /** Listens; throws a {@linkcode ListenError} when it cannot. */
-  serve(handler: Handler, address: Address): { port: number; stop(): Promise<void> };
+  /** Listens; rejects with a {@linkcode ListenError} when it cannot. */
+  serve(handler: Handler, address: Address): Promise<Listener>;
   onSignal(signal: "SIGINT" | "SIGTERM", listener: () => void): void;
   exit(code: number): never;
   /** The process's resident memory, in bytes. */
   residentMemory(): number;
+}
+
+/** A server that listens: its port, and how to stop it (open responses first end). */
+export interface Listener {
+  port: number;
+  stop(): Promise<void>;
 }
 
 /** Why a server could not listen, in words, with the address it tried. */
@@ -57,6 +64,7 @@ interface BunGlobal {
   ): { port: number; stop(force?: boolean): Promise<void> };
 }
 interface ProcessGlobal {
+  env: Record<string, string | undefined>;
   on(signal: string, listener: () => void): void;
   exit(code: number): never;
   memoryUsage: { rss(): number };
@@ -80,7 +88,7 @@ function detectRuntime(): Runtime {
   if (Bun !== undefined && process !== undefined) {
     return {
       env: (name) => Bun.env[name],
-      serve(handler, address) {
+      async serve(handler, address) {
         // No `export default { fetch }` in the entry file: Bun would start a
         // second server from it. Bun.serve is called here, once.
         const server = listening(
@@ -97,7 +105,7 @@ function detectRuntime(): Runtime {
   if (typeof Deno !== "undefined") {
     return {
       env: (name) => Deno.env.get(name),
-      serve(handler, address) {
+      async serve(handler, address) {
         const server = listening(address, () =>
           Deno.serve(
             { ...address, onListen() {}, onError: internalError },
@@ -110,7 +118,102 @@ function detectRuntime(): Runtime {
       residentMemory: () => Deno.memoryUsage().rss,
     };
   }
-  throw new Error("this program runs on Deno or Bun; import mod.ts on other runtimes");
+  if (process !== undefined) {
+    return {
+      env: (name) => process.env[name],
+      serve: serveNode,
+      onSignal: (signal, listener) => process.on(signal, listener),
+      exit: (code) => process.exit(code),
+      residentMemory: () => process.memoryUsage.rss(),
+    };
+  }
+  throw new Error("this program runs on Deno, Bun or Node; import mod.ts on other runtimes");
+}
+
+/**
+ * Serves a fetch handler over `node:http`. Each request becomes a `Request`
+ * whose signal aborts when the client goes away; a response body is written
+ * as the client reads it (a client that stops reading stops the reads of the
+ * body, so the broker's queue, not Node's, holds what waits for it, and its
+ * limit applies). Node's own timeouts leave a quiet stream alone: the
+ * socket has no idle timeout, and `requestTimeout` and `headersTimeout` end
+ * once a request has arrived.
+ */
+async function serveNode(handler: Handler, address: Address): Promise<Listener> {
+  const { createServer } = await import("node:http");
+  const { Readable } = await import("node:stream");
+  const server = createServer(async (incoming, outgoing) => {
+    const aborted = new AbortController();
+    // "close" comes when the response is done or the connection is gone.
+    outgoing.on("close", () => aborted.abort());
+    const headers = new Headers();
+    for (let i = 0; i < incoming.rawHeaders.length; i += 2) {
+      headers.append(incoming.rawHeaders[i], incoming.rawHeaders[i + 1]);
+    }
+    const hasBody = incoming.method !== "GET" && incoming.method !== "HEAD";
+    let response: Response;
+    try {
+      const init: RequestInit & { duplex?: "half" } = {
+        method: incoming.method,
+        headers,
+        body: hasBody ? Readable.toWeb(incoming) as ReadableStream<Uint8Array> : undefined,
+        signal: aborted.signal,
+        duplex: "half", // a streamed request body needs it
+      };
+      response = await handler(
+        new Request(`http://${headers.get("host") ?? "localhost"}${incoming.url}`, init),
+      );
+    } catch (error) {
+      response = internalError(error);
+    }
+    const head: string[] = [];
+    response.headers.forEach((value, name) => {
+      if (name !== "set-cookie") head.push(name, value);
+    });
+    for (const cookie of response.headers.getSetCookie()) head.push("set-cookie", cookie);
+    outgoing.writeHead(response.status, head);
+    if (response.body === null || incoming.method === "HEAD" || outgoing.destroyed) {
+      response.body?.cancel().catch(() => {});
+      return void outgoing.end();
+    }
+    const reader = response.body.getReader();
+    outgoing.on("close", () => reader.cancel().catch(() => {}));
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        if (!outgoing.write(value)) {
+          // Wait until the client has taken it, or has gone.
+          await new Promise((resolve) => {
+            outgoing.once("drain", resolve);
+            outgoing.once("close", resolve);
+          });
+        }
+      }
+      outgoing.end();
+    } catch {
+      outgoing.destroy(); // the body failed (a slow client cut, say): the client sees an error
+    }
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", (error) => reject(new ListenError(address, error)));
+    server.listen(
+      { port: address.port, host: address.hostname, reusePort: address.reusePort },
+      resolve,
+    );
+  });
+  return {
+    port: (server.address() as { port: number }).port,
+    stop: () =>
+      new Promise((resolve) => {
+        // Keep-alive connections go as soon as their responses are done.
+        const sweep = setInterval(() => server.closeIdleConnections(), 20);
+        server.close(() => {
+          clearInterval(sweep);
+          resolve();
+        });
+      }),
+  };
 }
 
 /** Starts a server, turning the runtime's error into a {@linkcode ListenError}. */

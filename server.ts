@@ -30,7 +30,14 @@ import {
 } from "./mod.ts";
 import { renderPage } from "./page.ts";
 import { probeResponse } from "./probe.ts";
-import { currentRuntime, type Handler, integerSetting, ListenError, log } from "./runtime.ts";
+import {
+  currentRuntime,
+  type Handler,
+  integerSetting,
+  type Listener,
+  ListenError,
+  log,
+} from "./runtime.ts";
 
 const runtime = currentRuntime();
 const port = integerSetting(runtime, "PORT", 8000);
@@ -97,6 +104,7 @@ const redis = redisUrl
   ? await (await import("./redis.ts")).RedisLog.connect({
     url: redisUrl,
     history,
+    logger: (line) => log("error", line),
     historyTtl,
     idempotencyWindow,
   })
@@ -114,9 +122,10 @@ const broker = new Broker({
   shedRetry: shedRetry(),
 });
 const corsOrigin = runtime.env("CORS_ORIGIN") || "*";
+const authorize = await authorization();
 const handleBroker = createHandler(broker, {
   maxBodyBytes: integerSetting(runtime, "MAX_BODY", 65536),
-  authorize: await authorization(),
+  authorize,
   allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
 });
 
@@ -128,6 +137,10 @@ const page = renderPage({
 });
 // Prometheus sends the token as a bearer token; tokenAuth compares in constant time.
 const metricsAuth = tokenAuth({ publish: metricsToken });
+
+/** Path checks under way, and how many may run at once. */
+let probes = 0;
+const MAX_PROBES = 8;
 
 /** The demo's own routes, by path: each answers GET (and HEAD, which runtimes strip). */
 const routes: Record<string, Handler> = {
@@ -151,9 +164,21 @@ const routes: Record<string, Handler> = {
       headers: { "content-type": METRICS_CONTENT_TYPE },
     });
   },
-  "/probe": (request, server) => {
+  "/probe": async (request, server) => {
+    // As open as subscribing, and a few at a time: each holds a connection for a while.
+    const allowed = await Promise.resolve(authorize(request, "subscribe")).catch(() => false);
+    if (allowed !== true && (typeof allowed !== "object" || allowed === null)) {
+      return Response.json({ error: "a valid token is required" }, { status: 401 });
+    }
+    if (probes >= MAX_PROBES) {
+      return Response.json({ error: "too many path checks at once: try again shortly" }, {
+        status: 429,
+        headers: { "retry-after": "5" },
+      });
+    }
+    probes++;
     server?.timeout?.(request, 0); // silent on purpose: Bun would close it after 10 s
-    return probeResponse(2 * heartbeatMs, request.signal);
+    return probeResponse(2 * heartbeatMs, request.signal, () => probes--);
   },
 };
 
@@ -174,9 +199,9 @@ const handler: Handler = async (request, server) => {
   return response;
 };
 
-let server: ReturnType<typeof runtime.serve>;
+let server: Listener;
 try {
-  server = runtime.serve(handler, {
+  server = await runtime.serve(handler, {
     port,
     hostname,
     reusePort: runtime.env("REUSE_PORT") === "1",

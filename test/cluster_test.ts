@@ -10,6 +10,7 @@ import {
   eventually,
   publish,
   RUNTIME,
+  type Runtime,
   type ServerProcess,
   type SseEvent,
   startServer,
@@ -39,7 +40,7 @@ async function tryPublish(base: string, data: string): Promise<{ status: number;
  * A Redis and one server.ts process on it per runtime listed, started before
  * the tests of the enclosing describe and stopped after them.
  */
-function useCluster(env: Record<string, string>, runtimes: ("bun" | "deno")[]) {
+function useCluster(env: Record<string, string>, runtimes: Runtime[]) {
   const cluster = { redis: undefined as unknown as RedisServer, servers: [] as ServerProcess[] };
   before(async () => {
     cluster.redis = await startRedis();
@@ -412,4 +413,42 @@ describe("idempotent and batch publishing, backlog and expiry on Redis", () => {
     );
     await Promise.all(readers.slice(1).map((reader) => reader.cancel()));
   });
+});
+
+test("on Redis: a batch longer than HISTORY reaches live clients whole; a window of 0 keeps no key", async () => {
+  const redis = await startRedis();
+  try {
+    const server = await startServer({
+      REDIS_URL: redis.url,
+      HISTORY: "5",
+      IDEMPOTENCY_WINDOW_MS: "0",
+    });
+    try {
+      const reader = await subscribe(`${server.url}events`);
+      const batch = Array.from({ length: 12 }, (_, i) => ({ data: `${i}` }));
+      const response = await fetch(new URL("/publish", server.url), {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(batch),
+      });
+      const { ids } = await response.json();
+      assert.equal(ids.length, 12);
+      assert.deepEqual((await reader.events(12)).map((event) => event.lastEventId), ids);
+      const keyed = () =>
+        fetch(new URL("/publish", server.url), {
+          method: "POST",
+          headers: { "idempotency-key": "k" },
+          body: "x",
+        }).then(async (answer) => [answer.status, (await answer.json()).id]);
+      const [first, second] = [await keyed(), await keyed()];
+      assert.equal(first[0], 200);
+      assert.equal(second[0], 200);
+      assert.notEqual(first[1], second[1], "no window: each publish is new");
+      await reader.cancel();
+    } finally {
+      assert.equal(await server.stop(), 0);
+    }
+  } finally {
+    await redis.stop();
+  }
 });

@@ -8,7 +8,13 @@ import type { BrokerStats } from "../mod.ts";
 import { track } from "./harness.ts";
 
 export const ROOT = fileURLToPath(new URL("..", import.meta.url));
-export const RUNTIME: "bun" | "deno" = "Bun" in globalThis ? "bun" : "deno";
+/** A runtime that runs this project: its tests, and `server.ts`. */
+export type Runtime = "bun" | "deno" | "node";
+export const RUNTIME: Runtime = "Bun" in globalThis
+  ? "bun"
+  : "Deno" in globalThis
+  ? "deno"
+  : "node";
 
 /** What the WHATWG "event stream" parser reports, plus comments for heartbeat tests. */
 export type Parsed =
@@ -214,12 +220,10 @@ export interface ServerProcess {
 /** Starts `server.ts` under `runtime` (default: the one running the tests), with extra Deno flags. */
 export function startServer(
   env: Record<string, string> = {},
-  runtime: "bun" | "deno" = RUNTIME,
+  runtime: Runtime = RUNTIME,
   denoFlags: string[] = [],
 ): Promise<ServerProcess> {
-  const args = runtime === "deno"
-    ? ["run", "--allow-net", "--allow-env", ...denoFlags, "server.ts"]
-    : ["run", "server.ts"];
+  const args = scriptArgs(runtime, "server.ts", ["--allow-net", "--allow-env", ...denoFlags]);
   const child = spawn(binary(runtime), args, {
     cwd: ROOT,
     env: { ...process.env, PORT: "0", HOSTNAME: "127.0.0.1", TICK_MS: "0", ...env },
@@ -285,8 +289,14 @@ export async function withServer<T>(
   return result;
 }
 
+/** The arguments that run `script` under `runtime`, with Deno's permission flags. */
+export function scriptArgs(runtime: Runtime, script: string, denoFlags: string[]): string[] {
+  if (runtime === "deno") return ["run", ...denoFlags, script];
+  return runtime === "bun" ? ["run", script] : [script];
+}
+
 /** The runtimes' binaries, installed by `npm install` from package.json. */
-export function binary(runtime: "bun" | "deno"): string {
+export function binary(runtime: Runtime): string {
   if (runtime === RUNTIME) return process.execPath;
   return fileURLToPath(new URL(`../node_modules/.bin/${runtime}`, import.meta.url));
 }

@@ -13,6 +13,7 @@ import {
   eventually,
   ROOT,
   RUNTIME,
+  scriptArgs,
   type ServerProcess,
   startServer,
   stats,
@@ -69,10 +70,13 @@ type ClientReport = [
  * runtime that runs the tests. `reports` fills as they report.
  */
 function startClients(url: string, count: number, mode = "") {
-  const args = RUNTIME === "deno" ? ["run", "--allow-net", "--allow-env", "--allow-read"] : ["run"];
+  const args = scriptArgs(RUNTIME, "test/eventsource_clients.ts", [
+    "--allow-net",
+    "--allow-env",
+    "--allow-read",
+  ]);
   const child = spawn(binary(RUNTIME), [
     ...args,
-    "test/eventsource_clients.ts",
     url,
     String(count),
     mode,
@@ -231,6 +235,33 @@ describe(`operations of server.ts under ${RUNTIME}`, () => {
       assert.match(server.output(), /SIGTERM: draining 10 streams over 1500 ms\n/);
     },
   );
+
+  test("/probe needs what subscribing needs, and runs 8 at a time", async () => {
+    await withServer({ SUBSCRIBE_TOKEN: "probe-secret", HEARTBEAT_MS: "3000" }, async (server) => {
+      const probe = (query = "?token=probe-secret") => fetch(`${server.url}probe${query}`);
+      const refused = await probe("");
+      assert.deepEqual([refused.status, await refused.json()], [401, {
+        error: "a valid token is required",
+      }]);
+      const open = await Promise.all(Array.from({ length: 8 }, () => probe()));
+      assert.deepEqual(open.map((response) => response.status), Array(8).fill(200));
+      const ninth = await probe();
+      assert.equal(ninth.status, 429);
+      assert.equal(ninth.headers.get("retry-after"), "5");
+      await ninth.body?.cancel();
+      await open[0].body!.cancel(); // one leaves: its place is free again
+      await eventually(
+        async () => {
+          const again = await probe();
+          await again.body?.cancel();
+          return again.status === 200;
+        },
+        5000,
+        "a free place",
+      );
+      await Promise.all(open.slice(1).map((response) => response.body!.cancel()));
+    });
+  });
 
   test("300 EventSource clients against MAX_CLIENTS=100: none gives up, all get in", {
     timeout: 60_000,
@@ -411,9 +442,7 @@ describe(`a drain behind a load balancer, two server.ts processes on Redis under
 describe(`start errors and logs of server.ts under ${RUNTIME}`, () => {
   /** Runs server.ts until it exits by itself, and returns its exit code and output. */
   function run(env: Record<string, string>, prefix: string[] = []) {
-    const args = RUNTIME === "deno"
-      ? ["run", "--allow-net", "--allow-env", "server.ts"]
-      : ["run", "server.ts"];
+    const args = scriptArgs(RUNTIME, "server.ts", ["--allow-net", "--allow-env"]);
     const command = [...prefix, binary(RUNTIME), ...args];
     const child = spawn(command[0], command.slice(1), {
       cwd: ROOT,
@@ -506,6 +535,16 @@ describe(`start errors and logs of server.ts under ${RUNTIME}`, () => {
     assert.equal(entry.level, "error");
     assert.match(entry.message, /^cannot reach Redis at redis:\/\/user:\*\*\*@127\.0\.0\.1:\d+: /);
     assert.ok(!failed.output.includes("redis-secret-5d4"));
+    const invalid = await run({
+      LOG_FORMAT: "json",
+      REDIS_URL: "redis://:redis-secret-6e1@host:99999",
+    });
+    assert.equal(invalid.code, 1);
+    assert.match(
+      JSON.parse(invalid.output).message,
+      /^cannot reach Redis at redis:\/\/:\*\*\*@host:99999: /,
+    );
+    assert.ok(!invalid.output.includes("redis-secret-6e1"), invalid.output);
     const bad = await run({ LOG_FORMAT: "yaml" });
     assert.deepEqual(bad, {
       code: 1,

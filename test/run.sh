@@ -61,8 +61,8 @@ check_leftovers() {
   return 1
 }
 
-# The same test files on both runtimes. A runtime's failure fails the run,
-# after both have run, so one red runtime does not hide the other. Each test
+# The same test files on the three runtimes. A runtime's failure fails the
+# run, after all have run, so one red runtime does not hide another. Each test
 # has its own time limit (test/harness.ts); each runtime's whole run has one
 # too, for a loop that never yields. `--repeat N` runs both N times and
 # records each run in bench/results/TEST-RUNS.md, to show the suite is not flaky.
@@ -71,12 +71,17 @@ count() { grep -oE "$1" | grep -oE '[0-9]+' | head -1 || echo 0; }
 status=0
 rows=()
 for run in $(seq "$repeat"); do
-  for runtime in deno bun; do
+  for runtime in deno bun node; do
     started=$SECONDS
     if [ "$runtime" = deno ]; then
       env "$mark" timeout -k 10 900 deno test --allow-all 2>&1 | tee "$out/$runtime" || status=1
-    else
+    elif [ "$runtime" = bun ]; then
       env "$mark" timeout -k 10 900 bun test 2>&1 | tee "$out/$runtime" || status=1
+    else
+      # Node 26 from npm (package.json): it strips the types itself. Its runner
+      # waits for the event loop to empty; the others end once the tests have.
+      env "$mark" timeout -k 10 900 node --test --test-force-exit mod_test.ts test/*_test.ts 2>&1 |
+        tee "$out/$runtime" || status=1
     fi
     check_leftovers "$runtime" || status=1
     # Deno counts the tests inside describe() as steps of a top-level test;
@@ -88,9 +93,12 @@ for run in $(seq "$repeat"); do
       failed=$(count '[0-9]+ failed' <<<"$line")
       steps=$(count '[0-9]+ steps?' <<<"$line")
       echo "deno ran $passed tests with $steps steps"
-    else
+    elif [ "$runtime" = bun ]; then
       passed=$(strip "$out/bun" | count '^ *[0-9]+ pass$')
       failed=$(strip "$out/bun" | count '^ *[0-9]+ fail$')
+    else
+      passed=$(strip "$out/node" | count '^ℹ pass [0-9]+$')
+      failed=$(strip "$out/node" | count '^ℹ fail [0-9]+$')
     fi
     printf '%s: %s passed, %s failed\n' "$runtime" "$passed" "$failed"
     if [ "$runtime" = deno ]; then passed="$passed ($steps steps)"; fi
@@ -103,7 +111,7 @@ if [ "$repeat" -gt 1 ]; then
     echo "# The whole suite, $repeat times in a row on each runtime"
     echo
     echo "Written by \`npm run test:repeat\` on $(date -u +%Y-%m-%d), $(nproc) cores,"
-    echo "Deno $(deno --version | head -1 | cut -d' ' -f2), Bun $(bun --version)."
+    echo "Deno $(deno --version | head -1 | cut -d' ' -f2), Bun $(bun --version), Node $(node --version)."
     echo "Deno counts the tests inside \`describe()\` as steps of a top-level test; Bun counts every test."
     echo "Outcome: $([ $status = 0 ] && echo "no failure, nothing left running" || echo "FAILURES")."
     echo

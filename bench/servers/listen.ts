@@ -2,9 +2,9 @@
 // exit 0 on SIGINT or SIGTERM. Quiet streams stay open on Bun too.
 import { currentRuntime, type Handler, integerSetting } from "../../runtime.ts";
 
-export function listen(handler: Handler): void {
+export async function listen(handler: Handler): Promise<void> {
   const runtime = currentRuntime();
-  const server = runtime.serve(
+  const server = await runtime.serve(
     (request, bun) => {
       bun?.timeout?.(request, 0);
       return handler(request);
