@@ -3,7 +3,15 @@
 import { test } from "./harness.ts";
 import assert from "node:assert/strict";
 import { connect, type Socket } from "node:net";
-import { compareIds, eventually, publish, startServer, stats, subscribe } from "./helpers.ts";
+import {
+  compareIds,
+  eventually,
+  publish,
+  RUNTIME,
+  startServer,
+  stats,
+  subscribe,
+} from "./helpers.ts";
 
 /** Opens a raw TCP connection, asks for the stream, and never reads a byte. */
 async function stalledClient(url: string): Promise<Socket> {
@@ -47,11 +55,13 @@ test("a client that never reads is cut; every other client gets every event", as
     assert.equal(after.clients, 3);
     assert.equal(after.delivered >= count * 3, true);
     // A coarse guard: 8 MiB went to each client, and handling 2,000 publishes
-    // grows a runtime by about 30 MiB here, so this catches per-client copies
-    // or unbounded growth, not a few MiB. The cut above is the exact check
-    // (and mod_test.ts checks the queue bound in process).
+    // grows Deno and Bun by about 30 MiB here, Node by about 85 MiB with or
+    // without the stalled client (V8's heap), so this catches unbounded
+    // growth, not a few MiB. The cut above is the exact check (and
+    // mod_test.ts checks the queue bound in process).
     const grewKiB = server.rssKiB() - rssBefore;
-    assert.ok(grewKiB < 64 * 1024, `server memory grew by ${grewKiB} KiB`);
+    const limitMiB = RUNTIME === "node" ? 128 : 64;
+    assert.ok(grewKiB < limitMiB * 1024, `server memory grew by ${grewKiB} KiB`);
     await Promise.all(readers.map((reader) => reader.cancel()));
   } finally {
     stalled.destroy();
