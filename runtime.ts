@@ -88,15 +88,11 @@ function detectRuntime(): Runtime {
   if (Bun !== undefined && process !== undefined) {
     return {
       env: (name) => Bun.env[name],
-      async serve(handler, address) {
-        // No `export default { fetch }` in the entry file: Bun would start a
-        // second server from it. Bun.serve is called here, once.
-        const server = listening(
-          address,
-          () => Bun.serve({ ...address, fetch: handler, error: internalError }),
-        );
-        return { port: server.port, stop: () => server.stop() };
-      },
+      // No `export default { fetch }` in the entry file: Bun would start a
+      // second server from it. Bun.serve is called here, once.
+      serve: (handler, address) =>
+        listening(address, () => Bun.serve({ ...address, fetch: handler, error: internalError }))
+          .then((server) => ({ port: server.port, stop: () => server.stop() })),
       onSignal: (signal, listener) => process.on(signal, listener),
       exit: (code) => process.exit(code),
       residentMemory: () => process.memoryUsage.rss(),
@@ -105,14 +101,12 @@ function detectRuntime(): Runtime {
   if (typeof Deno !== "undefined") {
     return {
       env: (name) => Deno.env.get(name),
-      async serve(handler, address) {
-        const server = listening(address, () =>
+      serve: (handler, address) =>
+        listening(address, () =>
           Deno.serve(
             { ...address, onListen() {}, onError: internalError },
             (request) => handler(request),
-          ));
-        return { port: server.addr.port, stop: () => server.shutdown() };
-      },
+          )).then((server) => ({ port: server.addr.port, stop: () => server.shutdown() })),
       onSignal: (signal, listener) => Deno.addSignalListener(signal, listener),
       exit: (code) => Deno.exit(code),
       residentMemory: () => Deno.memoryUsage().rss,
@@ -217,12 +211,10 @@ async function serveNode(handler: Handler, address: Address): Promise<Listener> 
 }
 
 /** Starts a server, turning the runtime's error into a {@linkcode ListenError}. */
-function listening<T>(address: Address, start: () => T): T {
-  try {
-    return start();
-  } catch (error) {
+function listening<T>(address: Address, start: () => T): Promise<T> {
+  return new Promise<T>((resolve) => resolve(start())).catch((error) => {
     throw new ListenError(address, error);
-  }
+  });
 }
 
 function internalError(error: unknown): Response {
