@@ -376,7 +376,11 @@ async function checkConnection() {
       "Turn response buffering off for event streams (nginx: proxy_buffering off; the server sends " +
       "X-Accel-Buffering: no, which nginx honours unless told to ignore it)."]);
   }
-  const timing = performance.getEntriesByName(url).at(-1);
+  // The browser adds the fetch's timing entry a moment after the body ends.
+  let timing;
+  for (let wait = 0; wait < 20 && !(timing = performance.getEntriesByName(url).at(-1)); wait++) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
   const shrunk = timing && timing.encodedBodySize > 0 && timing.encodedBodySize < timing.decodedBodySize;
   if (encoding || shrunk) {
     problems.push(["The stream is compressed" + (encoding ? " (" + encoding + ")" : "") + ".",
