@@ -271,10 +271,11 @@ describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}
     pages = createHttpServer((request, response) => {
       const credentials = request.url!.includes("credentials=1");
       response.writeHead(200, { "content-type": "text/html" }).end(`<!doctype html>
-        <ul id="events"></ul>
+        <ul id="events" data-state="connecting"></ul>
         <script>
           const broker = new URLSearchParams(location.search).get("broker");
           const source = new EventSource(broker + "events", { withCredentials: ${credentials} });
+          source.onopen = () => document.getElementById("events").dataset.state = "open";
           source.onmessage = (event) => {
             const item = document.createElement("li");
             item.textContent = event.data;
@@ -351,7 +352,11 @@ describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}
       );
       const without = await context.newPage();
       await without.goto(`${pagesOrigin}/?broker=${encodeURIComponent(server.url)}`);
-      // Both streams are open once each has received something.
+      // A stream that does not resume starts at the newest event: publish
+      // only once both are open.
+      for (const page of [withCookie, without]) {
+        await page.locator('#events[data-state="open"]').waitFor({ state: "attached" });
+      }
       await publishAs(await token(2), { data: "hello", topic: "user/2/a" });
       for (const page of [withCookie, without]) {
         await page.locator("#events li", { hasText: "hello" }).waitFor();
