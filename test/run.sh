@@ -34,7 +34,7 @@ fi
 
 deno fmt --check
 deno lint
-deno check mod.ts redis.ts server.ts runtime.ts probe.ts bench/servers/ bench/token_check.ts test/ mod_test.ts
+deno check mod.ts redis.ts server.ts runtime.ts probe.ts bench/servers/ bench/token_check.ts test/ mod_test.ts examples/
 deno check --doc mod.ts   # the JSDoc examples type-check
 deno doc --lint mod.ts redis.ts
 

@@ -1,0 +1,172 @@
+// An event log on a Durable Object's own SQLite storage: the history and
+// the idempotency keys outlive the object's eviction and restarts. One
+// object is one broker, and only that object writes its tables, so the
+// order is the order of the appends and listeners are called in-process.
+import {
+  type Appended,
+  type AppendOptions,
+  type EventLog,
+  IdempotencyKeyError,
+  type LogEvent,
+  type LogRead,
+  type NewEvent,
+} from "../../mod.ts";
+
+/** The part of `ctx.storage` the log uses (a SQLite-backed namespace). */
+export interface SqlStorageLike {
+  sql: {
+    exec(query: string, ...bindings: (string | number | null)[]): {
+      toArray(): Record<string, string | number | null>[];
+    };
+  };
+  transactionSync<T>(body: () => T): T;
+}
+
+/** Options for a {@linkcode SqliteLog}. */
+export interface SqliteLogOptions {
+  /** How many of the newest events to keep for replay. Defaults to 1000. */
+  history?: number;
+  /** How long an idempotency key holds, in milliseconds. Defaults to 300000. */
+  idempotencyWindow?: number;
+}
+
+type Row = Record<string, string | number | null>;
+
+/** Ids are `<ms>-<row>`: the append's time (never going back) and its row number. */
+const ID = /^(\d{1,15})-(\d{1,15})$/;
+
+/** An {@linkcode EventLog} kept in a Durable Object's SQLite storage. */
+export class SqliteLog implements EventLog {
+  readonly #storage: SqlStorageLike;
+  readonly #history: number;
+  readonly #window: number;
+  readonly #listeners = new Set<(events: readonly LogEvent[]) => void>();
+
+  constructor(storage: SqlStorageLike, options: SqliteLogOptions = {}) {
+    this.#storage = storage;
+    this.#history = options.history ?? 1000;
+    this.#window = options.idempotencyWindow ?? 300_000;
+    for (const [name, value] of [["history", this.#history], ["idempotencyWindow", this.#window]]) {
+      if (!Number.isSafeInteger(value) || (value as number) < 0) {
+        throw new RangeError(`${name} must be a non-negative integer, got ${value}`);
+      }
+    }
+    this.#exec(`CREATE TABLE IF NOT EXISTS sse_events (
+      row INTEGER PRIMARY KEY, ms INTEGER NOT NULL, topics TEXT NOT NULL,
+      text TEXT NOT NULL, private INTEGER NOT NULL)`);
+    // "last": the newest id ever appended; "dropped": the newest id trimmed.
+    this.#exec("CREATE TABLE IF NOT EXISTS sse_ids (name TEXT PRIMARY KEY, id TEXT NOT NULL)");
+    this.#exec(`CREATE TABLE IF NOT EXISTS sse_keys (
+      key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, ids TEXT NOT NULL, until INTEGER NOT NULL)`);
+  }
+
+  get lastId(): string | null {
+    return this.#named("last");
+  }
+
+  append(events: readonly NewEvent[], options: AppendOptions = {}): Promise<Appended> {
+    try {
+      return Promise.resolve(this.#append(events, options.idempotencyKey));
+    } catch (error) {
+      return Promise.reject(error);
+    }
+  }
+
+  read(afterId: string | null, limit: number): LogRead {
+    let after = 0;
+    let gap = false;
+    if (afterId !== null && afterId !== this.#named("dropped")) {
+      const match = ID.exec(afterId);
+      const found = match &&
+        this.#exec("SELECT row FROM sse_events WHERE row = ? AND ms = ?", +match[2], +match[1])[0];
+      if (found) after = found.row as number;
+      else gap = true;
+    }
+    const rows = this.#exec(
+      "SELECT * FROM sse_events WHERE row > ? ORDER BY row LIMIT ?",
+      after,
+      limit,
+    );
+    return { events: rows.map(eventOf), gap };
+  }
+
+  listen(listener: (events: readonly LogEvent[]) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  #append(events: readonly NewEvent[], key: string | undefined): Appended {
+    const now = Date.now();
+    const fingerprint = JSON.stringify(events.map((e) => [e.topics, e.text, e.private === true]));
+    const appended = this.#storage.transactionSync(() => {
+      this.#exec("DELETE FROM sse_keys WHERE until <= ?", now);
+      const seen = key === undefined
+        ? undefined
+        : this.#exec("SELECT fingerprint, ids FROM sse_keys WHERE key = ?", key)[0];
+      if (seen) {
+        if (seen.fingerprint !== fingerprint) throw new IdempotencyKeyError();
+        return { ids: JSON.parse(seen.ids as string) as string[], repeated: true, events: [] };
+      }
+      // The clock, or the last append's time if the clock went back.
+      const ms = Math.max(now, Number(ID.exec(this.lastId ?? "0-0")![1]));
+      const added: LogEvent[] = [];
+      for (const { topics, text, private: isPrivate } of events) {
+        const [{ row }] = this.#exec(
+          "INSERT INTO sse_events (ms, topics, text, private) VALUES (?, ?, ?, ?) RETURNING row",
+          ms,
+          JSON.stringify(topics),
+          text,
+          isPrivate ? 1 : 0,
+        );
+        added.push(
+          eventOf({ row, ms, topics: JSON.stringify(topics), text, private: isPrivate ? 1 : 0 }),
+        );
+      }
+      const ids = added.map((event) => event.id);
+      if (ids.length > 0) this.#setNamed("last", ids[ids.length - 1]);
+      const [newestDropped] = this.#exec(
+        "SELECT row, ms FROM sse_events ORDER BY row DESC LIMIT 1 OFFSET ?",
+        this.#history,
+      );
+      if (newestDropped) {
+        this.#exec("DELETE FROM sse_events WHERE row <= ?", newestDropped.row);
+        this.#setNamed("dropped", `${newestDropped.ms}-${newestDropped.row}`);
+      }
+      if (key !== undefined) {
+        this.#exec(
+          "INSERT INTO sse_keys (key, fingerprint, ids, until) VALUES (?, ?, ?, ?)",
+          key,
+          fingerprint,
+          JSON.stringify(ids),
+          now + this.#window,
+        );
+      }
+      return { ids, repeated: false, events: added };
+    });
+    if (appended.events.length > 0) {
+      for (const listener of this.#listeners) listener(appended.events);
+    }
+    return { ids: appended.ids, repeated: appended.repeated };
+  }
+
+  #exec(query: string, ...bindings: (string | number | null)[]): Row[] {
+    return this.#storage.sql.exec(query, ...bindings).toArray();
+  }
+
+  #named(name: string): string | null {
+    return (this.#exec("SELECT id FROM sse_ids WHERE name = ?", name)[0]?.id as string) ?? null;
+  }
+
+  #setNamed(name: string, id: string): void {
+    this.#exec("INSERT OR REPLACE INTO sse_ids (name, id) VALUES (?, ?)", name, id);
+  }
+}
+
+function eventOf(row: Row): LogEvent {
+  const event = {
+    id: `${row.ms}-${row.row}`,
+    topics: JSON.parse(row.topics as string) as string[],
+    text: row.text as string,
+  };
+  return row.private ? { ...event, private: true } : event;
+}
