@@ -60,6 +60,8 @@ interface BunGlobal {
     options: Address & {
       fetch: Handler;
       error?: (error: Error) => Response;
+      /** Seconds a connection may be idle. */
+      idleTimeout?: number;
     },
   ): { port: number; stop(force?: boolean): Promise<void> };
 }
@@ -90,8 +92,12 @@ function detectRuntime(): Runtime {
       env: (name) => Bun.env[name],
       // No `export default { fetch }` in the entry file: Bun would start a
       // second server from it. Bun.serve is called here, once.
+      // An idle keep-alive connection is kept 65 s rather than Bun's 10 s (see serveNode).
       serve: (handler, address) =>
-        listening(address, () => Bun.serve({ ...address, fetch: handler, error: internalError }))
+        listening(
+          address,
+          () => Bun.serve({ ...address, fetch: handler, error: internalError, idleTimeout: 65 }),
+        )
           .then((server) => ({ port: server.port, stop: () => server.stop() })),
       onSignal: (signal, listener) => process.on(signal, listener),
       exit: (code) => process.exit(code),
@@ -131,11 +137,15 @@ function detectRuntime(): Runtime {
  * body, so the broker's queue, not Node's, holds what waits for it, and its
  * limit applies). Node's own timeouts leave a quiet stream alone: the
  * socket has no idle timeout, and `requestTimeout` and `headersTimeout` end
- * once a request has arrived.
+ * once a request has arrived. An idle keep-alive connection is kept 65 s
+ * rather than Node's 5 s: a load balancer reuses a connection it holds for
+ * up to 60 s (AWS's default), and one the server has just closed fails.
  */
 async function serveNode(handler: Handler, address: Address): Promise<Listener> {
   const { createServer } = await import("node:http");
   const { Readable } = await import("node:stream");
+  const { setImmediate: nextTurn } = await import("node:timers/promises");
+  const WAITING = Symbol("waiting");
   const server = createServer(async (incoming, outgoing) => {
     const aborted = new AbortController();
     // "close" comes when the response is done or the connection is gone.
@@ -165,16 +175,36 @@ async function serveNode(handler: Handler, address: Address): Promise<Listener> 
       if (name !== "set-cookie") head.push(name, value);
     });
     for (const cookie of response.headers.getSetCookie()) head.push("set-cookie", cookie);
-    outgoing.writeHead(response.status, head);
     if (response.body === null || incoming.method === "HEAD" || outgoing.destroyed) {
       response.body?.cancel().catch(() => {});
-      return void outgoing.end();
+      return void outgoing.writeHead(response.status, head).end();
     }
     const reader = response.body.getReader();
     outgoing.on("close", () => reader.cancel().catch(() => {}));
     try {
-      for (;;) {
-        const { done, value } = await reader.read();
+      // What the body has ready within this turn of the event loop: all of a
+      // JSON or text answer, which then goes with a Content-Length (as from
+      // Node's own servers, and simple clients need it), or the start of a
+      // stream, whose head then goes at once and the rest chunked.
+      const ready: Uint8Array[] = [];
+      let readyBytes = 0;
+      let next: Promise<ReadableStreamReadResult<Uint8Array>> | undefined = reader.read();
+      while (readyBytes <= 64 * 1024) {
+        const result = await Promise.race([next!, nextTurn(WAITING)]);
+        if (result === WAITING) break;
+        next = undefined;
+        if (result.done) break;
+        ready.push(result.value);
+        readyBytes += result.value.byteLength;
+        next = reader.read();
+      }
+      if (next === undefined && !response.headers.has("content-length")) {
+        head.push("content-length", String(readyBytes));
+      }
+      outgoing.writeHead(response.status, head);
+      for (const chunk of ready) outgoing.write(chunk);
+      while (next !== undefined) {
+        const { done, value } = await next;
         if (done) break;
         if (!outgoing.write(value)) {
           // Wait until the client has taken it, or has gone.
@@ -183,12 +213,14 @@ async function serveNode(handler: Handler, address: Address): Promise<Listener> 
             outgoing.once("close", resolve);
           });
         }
+        next = reader.read();
       }
       outgoing.end();
     } catch {
       outgoing.destroy(); // the body failed (a slow client cut, say): the client sees an error
     }
   });
+  server.keepAliveTimeout = 65_000;
   await new Promise<void>((resolve, reject) => {
     server.once("error", (error) => reject(new ListenError(address, error)));
     server.listen(

@@ -15,9 +15,11 @@ export const REPEAT = Number(process.env.REPEAT ?? 3);
  * with the port it printed.
  */
 export function startServer(server, { cpu = 0, env = {} } = {}) {
-  const command = server.runtime === "deno"
-    ? [bin("deno"), "run", "-A", "--unstable-net", server.file]
-    : [bin("bun"), "run", server.file];
+  const command = {
+    deno: [bin("deno"), "run", "-A", "--unstable-net", server.file],
+    bun: [bin("bun"), "run", server.file],
+    node: [bin("node"), server.file], // Node 26 from npm strips the types
+  }[server.runtime];
   const pinned = cpu === null ? command : ["taskset", "-c", String(cpu), ...command];
   const child = spawn(pinned[0], pinned.slice(1), {
     cwd: root,
@@ -96,6 +98,7 @@ export function prepare() {
     kernel: os.release(),
     deno: version(bin("deno"), ["--version"]),
     bun: version(bin("bun"), ["--version"]),
+    node: version(bin("node"), ["--version"]),
     hono: JSON.parse(readFileSync(`${root}node_modules/hono/package.json`, "utf8")).version,
     repeat: REPEAT,
   };

@@ -26,10 +26,14 @@ import {
 
 const ONLY = process.env.ONLY ?? "";
 
-const SERVERS = ["deno", "bun"].flatMap((runtime) => [
+const SERVERS = ["deno", "bun", "node"].flatMap((runtime) => [
   { name: `sse-broker ${runtime}`, runtime, file: "server.ts" },
   { name: `ceiling ${runtime}`, runtime, file: "bench/servers/ceiling.ts" },
   { name: `hono ${runtime}`, runtime, file: "bench/servers/hono.ts" },
+  // Node alone has a server API without Request and Response: its bare ceiling.
+  ...runtime === "node"
+    ? [{ name: "node:http node", runtime, file: "bench/servers/node_http.ts" }]
+    : [],
 ]).filter((server) => server.name.includes(ONLY));
 
 // 64-byte events, 8 publishes in flight.
@@ -142,7 +146,7 @@ function markdown(machine, table) {
     "# Benchmark results",
     "",
     `Taken ${machine.date} on ${machine.cores} cores (${machine.cpu}), ${machine.memoryGiB} GiB,`,
-    `Linux ${machine.kernel}; ${machine.deno}; Bun ${machine.bun}; Hono ${machine.hono}.`,
+    `Linux ${machine.kernel}; ${machine.deno}; Bun ${machine.bun}; Node ${machine.node}; Hono ${machine.hono}.`,
     `Each server ran alone on core 0, the load generator on core 1. Medians of ${machine.repeat}`,
     "runs; figures move a lot between runs on these machines, so compare the ratios, which come",
     "from the same run. `npm run bench` makes this file.",
@@ -154,6 +158,9 @@ function markdown(machine, table) {
     "- idle-10k: resident memory added per idle connection, with 10,000 open.",
     "- churn-5k: resident memory growth over 5,000 connect/disconnect cycles, after 5,000 to",
     "  warm up; the client count must come back to 0.",
+    "- ceiling: the simplest correct broker on the runtime's web-standard server (on Node, through",
+    "  the `node:http` adapter of `runtime.ts`); node:http: the same broker written against",
+    "  `node:http` itself, Node's bare ceiling.",
     "",
     "| scenario | server | median | × ceiling (same runtime) | × hono (same runtime) |",
     "| --- | --- | ---: | ---: | ---: |",
@@ -180,7 +187,7 @@ function markdown(machine, table) {
 /** Grouped horizontal bars of fan-out throughput, one group per scenario. */
 function chart(table) {
   const groups = ["fanout-1k", "fanout-10k"].filter((name) => table[name]);
-  const colors = { ours: "#0550ae", ceiling: "#8c959f", hono: "#bf8700" };
+  const colors = { ours: "#0550ae", ceiling: "#8c959f", hono: "#bf8700", "node:http": "#57606a" };
   const rows = groups.flatMap((group) =>
     Object.entries(table[group]).map(([name, row]) => ({ group, name, value: row.median }))
   );

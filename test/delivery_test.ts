@@ -202,10 +202,21 @@ test("500 clients that vanish abruptly are all removed", async () => {
   }
 });
 
-test("an idle stream survives 30 seconds with no events", { timeout: 60_000 }, async () => {
+test("an idle stream and an idle keep-alive connection survive 30 seconds", {
+  timeout: 60_000,
+}, async () => {
   await withServer({}, async (server) => {
     const reader = await subscribe(`${server.url}events`);
+    // A connection that has answered once and then waits, as a load balancer
+    // keeps one for its next request (for up to 60 s on AWS).
+    const keptAlive = connect(Number(new URL(server.url).port), "127.0.0.1");
+    let answers = "";
+    let closedAt: number | undefined;
+    keptAlive.on("data", (chunk) => answers += chunk);
+    keptAlive.on("close", () => closedAt = Date.now() - opened);
+    const ask = () => keptAlive.write("GET /stats HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
     const opened = Date.now();
+    ask();
     const waited = new Promise((resolve) => setTimeout(resolve, 30_000));
     // Nothing is published for 30 s; only heartbeats (every 15 s) arrive.
     let ended = false;
@@ -215,13 +226,20 @@ test("an idle stream survives 30 seconds with no events", { timeout: 60_000 }, a
       }
       ended = true;
     })();
-    await waited;
-    assert.equal(ended, false, "the stream is still open");
-    assert.equal((await stats(server.url)).clients, 1);
-    await publish(server.url, { data: "after 30 s" });
-    const event = await watching;
-    assert.equal(event?.data, "after 30 s");
-    assert.ok(Date.now() - opened >= 30_000);
+    try {
+      await waited;
+      assert.equal(ended, false, "the stream is still open");
+      assert.equal(closedAt, undefined, `the idle connection closed after ${closedAt} ms`);
+      ask();
+      await eventually(() => answers.split("HTTP/1.1 200").length === 3, 5000, "the 2nd answer");
+      assert.equal((await stats(server.url)).clients, 1);
+      await publish(server.url, { data: "after 30 s" });
+      const event = await watching;
+      assert.equal(event?.data, "after 30 s");
+      assert.ok(Date.now() - opened >= 30_000);
+    } finally {
+      keptAlive.destroy();
+    }
     await reader.cancel();
   });
 });

@@ -38,7 +38,15 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
       assert.equal((await stats(server.url)).clients, 2);
       const page = await fetch(server.url);
       assert.match(page.headers.get("content-type")!, /text\/html/);
-      assert.match(await page.text(), /new EventSource\(/);
+      const html = await page.text();
+      assert.match(html, /new EventSource\(/);
+      // Whole answers carry their length (simple clients and proxies rely on it).
+      assert.equal(
+        page.headers.get("content-length"),
+        String(new TextEncoder().encode(html).length),
+      );
+      const answer = await fetch(`${server.url}stats`);
+      assert.equal(answer.headers.get("content-length"), String((await answer.text()).length));
       await a.cancel();
       await b.cancel();
     });
