@@ -11,14 +11,16 @@ export const out = `${root}bench/results`;
 const build = `${root}bench/.build`;
 export const REPEAT = Number(process.env.REPEAT ?? 3);
 /**
- * Starts one server process, pinned to `cpu` unless it is `null`; resolves
- * with the port it printed.
+ * Starts one server process (`{ runtime, file, flags? }`, flags for the
+ * runtime), pinned to `cpu` unless it is `null`; resolves with the port it
+ * printed.
  */
 export function startServer(server, { cpu = 0, env = {} } = {}) {
+  const flags = server.flags ?? [];
   const command = {
-    deno: [bin("deno"), "run", "-A", "--unstable-net", server.file],
-    bun: [bin("bun"), "run", server.file],
-    node: [bin("node"), server.file], // Node 26 from npm strips the types
+    deno: [bin("deno"), "run", "-A", "--unstable-net", ...flags, server.file],
+    bun: [bin("bun"), "run", ...flags, server.file],
+    node: [bin("node"), ...flags, server.file], // Node 26 from npm strips the types
   }[server.runtime];
   const pinned = cpu === null ? command : ["taskset", "-c", String(cpu), ...command];
   const child = spawn(pinned[0], pinned.slice(1), {

@@ -7,8 +7,9 @@
 // runs (results.json), a table of medians with ratios to the ceiling on the
 // same runtime and to the Hono peer (RESULTS.md), and a chart (chart.svg).
 //
-// Environment: REPEAT (runs per figure, default 3), ONLY (a substring of the
-// server names to run, e.g. "deno").
+// Environment: REPEAT (runs per figure, default 3), ONLY (substrings of the
+// server names to run, comma-separated, e.g. "deno" or "sse-broker deno,ceiling deno"),
+// SCENARIO (substrings of the scenario names, e.g. "latency").
 import { writeFileSync } from "node:fs";
 import {
   fmt,
@@ -25,6 +26,7 @@ import {
 } from "./common.mjs";
 
 const ONLY = process.env.ONLY ?? "";
+const SCENARIO = process.env.SCENARIO ?? "";
 
 const SERVERS = ["deno", "bun", "node"].flatMap((runtime) => [
   { name: `sse-broker ${runtime}`, runtime, file: "server.ts" },
@@ -34,7 +36,7 @@ const SERVERS = ["deno", "bun", "node"].flatMap((runtime) => [
   ...runtime === "node"
     ? [{ name: "node:http node", runtime, file: "bench/servers/node_http.ts" }]
     : [],
-]).filter((server) => server.name.includes(ONLY));
+]).filter((server) => ONLY.split(",").some((part) => server.name.includes(part)));
 
 // 64-byte events, 8 publishes in flight.
 const SCENARIOS = [
@@ -44,7 +46,7 @@ const SCENARIOS = [
   { name: "latency-1k", args: ["latency", 1000, 500, 8, 64, 50], unit: "ms" },
   { name: "idle-10k", memory: 10000, unit: "KiB/connection" },
   { name: "churn-5k", churn: 5000, unit: "KiB growth" },
-];
+].filter((scenario) => SCENARIO.split(",").some((part) => scenario.name.includes(part)));
 
 async function clientsOf(port) {
   const response = await fetch(`http://127.0.0.1:${port}/stats`);

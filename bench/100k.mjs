@@ -1,0 +1,394 @@
+// The 100,000-subscriber benchmark: `npm run bench:100k`. Not part of the tests.
+//
+// On each runtime: SERVERS server.ts processes share one port (REUSE_PORT)
+// and one Redis stream (the event log that makes them one broker); LOADGENS
+// processes of bench/subscribers.c each hold their share of CLIENTS streams
+// from four source addresses of their own in 127.0.0.0/8 (one process stays
+// under the open-file limit, one address well under its ephemeral ports).
+// Then:
+// 1. connect every stream; hold them HOLD_S seconds (heartbeats flow);
+// 2. publish BROADCASTS events one second apart: per event, the time from
+//    publish until each subscriber has it (p50, p99, max over subscribers);
+// 3. publish SUSTAINED events back to back, 8 in flight: deliveries per
+//    second until every subscriber has every one;
+// 4. close every stream: the client count must return to 0 in every process.
+// Nothing may be lost or duplicated, and every subscriber must see one order. Memory is the servers' total
+// resident memory; CPU is the seconds each group of processes used per phase.
+// Everything shares the machine's cores, so the figures include the load
+// generator's own work.
+//
+// Writes bench/results/100K.md, 100k.json and 100k.svg. Environment: CLIENTS
+// (default 100000), SERVERS (8), LOADGENS (6), HOLD_S (60), BROADCASTS (10),
+// SUSTAINED (20), ONLY (runtimes, comma-separated; default deno,bun,node).
+import { execFileSync, spawn } from "node:child_process";
+import { readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { get } from "node:http";
+import { createInterface } from "node:readline";
+import { RedisServer } from "../test/redis_server.mjs";
+import { fmt, out, prepare, root, sleep, startServer, stopServer } from "./common.mjs";
+
+const setting = (name, fallback) => Number(process.env[name] ?? fallback);
+const CLIENTS = setting("CLIENTS", 100_000);
+const SERVERS = setting("SERVERS", 8);
+const LOADGENS = setting("LOADGENS", 6);
+const HOLD_S = setting("HOLD_S", 60);
+const BROADCASTS = setting("BROADCASTS", 10);
+const SUSTAINED = setting("SUSTAINED", 20);
+const RUNTIMES = (process.env.ONLY ?? "deno,bun,node").split(",");
+const EVENTS = BROADCASTS + SUSTAINED;
+const TICKS = 100; // clock ticks per second, for /proc/<pid>/stat
+
+/** CPU seconds a process has used so far. */
+function cpuSeconds(pid) {
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+    return (Number(fields[11]) + Number(fields[12])) / TICKS;
+  } catch {
+    return 0;
+  }
+}
+const rssBytes = (pid) =>
+  Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]) * 1024;
+const sum = (values) => values.reduce((a, b) => a + b, 0);
+const openFiles = (pid) => readdirSync(`/proc/${pid}/fd`).length;
+
+/**
+ * The second byte of the subscribers' source addresses: a new one for each
+ * runtime's run, so that none meets the TIME_WAIT sockets of an earlier run.
+ */
+let sourceNet = 1 + Math.floor(Math.random() * 200);
+
+/** One subscribers process: its share of the streams, from its own source address. */
+function startSubscribers(port, clients, index) {
+  const source = `127.${sourceNet}.${index}.1`; // and .2, .3, .4
+  const child = spawn(
+    `${root}bench/.build/subscribers`,
+    [port, clients, source, EVENTS].map(String),
+    { stdio: ["pipe", "pipe", "inherit"] },
+  );
+  const lines = createInterface({ input: child.stdout });
+  const waiters = [];
+  lines.on("line", (line) => waiters.shift()?.resolve(line));
+  const exited = new Promise((resolve) => child.on("exit", resolve));
+  child.on("exit", (code) => {
+    for (const waiter of waiters.splice(0)) {
+      waiter.reject(new Error(`subscribers ${source} exited ${code}`));
+    }
+  });
+  const next = () => new Promise((resolve, reject) => waiters.push({ resolve, reject }));
+  return {
+    child,
+    exited,
+    connected: next(),
+    /** Resolves once every stream of this process has event `seq`. */
+    has: (seq) => (child.stdin.write(`wait ${seq}\n`), next()),
+    report: () => (child.stdin.write("report\n"), next().then(JSON.parse)),
+  };
+}
+
+/** `promise`, or a rejection after `ms`: every wait of the benchmark ends by itself. */
+function within(promise, ms, what) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: nothing after ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
+/** Publishes one event whose data is its number and the monotonic clock in ns. */
+async function publish(port, seq) {
+  const response = await fetch(`http://127.0.0.1:${port}/publish`, {
+    method: "POST",
+    headers: { "content-type": "text/plain" },
+    body: `${seq} ${process.hrtime.bigint()}`,
+  });
+  if (response.status !== 200) throw new Error(`publish ${seq}: ${response.status}`);
+  await response.arrayBuffer();
+}
+
+/** The client counts reported by /stats over many fresh connections (so from every process). */
+async function clientCounts(port) {
+  const once = () =>
+    new Promise((resolve, reject) => {
+      // agent: false: a new connection each time, which REUSE_PORT may hand to any process.
+      get({ host: "127.0.0.1", port, path: "/stats", agent: false }, (response) => {
+        let body = "";
+        response.on("data", (chunk) => body += chunk);
+        response.on("end", () => resolve(JSON.parse(body).clients));
+      }).on("error", reject);
+    });
+  const counts = [];
+  for (let i = 0; i < 40 * SERVERS; i++) counts.push(await once());
+  return counts;
+}
+
+function percentile(sorted, p) {
+  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))];
+}
+
+async function measure(runtime) {
+  const redis = await RedisServer.start({ appendfsync: "everysec" });
+  const env = { REDIS_URL: redis.url, REUSE_PORT: "1", MAX_CLIENTS: "0", HISTORY: "1000" };
+  const server = { name: `server.ts ${runtime}`, runtime, file: "server.ts" };
+  const servers = [await startServer(server, { cpu: null, env })];
+  const port = servers[0].port;
+  while (servers.length < SERVERS) {
+    servers.push(await startServer(server, { cpu: null, env: { ...env, PORT: String(port) } }));
+  }
+  const serverPids = servers.map((s) => s.child.pid);
+  const serverCpu = () => sum(serverPids.map(cpuSeconds));
+  let crowd = [];
+  try {
+    await sleep(1000);
+    const rssBefore = sum(serverPids.map(rssBytes));
+    const filesBefore = serverPids.map(openFiles);
+    // 1. Connect and hold.
+    const started = performance.now();
+    const share = Math.ceil(CLIENTS / LOADGENS);
+    crowd = Array.from(
+      { length: LOADGENS },
+      (_, i) => startSubscribers(port, Math.min(share, CLIENTS - i * share), i),
+    );
+    await within(Promise.all(crowd.map((c) => c.connected)), 600_000, "connecting");
+    const connectSeconds = (performance.now() - started) / 1000;
+    const connectedCounts = await clientCounts(port);
+    const maxFiles = Math.max(...serverPids.map(openFiles));
+    console.log(`${runtime}: ${CLIENTS} connected in ${connectSeconds.toFixed(1)} s`);
+    let cpu = serverCpu();
+    await sleep(HOLD_S * 1000);
+    const rssHeld = sum(serverPids.map(rssBytes));
+    const holdCpu = serverCpu() - cpu;
+    // 2. Broadcasts one second apart.
+    cpu = serverCpu();
+    for (let seq = 1; seq <= BROADCASTS; seq++) {
+      const second = sleep(1000);
+      await publish(port, seq);
+      await within(Promise.all(crowd.map((c) => c.has(seq))), 60_000, `broadcast ${seq}`);
+      await second;
+    }
+    const broadcastCpu = serverCpu() - cpu;
+    // 3. Sustained: 8 publishes in flight until all are out.
+    cpu = serverCpu();
+    const sustainedStart = performance.now();
+    let nextSeq = BROADCASTS + 1;
+    await Promise.all(Array.from({ length: 8 }, async () => {
+      while (nextSeq <= EVENTS) await publish(port, nextSeq++);
+    }));
+    // Every one of them: concurrent publishes reach the log in any order.
+    const all = async (c) => {
+      for (let seq = BROADCASTS + 1; seq <= EVENTS; seq++) await c.has(seq);
+    };
+    await within(Promise.all(crowd.map(all)), 120_000, "sustained");
+    const sustainedSeconds = (performance.now() - sustainedStart) / 1000;
+    const sustainedCpu = serverCpu() - cpu;
+    const loadgenCpu = sum(crowd.map((c) => cpuSeconds(c.child.pid)));
+    // 4. Close every stream.
+    const reports = await Promise.all(crowd.map((c) => c.report()));
+    await Promise.all(crowd.map((c) => c.exited));
+    const closing = performance.now();
+    let afterClose = await clientCounts(port);
+    while (afterClose.some((count) => count !== 0) && performance.now() - closing < 60_000) {
+      await sleep(500);
+      afterClose = await clientCounts(port);
+    }
+    const closeSeconds = (performance.now() - closing) / 1000;
+    const filesAfter = serverPids.map(openFiles);
+
+    const delivered = Array.from(
+      { length: EVENTS },
+      (_, i) => sum(reports.map((r) => r.delivered[i])),
+    );
+    const broadcastLatencies = reports.flatMap((r) => r.latencyUs.slice(0, BROADCASTS).flat())
+      .sort((a, b) => a - b);
+    const perEvent = Array.from({ length: BROADCASTS }, (_, i) => {
+      const all = reports.flatMap((r) => r.latencyUs[i]).sort((a, b) => a - b);
+      return {
+        p50: percentile(all, 0.5) / 1000,
+        p99: percentile(all, 0.99) / 1000,
+        max: all.at(-1) / 1000,
+      };
+    });
+    return {
+      runtime,
+      clients: CLIENTS,
+      servers: SERVERS,
+      loadgens: LOADGENS,
+      connectSeconds,
+      connectedSeen: Math.max(...connectedCounts) > 0,
+      maxOpenFilesPerServer: maxFiles,
+      rssBytes: rssHeld,
+      rssPerConnectionBytes: (rssHeld - rssBefore) / CLIENTS,
+      holdCpuSeconds: holdCpu,
+      minHeartbeats: Math.min(...reports.map((r) => r.minHeartbeats)),
+      broadcast: {
+        p50ms: percentile(broadcastLatencies, 0.5) / 1000,
+        p99ms: percentile(broadcastLatencies, 0.99) / 1000,
+        maxms: broadcastLatencies.at(-1) / 1000,
+        perEvent,
+        cpuSeconds: broadcastCpu,
+      },
+      sustained: {
+        events: SUSTAINED,
+        seconds: sustainedSeconds,
+        deliveriesPerSecond: (CLIENTS * SUSTAINED) / sustainedSeconds,
+        cpuSeconds: sustainedCpu,
+      },
+      loadgenCpuSeconds: loadgenCpu,
+      deliveredPerEvent: delivered,
+      lost: CLIENTS * EVENTS - sum(delivered),
+      duplicates: sum(reports.map((r) => r.duplicates)),
+      orders: new Set(reports.flatMap((r) => r.orders)).size,
+      backToZero: afterClose.every((count) => count === 0),
+      closeSeconds,
+      openFilesBefore: filesBefore,
+      openFilesAfter: filesAfter,
+      droppedSyns: droppedSyns(),
+    };
+  } finally {
+    for (const c of crowd) c.child.kill("SIGKILL");
+    await Promise.all(servers.map(stopServer));
+    await redis.stop();
+  }
+}
+
+/** The kernel's count of connection requests dropped at full listen queues, so far. */
+function droppedSyns() {
+  try {
+    const text = execFileSync("nstat", ["-az", "TcpExtListenDrops"], { encoding: "utf8" });
+    return Number(/TcpExtListenDrops\s+(\d+)/.exec(text)?.[1] ?? NaN);
+  } catch {
+    return NaN;
+  }
+}
+
+async function main() {
+  if (process.argv.includes("--report")) {
+    // Writes the report and chart again from 100k.json, without measuring.
+    const { machine, results } = JSON.parse(readFileSync(`${out}/100k.json`, "utf8"));
+    writeFileSync(`${out}/100K.md`, markdown(machine, results));
+    writeFileSync(`${out}/100k.svg`, chart(results));
+    return;
+  }
+  const machine = prepare();
+  execFileSync("gcc", [
+    "-O2",
+    "-Wall",
+    "-o",
+    `${root}bench/.build/subscribers`,
+    `${root}bench/subscribers.c`,
+  ]);
+  const results = [];
+  for (const runtime of RUNTIMES) {
+    const dropsBefore = droppedSyns();
+    sourceNet++;
+    const result = await measure(runtime);
+    result.droppedSyns -= dropsBefore;
+    results.push(result);
+    console.log(
+      JSON.stringify({ ...result, broadcast: { ...result.broadcast, perEvent: undefined } }),
+    );
+  }
+  writeFileSync(`${out}/100k.json`, JSON.stringify({ machine, results }, null, 2) + "\n");
+  writeFileSync(`${out}/100K.md`, markdown(machine, results));
+  writeFileSync(`${out}/100k.svg`, chart(results));
+  console.log(`wrote ${out}/100K.md, 100k.json, 100k.svg`);
+}
+
+function markdown(machine, results) {
+  const mib = (bytes) => `${fmt(bytes / 2 ** 20)} MiB`;
+  const count = (n) => Number.isNaN(n) ? "-" : n.toLocaleString("en-US");
+  const lines = [
+    `# ${fmt(CLIENTS)} subscribers on one machine`,
+    "",
+    `Taken ${machine.date} on ${machine.cores} cores (${machine.cpu}), ${machine.memoryGiB} GiB,`,
+    `Linux ${machine.kernel}; ${machine.deno}; Bun ${machine.bun}; Node ${machine.node}.`,
+    `\`npm run bench:100k\` makes this file. ${SERVERS} \`server.ts\` processes on one port`,
+    `(\`REUSE_PORT=1\`) and one Redis stream; ${LOADGENS} \`bench/subscribers.c\` processes, each`,
+    "from four source addresses of its own. Servers, Redis and subscribers share the two cores.",
+    `Streams held ${HOLD_S} s (heartbeats every 15 s), then ${BROADCASTS} broadcasts one second`,
+    `apart, then ${SUSTAINED} published back to back with 8 in flight.`,
+    "",
+    "| | " + results.map((r) => r.runtime).join(" | ") + " |",
+    "| --- | " + results.map(() => "---:").join(" | ") + " |",
+  ];
+  const row = (name, value) => lines.push(`| ${name} | ${results.map(value).join(" | ")} |`);
+  row("connected", (r) => count(r.clients));
+  row("time to connect all", (r) => `${fmt(r.connectSeconds)} s`);
+  row(
+    "SYNs dropped at full listen queues",
+    (r) => count(r.droppedSyns),
+  );
+  row("most open files in one server process", (r) => count(r.maxOpenFilesPerServer));
+  row("heartbeats, fewest on any stream", (r) => count(r.minHeartbeats));
+  row("broadcast to each subscriber: p50", (r) => `${fmt(r.broadcast.p50ms)} ms`);
+  row("broadcast to each subscriber: p99", (r) => `${fmt(r.broadcast.p99ms)} ms`);
+  row("broadcast to the last subscriber (max)", (r) => `${fmt(r.broadcast.maxms)} ms`);
+  row("sustained deliveries/s", (r) => fmt(r.sustained.deliveriesPerSecond));
+  row("server RSS, total", (r) => mib(r.rssBytes));
+  row("server RSS per connection", (r) => `${fmt(r.rssPerConnectionBytes / 1024)} KiB`);
+  row(`server CPU while holding (${HOLD_S} s)`, (r) => `${fmt(r.holdCpuSeconds)} s`);
+  row(`server CPU, ${BROADCASTS} broadcasts`, (r) => `${fmt(r.broadcast.cpuSeconds)} s`);
+  row(`server CPU, ${SUSTAINED} sustained`, (r) => `${fmt(r.sustained.cpuSeconds)} s`);
+  row("subscribers' CPU, whole run", (r) => `${fmt(r.loadgenCpuSeconds)} s`);
+  row("lost / duplicated", (r) => `${r.lost} / ${r.duplicates}`);
+  row("orders the events arrived in (1: all agree)", (r) => count(r.orders));
+  row(
+    "client count back to 0 in every process",
+    (r) => r.backToZero ? `yes, ${fmt(r.closeSeconds)} s` : "NO",
+  );
+  lines.push(
+    "",
+    "Per broadcast (ms from publish until each subscriber has it: p50 / p99 / max):",
+    "",
+    "| broadcast | " + results.map((r) => r.runtime).join(" | ") + " |",
+    "| ---: | " + results.map(() => "---").join(" | ") + " |",
+  );
+  for (let i = 0; i < BROADCASTS; i++) {
+    lines.push(`| ${i + 1} | ${
+      results.map((r) => {
+        const e = r.broadcast.perEvent[i];
+        return `${fmt(e.p50)} / ${fmt(e.p99)} / ${fmt(e.max)}`;
+      }).join(" | ")
+    } |`);
+  }
+  lines.push("", "Raw figures: [100k.json](100k.json). Chart: [100k.svg](100k.svg).", "");
+  return lines.join("\n");
+}
+
+/** Bars of broadcast latency (p50, p99, max) per runtime, against the 1 s target. */
+function chart(results) {
+  const width = 760, left = 110, top = 50, bar = 18, gap = 4;
+  const max = Math.max(1000, ...results.map((r) => r.broadcast.maxms));
+  const scale = (ms) => Math.max(1, (ms / max) * (width - left - 120));
+  const colors = { p50: "#0550ae", p99: "#bf8700", max: "#cf222e" };
+  const parts = [];
+  let y = top;
+  for (const r of results) {
+    parts.push(`<text x="10" y="${y + 30}" font-weight="600">${r.runtime}</text>`);
+    for (const key of ["p50", "p99", "max"]) {
+      const ms = r.broadcast[`${key}ms`];
+      parts.push(
+        `<text x="${left - 8}" y="${y + 13}" text-anchor="end">${key}</text>`,
+        `<rect x="${left}" y="${y}" width="${scale(ms).toFixed(1)}" height="${bar}" fill="${
+          colors[key]
+        }"/>`,
+        `<text x="${left + scale(ms) + 6}" y="${y + 13}">${fmt(ms)} ms</text>`,
+      );
+      y += bar + gap;
+    }
+    y += 14;
+  }
+  const target = left + scale(1000);
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${y + 10}" ` +
+    `font-family="system-ui, sans-serif" font-size="13">\n<rect width="100%" height="100%" fill="#fff"/>\n` +
+    `<text x="10" y="24" font-size="16" font-weight="700">Broadcast to ${
+      fmt(CLIENTS)
+    } subscribers: ` +
+    `publish until each has it (lower is better)</text>\n${parts.join("\n")}\n` +
+    `<line x1="${target}" y1="${
+      top - 6
+    }" x2="${target}" y2="${y}" stroke="#57606a" stroke-dasharray="4 3"/>\n` +
+    `<text x="${target + 4}" y="${top - 8}" fill="#57606a">1 s target</text>\n</svg>\n`;
+}
+
+await main();
