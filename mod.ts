@@ -886,17 +886,6 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
   }
 }
 
-/** Publishes whose bodies {@linkcode createHandler} is still reading, per broker. */
-const arriving = new WeakMap<Broker, number>();
-
-/**
- * Runs a callback at the end of this turn of the event loop, after I/O that
- * is ready (`setImmediate`: Deno, Bun and Node have it; not a web standard,
- * so a runtime without it waits a timer turn instead).
- */
-const nextTurn = (globalThis as { setImmediate?: (callback: () => void) => unknown })
-  .setImmediate?.bind(globalThis);
-
 /**
  * Holds open event streams and broadcasts to them.
  *
@@ -946,7 +935,7 @@ export class Broker {
    * fan-out, so a burst of publishes costs about as much as one.
    */
   #batch: LogEvent[] = [];
-  #flushPending = false;
+  #flushTimer: ReturnType<typeof setTimeout> | undefined;
   /** The newest event handed to live clients; a catching-up client replays up to here. */
   #liveId: string | null;
   /** Settles at the next flush, for publishes waiting for their event to go out. */
@@ -1472,28 +1461,17 @@ export class Broker {
     client.controller.error(new Error("client too slow"));
   }
 
-  /**
-   * Takes new events from the log, to hand out together soon. While other
-   * publishes' bodies are still arriving, the batch waits one timer turn for
-   * them (so a burst costs about one flush); otherwise it goes out at the
-   * end of this turn of the event loop, and a lone event pays no timer.
-   */
+  /** Takes new events from the log, to hand out together at the end of this turn. */
   #receive(events: readonly LogEvent[]): void {
     for (const event of events) this.#batch.push(event);
-    if (this.#flushPending) return;
-    this.#flushPending = true;
-    // Stryker disable next-line all: when the batch goes out changes its size and latency, not what arrives
-    if ((arriving.get(this) ?? 0) > 0 || nextTurn === undefined) setTimeout(this.#flushLater, 0);
-    else nextTurn(this.#flushLater);
+    this.#flushTimer ??= setTimeout(() => this.#flush(), 0);
   }
-
-  readonly #flushLater = (): void => {
-    this.#flushPending = false;
-    this.#flush();
-  };
 
   /** Hands the batch to live clients: one chunk each, shared by all that want the same events. */
   #flush(): void {
+    // Stryker disable next-line all: a timer left after close() would find an empty batch
+    clearTimeout(this.#flushTimer);
+    this.#flushTimer = undefined;
     const batch = this.#batch;
     if (batch.length === 0) return;
     this.#batch = [];
@@ -2171,10 +2149,7 @@ export function createHandler(
       action: "publish",
       methods: {
         POST: async (request, url, _server, grants) => {
-          // Counted while it arrives: a flush due meanwhile waits for it (see Broker).
-          arriving.set(broker, (arriving.get(broker) ?? 0) + 1);
-          const { entries, isBatch } = await readPublication(request, url, maxBodyBytes)
-            .finally(() => arriving.set(broker, arriving.get(broker)! - 1));
+          const { entries, isBatch } = await readPublication(request, url, maxBodyBytes);
           if (grants !== undefined) {
             const granted = grants.publish === undefined
               ? NO_GRANTS
