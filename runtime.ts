@@ -207,10 +207,14 @@ async function serveNode(handler: Handler, address: Address): Promise<Listener> 
         const { done, value } = await next;
         if (done) break;
         if (!outgoing.write(value)) {
-          // Wait until the client has taken it, or has gone.
-          await new Promise((resolve) => {
-            outgoing.once("drain", resolve);
-            outgoing.once("close", resolve);
+          // Wait until the client has taken it, or has gone; then drop both
+          // listeners, so a long stream does not collect one per wait.
+          await new Promise<void>((resolve) => {
+            const done = () => {
+              outgoing.off("drain", done).off("close", done);
+              resolve();
+            };
+            outgoing.on("drain", done).on("close", done);
           });
         }
         next = reader.read();
