@@ -29,6 +29,7 @@ import {
   tokenAuth,
 } from "./mod.ts";
 import { renderPage } from "./page.ts";
+import { createStreamsHandler } from "./streams.ts";
 import { probeResponse } from "./probe.ts";
 import {
   currentRuntime,
@@ -129,6 +130,16 @@ const handleBroker = createHandler(broker, {
   allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
 });
 
+// Durable Streams under STREAMS_PATH, open to all for now: `streamsAccess`
+// is the one place a token check goes.
+const streamsPath = (runtime.env("STREAMS_PATH") || "/v1/stream/").replace(/\/?$/, "/");
+const handleStreams = createStreamsHandler({
+  prefix: streamsPath,
+  longPollTimeout: integerSetting(runtime, "STREAMS_LONG_POLL_MS", 20_000),
+  allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
+});
+const streamsAccess: Handler = (request) => handleStreams(request);
+
 const page = renderPage({
   retryMs,
   heartbeatMs,
@@ -186,8 +197,11 @@ const routes: Record<string, Handler> = {
 let stopping: "draining" | "closing" | undefined;
 
 const handler: Handler = async (request, server) => {
-  const route = routes[new URL(request.url).pathname];
-  const response = route === undefined
+  const path = new URL(request.url).pathname;
+  const route = routes[path];
+  const response = path.startsWith(streamsPath)
+    ? await streamsAccess(request, server)
+    : route === undefined
     ? await handleBroker(request, server)
     : request.method !== "GET" && request.method !== "HEAD"
     ? Response.json({ error: "use GET" }, { status: 405, headers: { allow: "GET" } })
