@@ -195,8 +195,10 @@ interface MemoryStream {
   lastSeq?: string;
   producers: Map<string, { epoch: number; seq: number }>;
   closedBy?: ProducerClaim;
-  /** Forks that read from this stream and are not yet deleted. */
+  /** Forks made from this stream and not yet deleted. */
   forks: number;
+  /** The stream this one was forked from, while it counts this fork. */
+  source?: MemoryStream;
   softDeleted: boolean;
   /** Last read or write, for a sliding TTL. */
   touched: number;
@@ -238,16 +240,20 @@ export class MemoryStreamStore implements StreamStore {
 
   /** Removes a stream's data and releases its source (cascading). */
   #remove(path: string, stream: MemoryStream): void {
-    this.#streams.delete(path);
+    if (this.#streams.get(path) === stream) this.#streams.delete(path);
     this.#wake(stream);
-    let source = stream.info.forkedFrom;
-    while (source !== undefined) {
-      const parent = this.#streams.get(source);
-      if (parent === undefined) break;
+    let child = stream;
+    let parent = stream.source;
+    while (parent !== undefined) {
       parent.forks--;
+      child.source = undefined;
+      const parentPath = child.info.forkedFrom!;
+      // A source that expired meanwhile may have been replaced at its path.
+      if (this.#streams.get(parentPath) !== parent) break;
       if (!(parent.softDeleted && parent.forks <= 0)) break;
-      this.#streams.delete(source);
-      source = parent.info.forkedFrom;
+      this.#streams.delete(parentPath);
+      child = parent;
+      parent = parent.source;
     }
   }
 
@@ -383,6 +389,7 @@ export class MemoryStreamStore implements StreamStore {
       softDeleted: false,
       touched: Date.now(),
       waiters: new Set(),
+      source,
     };
     this.#push(stream, request.records);
     stream.info.closed = request.closed;
@@ -728,6 +735,26 @@ function cursorFor(given: string | null): string {
   return String(client + Math.max(1, Math.ceil(jitterSeconds * 1000 / CURSOR_INTERVAL)));
 }
 
+/**
+ * A signal that aborts with `parent` or after `ms`, whichever is first;
+ * `dispose` clears its timer and its listener on `parent`, and aborts it.
+ */
+function deadline(parent: AbortSignal, ms: number): { signal: AbortSignal; dispose(): void } {
+  const controller = new AbortController();
+  const abort = () => controller.abort();
+  const timer = setTimeout(abort, ms);
+  parent.addEventListener("abort", abort, { once: true });
+  if (parent.aborted) abort();
+  return {
+    signal: controller.signal,
+    dispose() {
+      clearTimeout(timer);
+      parent.removeEventListener("abort", abort);
+      controller.abort(); // releases any waiter still holding the signal
+    },
+  };
+}
+
 /** Producer headers: all three or none, non-negative safe integers. */
 function producerOf(headers: Headers): ProducerClaim | undefined {
   const id = headers.get("producer-id");
@@ -901,12 +928,8 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     let records: Uint8Array[] = [];
     if (body.length > 0) {
       if (contentType === undefined) throw new HttpError(400, "an append needs a Content-Type");
-      const info = await store.info(path);
-      if (info === "missing") throw new HttpError(404, "no stream at this path");
-      if (info === "gone") throw new HttpError(410, "the stream was deleted");
-      records = info.framing === "messages" && mediaType(contentType) === "application/json"
-        ? jsonRecords(body, false)
-        : [body];
+      // A JSON body goes to a JSON stream only: the store checks the type.
+      records = mediaType(contentType) === "application/json" ? jsonRecords(body, false) : [body];
     }
     const result = await store.append(path, { contentType, records, close, seq, producer });
     const producerHeaders = (producerSeq: number) =>
@@ -1054,13 +1077,16 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       ? { ...first, records: [], next: tail }
       : first;
     if (live === "long-poll" && result.records.length === 0 && !result.info.closed) {
-      const timeout = AbortSignal.timeout(longPollTimeout);
-      const signal = AbortSignal.any([request.signal, timeout]);
-      while (!signal.aborted) {
-        await store.waitForData(path, position, signal);
-        if (request.signal.aborted) break;
-        result = found(await store.read(path, position, maxReadBytes, false));
-        if (result.records.length > 0 || result.info.closed) break;
+      const { signal, dispose } = deadline(request.signal, longPollTimeout);
+      try {
+        while (!signal.aborted) {
+          await store.waitForData(path, position, signal);
+          if (request.signal.aborted) break;
+          result = found(await store.read(path, position, maxReadBytes, false));
+          if (result.records.length > 0 || result.info.closed) break;
+        }
+      } finally {
+        dispose();
       }
     }
     if (live === "long-poll" && result.records.length === 0) {
@@ -1084,20 +1110,18 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     givenCursor: string | null,
   ): Response {
     const text = isTextual(info.contentType);
-    const stop = new AbortController();
-    const deadline = setTimeout(() => stop.abort(), sseMaxDuration);
-    const signal = AbortSignal.any([request.signal, stop.signal]);
+    const { signal, dispose } = deadline(request.signal, sseMaxDuration);
     let position = start;
     let announced = false;
     let finished = false;
-    const finish = (controller?: ReadableStreamDefaultController<Uint8Array>) => {
+    let output: ReadableStreamDefaultController<Uint8Array> | undefined;
+    const finish = () => {
       if (finished) return;
       finished = true;
-      clearTimeout(deadline);
-      stop.abort();
+      dispose();
       try {
-        controller?.close();
-      } catch { /* already closed */ }
+        output?.close();
+      } catch { /* cancelled or already closed */ }
     };
     const dataEvent = (info: StreamInfo, records: Uint8Array[]): string => {
       const payload = text ? decoder.decode(bodyOf(info, records)) : base64(concat(records));
@@ -1113,12 +1137,15 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       return `event: control\ndata:${JSON.stringify(control)}\n\n`;
     };
     const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        output = controller;
+      },
       async pull(controller) {
         try {
           while (!finished) {
-            if (signal.aborted) return finish(controller);
+            if (signal.aborted) return finish();
             const result = await store.read(path, position, maxReadBytes, false);
-            if (result.status !== "ok") return finish(controller);
+            if (result.status !== "ok") return finish();
             const { info, records, next } = result;
             if (records.length > 0) {
               position = next;
@@ -1126,26 +1153,26 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
               controller.enqueue(
                 encoder.encode(dataEvent(info, records) + controlEvent(info, next)),
               );
-              if (info.closed && next >= info.tail) finish(controller);
+              if (info.closed && next >= info.tail) finish();
               return;
             }
             if (!announced || info.closed) {
               announced = true;
               controller.enqueue(encoder.encode(controlEvent(info, position)));
-              if (info.closed) finish(controller);
+              if (info.closed) finish();
               return;
             }
             await store.waitForData(path, position, signal);
           }
         } catch {
-          finish(controller);
+          finish();
         }
       },
       cancel() {
         finish();
       },
     });
-    request.signal.addEventListener("abort", () => finish(), { once: true });
+    signal.addEventListener("abort", () => finish(), { once: true });
     return respond(200, body, {
       "content-type": "text/event-stream",
       "cache-control": "no-cache",
