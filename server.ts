@@ -9,7 +9,8 @@
  * the URL it listens on. SIGINT and SIGTERM end every stream, then exit 0;
  * with `DRAIN_MS` set, SIGTERM first drains (see `Broker.drain`). Besides
  * the broker's routes it serves `/health`, `/ready`, `/metrics`, the path
- * check `/probe` and the live page at `/`.
+ * check `/probe`, the live page at `/`, and Durable Streams (streams.ts,
+ * in memory) under `STREAMS_PATH`, `/v1/stream/` by default.
  *
  * With `REDIS_URL` set, events live in a Redis stream shared by every
  * process started with the same URL (see redis.ts), and the ticker ticks once
@@ -133,6 +134,9 @@ const handleBroker = createHandler(broker, {
 // Durable Streams under STREAMS_PATH, open to all for now: `streamsAccess`
 // is the one place a token check goes.
 const streamsPath = (runtime.env("STREAMS_PATH") || "/v1/stream/").replace(/\/?$/, "/");
+if (!/^\/[^/]/.test(streamsPath)) {
+  fail(`STREAMS_PATH must be a path below "/", such as "/v1/stream/", got "${streamsPath}"`);
+}
 const handleStreams = createStreamsHandler({
   prefix: streamsPath,
   longPollTimeout: integerSetting(runtime, "STREAMS_LONG_POLL_MS", 20_000),

@@ -577,6 +577,7 @@ export interface StreamsHandlerOptions {
 /** A fetch handler: a request in, a response out. Never rejects. */
 export type StreamsHandler = (request: Request) => Promise<Response>;
 
+const MAX_PATH = 1024;
 const CURSOR_EPOCH = Date.UTC(2024, 9, 9);
 const CURSOR_INTERVAL = 20_000;
 const ZERO = "0000000000000000";
@@ -1211,7 +1212,10 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       }
       const name = path.slice(prefix.length);
       if (name.split("/")[0] === "__ds") {
-        throw new HttpError(404, "the subscription APIs are not supported");
+        throw new HttpError(501, "the subscription APIs (__ds) are not implemented");
+      }
+      if (path.length > MAX_PATH) {
+        throw new HttpError(414, `a stream path has at most ${MAX_PATH} characters`);
       }
       if (name.split("/").some((segment) => segment === "." || segment === "..")) {
         throw new HttpError(400, "a stream path has no . or .. segments");

@@ -30,8 +30,10 @@ stop() {
 }
 trap stop EXIT INT TERM
 
-# A short long-poll wait: the suite gives tests that wait one out only
-# vitest's 5 s (see docs in streams.ts); the module's default is 20 s.
+# A 2 s long-poll wait (STREAMS_LONG_POLL_MS overrides it). The module's
+# default is 20 s, but two tests wait a whole long-poll out within vitest's
+# 5 s default ("should support offset=now with long-poll mode (waits for
+# data)" and "... with long-poll on empty stream"): with 20 s they time out.
 PORT=0 HOSTNAME=127.0.0.1 TICK_MS=0 STREAMS_LONG_POLL_MS="${STREAMS_LONG_POLL_MS:-2000}" \
   "${server[@]}" >"$log" 2>&1 &
 pid=$!
