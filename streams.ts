@@ -57,7 +57,7 @@ export interface StreamInfo {
   incarnation: string;
   /** The source's path, for a fork. */
   forkedFrom?: string;
-  /** The position the fork diverged at, anchor and sub-offset as requested. */
+  /** The fork's anchor position (`Stream-Fork-Offset`, else the source's tail then). */
   forkAnchor?: number;
   /** The sub-offset the fork was requested with (0 when absent). */
   forkSubOffset?: number;
@@ -207,8 +207,11 @@ interface MemoryStream {
 
 /**
  * Streams in this process's memory: lost on restart, not shared between
- * processes. Forks share their source's record buffers. Expired streams are
- * removed when next touched and swept when the store is full.
+ * processes. Each call checks and applies its change in one synchronous
+ * step, so appends (producer checks included) are atomic and serialized per
+ * stream. Forks share their source's record buffers. Expired streams are
+ * removed when next touched and swept when the store is full. Producer
+ * state lives as long as its stream.
  */
 export class MemoryStreamStore implements StreamStore {
   #streams = new Map<string, MemoryStream>();
