@@ -1,0 +1,153 @@
+// streams.ts beyond the conformance suite (test/conformance.sh): its limits,
+// its paths, live reads that end when the client leaves, and its mount in
+// server.ts.
+import { describe, test } from "./harness.ts";
+import assert from "node:assert/strict";
+import { createStreamsHandler, MemoryStreamStore, type StreamsHandler } from "../streams.ts";
+import { withServer } from "./helpers.ts";
+
+const BASE = "http://streams.test/v1/stream/";
+
+function put(handle: StreamsHandler, name: string, body?: string, type = "text/plain") {
+  return handle(
+    new Request(BASE + name, { method: "PUT", headers: { "content-type": type }, body }),
+  );
+}
+
+function post(handle: StreamsHandler, name: string, body: BodyInit, type = "text/plain") {
+  return handle(
+    new Request(BASE + name, { method: "POST", headers: { "content-type": type }, body }),
+  );
+}
+
+describe("streams.ts limits", () => {
+  test("a body over maxBodyBytes is 413, declared or streamed, and nothing is appended", async () => {
+    const handle = createStreamsHandler({ prefix: "/v1/stream/", maxBodyBytes: 8 });
+    assert.equal((await put(handle, "a")).status, 201);
+    assert.equal((await post(handle, "a", "123456789")).status, 413);
+    const chunks = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new TextEncoder().encode("12345"));
+        controller.enqueue(new TextEncoder().encode("67890"));
+        controller.close();
+      },
+    });
+    const streamed = await handle(
+      new Request(BASE + "a", {
+        method: "POST",
+        headers: { "content-type": "text/plain" },
+        body: chunks,
+        duplex: "half",
+      } as RequestInit),
+    );
+    assert.equal(streamed.status, 413);
+    assert.match(await streamed.text(), /over 8 bytes/);
+    assert.equal((await post(handle, "a", "12345678")).status, 204);
+    assert.equal(await (await handle(new Request(BASE + "a"))).text(), "12345678");
+  });
+
+  test("a full stream answers 507 and keeps every acknowledged append", async () => {
+    const handle = createStreamsHandler({ prefix: "/v1/stream/", maxStreamBytes: 10 });
+    assert.equal((await put(handle, "b", "12345")).status, 201);
+    assert.equal((await post(handle, "b", "67890")).status, 204);
+    const full = await post(handle, "b", "x");
+    assert.equal(full.status, 507);
+    assert.match(await full.text(), /at most 10 bytes/);
+    assert.equal(await (await handle(new Request(BASE + "b"))).text(), "1234567890");
+  });
+
+  test("a full store answers 507 to a new stream, and has room again after a delete", async () => {
+    const handle = createStreamsHandler({ prefix: "/v1/stream/", maxStreams: 2 });
+    assert.equal((await put(handle, "c1")).status, 201);
+    assert.equal((await put(handle, "c2")).status, 201);
+    const full = await put(handle, "c3");
+    assert.equal(full.status, 507);
+    assert.match(await full.text(), /at most 2 streams/);
+    assert.equal((await put(handle, "c1")).status, 200); // an existing one still answers
+    assert.equal((await handle(new Request(BASE + "c1", { method: "DELETE" }))).status, 204);
+    assert.equal((await put(handle, "c3")).status, 201);
+  });
+
+  test("a failing store answers 500 with its reason, never throws", async () => {
+    const store = new MemoryStreamStore();
+    store.append = () => Promise.reject(new Error("disk on fire"));
+    const handle = createStreamsHandler({ prefix: "/v1/stream/", store });
+    assert.equal((await put(handle, "d")).status, 201);
+    const response = await post(handle, "d", "x");
+    assert.equal(response.status, 500);
+    assert.match(await response.text(), /disk on fire/);
+  });
+});
+
+describe("streams.ts paths", () => {
+  test("outside the prefix 404, reserved __ds 501, an overlong path 414", async () => {
+    const handle = createStreamsHandler({ prefix: "/v1/stream/" });
+    assert.equal((await handle(new Request("http://streams.test/other"))).status, 404);
+    assert.equal((await handle(new Request("http://streams.test/v1/stream/"))).status, 404);
+    assert.equal((await handle(new Request(BASE + "__ds/subscriptions/x"))).status, 501);
+    assert.equal((await handle(new Request(BASE + "x".repeat(2000)))).status, 414);
+  });
+});
+
+describe("streams.ts live reads", () => {
+  test("a long-poll ends when its request is aborted, well before its timeout", async () => {
+    const handle = createStreamsHandler({ prefix: "/v1/stream/", longPollTimeout: 60_000 });
+    const created = await put(handle, "e");
+    const offset = created.headers.get("stream-next-offset");
+    const aborted = new AbortController();
+    const started = Date.now();
+    const pending = handle(
+      new Request(`${BASE}e?offset=${offset}&live=long-poll`, { signal: aborted.signal }),
+    );
+    setTimeout(() => aborted.abort(), 50);
+    const response = await pending;
+    assert.equal(response.status, 204);
+    assert.ok(Date.now() - started < 5000);
+  });
+
+  test("a long-poll answers 204 with the tail after longPollTimeout", async () => {
+    const handle = createStreamsHandler({ prefix: "/v1/stream/", longPollTimeout: 100 });
+    const offset = (await put(handle, "f", "x")).headers.get("stream-next-offset")!;
+    const response = await handle(new Request(`${BASE}f?offset=${offset}&live=long-poll`));
+    assert.equal(response.status, 204);
+    assert.equal(response.headers.get("stream-next-offset"), offset);
+    assert.equal(response.headers.get("stream-up-to-date"), "true");
+    assert.match(response.headers.get("stream-cursor")!, /^\d+$/);
+  });
+
+  test("an SSE body ends when its request is aborted, and after sseMaxDuration", async () => {
+    const handle = createStreamsHandler({ prefix: "/v1/stream/", sseMaxDuration: 200 });
+    await put(handle, "g", "hello");
+    const aborted = new AbortController();
+    const response = await handle(
+      new Request(`${BASE}g?offset=-1&live=sse`, { signal: aborted.signal }),
+    );
+    const reader = response.body!.getReader();
+    const first = new TextDecoder().decode((await reader.read()).value);
+    assert.match(first, /event: data\ndata:hello\n\nevent: control\n/);
+    const next = reader.read();
+    aborted.abort();
+    assert.equal((await next).done, true);
+    // Left alone, the server ends it after sseMaxDuration.
+    const quiet = await handle(new Request(`${BASE}g?offset=now&live=sse`));
+    assert.match(await quiet.text(), /"upToDate":true/);
+  });
+});
+
+describe("streams.ts in server.ts", () => {
+  test("served under STREAMS_PATH beside the broker's routes", async () => {
+    await withServer({ STREAMS_PATH: "/ds" }, async ({ url }) => {
+      const created = await fetch(`${url}ds/s1`, {
+        method: "PUT",
+        headers: { "content-type": "application/json" },
+        body: '[{"a":1}]',
+      });
+      assert.equal(created.status, 201);
+      assert.equal(created.headers.get("location"), `${url}ds/s1`);
+      const read = await fetch(`${url}ds/s1?offset=-1`);
+      assert.deepEqual(await read.json(), [{ a: 1 }]);
+      assert.equal((await fetch(`${url}v1/stream/s1`)).status, 404);
+      assert.equal((await fetch(`${url}health`)).status, 200);
+    });
+  });
+});
