@@ -1114,6 +1114,8 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     givenCursor: string | null,
   ): Response {
     const text = isTextual(info.contentType);
+    // One decoder for the connection: a character split between reads stays whole.
+    const textDecoder = new TextDecoder();
     const { signal, dispose } = deadline(request.signal, sseMaxDuration);
     let position = start;
     let announced = false;
@@ -1128,7 +1130,9 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       } catch { /* cancelled or already closed */ }
     };
     const dataEvent = (info: StreamInfo, records: Uint8Array[]): string => {
-      const payload = text ? decoder.decode(bodyOf(info, records)) : base64(concat(records));
+      const payload = text
+        ? textDecoder.decode(bodyOf(info, records), { stream: true })
+        : base64(concat(records));
       const lines = text ? payload.split(/\r\n|\r|\n/) : payload.match(/.{1,76}/g) ?? [""];
       return `event: data\n${lines.map((line) => `data:${line}`).join("\n")}\n\n`;
     };

@@ -36,7 +36,7 @@ deno fmt --check
 deno lint
 deno check mod.ts redis.ts server.ts runtime.ts probe.ts bench/servers/ bench/token_check.ts test/ mod_test.ts examples/
 deno check --doc mod.ts   # the JSDoc examples type-check
-deno doc --lint mod.ts redis.ts
+deno doc --lint mod.ts redis.ts streams.ts
 
 # Every process the tests start carries this mark in its environment, so
 # whatever outlives a runtime's run is found, named, stopped, and fails it.

@@ -134,6 +134,28 @@ describe("streams.ts live reads", () => {
   });
 });
 
+describe("streams.ts SSE text", () => {
+  test("a character split between two reads arrives whole", async () => {
+    const handle = createStreamsHandler({ prefix: "/v1/stream/", maxReadBytes: 4 });
+    // A read takes whole appends, cutting only the one that passes its 4 bytes.
+    await put(handle, "h", "ab");
+    await post(handle, "h", "cé");
+    await post(handle, "h", "xy✓✓");
+    const text = "abcéxy✓✓";
+    const response = await handle(new Request(`${BASE}h?offset=-1&live=sse`));
+    const reader = response.body!.getReader();
+    let received = "";
+    while (!received.includes('"upToDate":true')) {
+      received += new TextDecoder().decode((await reader.read()).value);
+    }
+    await reader.cancel();
+    const data = received.split("\n\n").filter((event) => event.startsWith("event: data"))
+      .map((event) => event.split("\n").slice(1).map((line) => line.slice(5)).join("\n"));
+    assert.ok(data.length >= 3);
+    assert.equal(data.join(""), text);
+  });
+});
+
 describe("streams.ts in server.ts", () => {
   test("served under STREAMS_PATH beside the broker's routes", async () => {
     await withServer({ STREAMS_PATH: "/ds" }, async ({ url }) => {
