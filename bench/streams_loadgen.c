@@ -37,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -197,6 +198,10 @@ static void reader_line(conn_t *c, char *line, int length) {
       }
     } else if (length == 0) {
       c->in_header = 0;
+    } else if (strncasecmp(line, "transfer-encoding:", 18) == 0) {
+      // Chunk sizes between the lines would be read as SSE: HTTP/1.0 must not get them.
+      fprintf(stderr, "streams_loadgen: a read came chunked: %.80s\n", line);
+      exit(2);
     }
     return;
   }
