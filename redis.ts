@@ -23,7 +23,8 @@
  *
  * @module
  */
-import { createClient } from "redis";
+import { Buffer } from "node:buffer";
+import { createClient, RESP_TYPES } from "redis";
 import {
   type Appended,
   type AppendOptions,
@@ -34,7 +35,32 @@ import {
   type NewEvent,
 } from "./mod.ts";
 
+import type {
+  AppendRequest,
+  AppendResult,
+  CreateRequest,
+  CreateResult,
+  DeleteResult,
+  Framing,
+  ProducerClaim,
+  ReadResult,
+  StreamInfo,
+  StreamStore,
+} from "./streams.ts";
+
 export type { Appended, AppendOptions, EventLog, LogEvent, LogRead, NewEvent };
+export type {
+  AppendRequest,
+  AppendResult,
+  CreateRequest,
+  CreateResult,
+  DeleteResult,
+  Framing,
+  ProducerClaim,
+  ReadResult,
+  StreamInfo,
+  StreamStore,
+};
 
 /** Options for {@linkcode RedisLog.connect}. */
 export interface RedisLogOptions {
@@ -385,3 +411,794 @@ function redact(url: string): string {
 
 /** The password of a `redis://user:password@host` URL: up to the last `@`, which may be in it. */
 const PASSWORD = /^[a-z]+:\/\/[^:@/]*:(.*)@[^@]*$/i;
+
+// ---------------------------------------------------------------------------
+// Durable Streams
+// ---------------------------------------------------------------------------
+
+/** Options for {@linkcode RedisStreamStore.connect}. */
+export interface RedisStreamStoreOptions {
+  /** The server, as `redis://[user:password@]host:port[/db]` (`rediss://` for TLS). */
+  url: string;
+  /**
+   * What every key and the wake-up channel start with; deployments that
+   * share one Redis use different prefixes. Defaults to `ds:`.
+   */
+  prefix?: string;
+  /** Bytes one stream may hold, inherited data included (507 beyond). Defaults to 64 MiB. */
+  maxStreamBytes?: number;
+  /** Told when a connection is lost and when it is back. Defaults to `console.error`. */
+  logger?: (line: string) => void;
+}
+
+/** A script's source and its SHA-1, run with `EVALSHA` (`EVAL` once Redis forgot it). */
+interface Script {
+  source: string;
+  sha?: string;
+}
+
+/** A reply of the scripts, with bulk strings as bytes. */
+type Reply = Buffer | number | null | Reply[];
+
+const utf8 = new TextDecoder();
+const text = (reply: Reply): string => utf8.decode(reply as Buffer);
+
+/**
+ * Durable Streams in Redis, shared by every process that uses the same
+ * Redis and prefix: any process answers for any stream, and a live reader
+ * on one process wakes when another appends.
+ *
+ * Layout, for a stream at `path` (`P` is the prefix):
+ * - `P m:path`, a hash, its metadata: `ct` (content type), `mt` (media
+ *   type), `fr` (framing), `ttl`, `exp` (ms), `touched` (ms, for the
+ *   sliding TTL), `closed`, `tail`, `bytes`, `inc` (incarnation), `seq`
+ *   (the last `Stream-Seq`), `cbid`/`cbepoch`/`cbseq` (the producer that
+ *   closed it), `del` (soft-deleted), and for a fork `from`, `anchor`,
+ *   `sub` and `srcinc` (the source's incarnation it was made from).
+ * - `P d:path`, a Redis stream, its records: the entry id is `<end>-0`,
+ *   the record's end position, with the fields `d` (the data) and `b` (where
+ *   the append it came with ends). Its start is the previous end, so a read
+ *   at a position is one `XRANGE (<position>-0 + COUNT n`: a reader at the
+ *   tail costs what it reads, not the stream's length.
+ * - `P p:path`, a hash, producer id to `"<epoch> <seq>"`.
+ * - `P f:path`, a set, the forks made from it, as `"<incarnation> <path>"`.
+ * - `P wake`, one pub/sub channel: each append, close and delete publishes
+ *   the stream's path on it.
+ *
+ * Every method is one Lua script (`EVALSHA`), so each check-then-change is
+ * atomic across processes: an append checks existence, expiry, closure,
+ * content type, the producer's epoch and sequence, `Stream-Seq` and the
+ * size limit, then adds its records and updates the metadata; two
+ * processes racing on one producer sequence append once. Time is Redis's
+ * (`TIME`), one clock for every process. Expiry is checked in the scripts
+ * as the memory store checks it, and the keys also expire in Redis at the
+ * stream's deadline (`PEXPIREAT`, renewed with each touch), so abandoned
+ * streams do not stay. A fork copies the data it inherits (up to its
+ * anchor) into its own keys, and is listed in its source's `f` set, which
+ * keeps a deleted source soft-deleted (409 and 410) until its last fork
+ * is gone; forks whose keys Redis expired are dropped from that set when
+ * the source is next used.
+ *
+ * Differences from {@linkcode MemoryStreamStore}: no limit on the number
+ * of streams (Redis's `maxmemory` is the limit; a write refused for memory
+ * answers `full`), and the scripts reach the keys of a stream's source and
+ * forks, so it needs a single Redis (or one Redis Cluster slot), not a
+ * cluster spread over slots.
+ */
+export class RedisStreamStore implements StreamStore {
+  readonly #redis: Connection;
+  readonly #subscriber: Connection;
+  readonly #bytes: ReturnType<Connection["withTypeMapping"]>;
+  readonly #prefix: string;
+  readonly #maxStreamBytes: number;
+  readonly #logger: (line: string) => void;
+  /** In-process waiters by stream path: each is called once, then removed. */
+  readonly #waiters = new Map<string, Set<() => void>>();
+  #started = false;
+  #closed = false;
+  #lost = false;
+
+  private constructor(options: RedisStreamStoreOptions) {
+    this.#prefix = options.prefix ?? "ds:";
+    this.#maxStreamBytes = options.maxStreamBytes ?? 64 * 1024 * 1024;
+    if (!Number.isSafeInteger(this.#maxStreamBytes) || this.#maxStreamBytes < 0) {
+      throw new RangeError("maxStreamBytes must be a non-negative integer");
+    }
+    this.#logger = options.logger ?? ((line) => console.error(line));
+    this.#redis = connection(options.url, () => this.#started);
+    this.#subscriber = connection(options.url, () => this.#started);
+    this.#bytes = this.#redis.withTypeMapping({ [RESP_TYPES.BLOB_STRING]: Buffer });
+    for (const redis of [this.#redis, this.#subscriber]) {
+      redis.on("error", (error: Error) => this.#onError(error));
+      redis.on("ready", () => this.#onReady());
+    }
+  }
+
+  /**
+   * Connects both connections (commands, and the wake-up subscription),
+   * and rejects with a clear error if Redis cannot be reached.
+   *
+   * @param options See {@linkcode RedisStreamStoreOptions}.
+   * @returns The store.
+   */
+  static async connect(options: RedisStreamStoreOptions): Promise<RedisStreamStore> {
+    let store: RedisStreamStore | undefined;
+    try {
+      store = new RedisStreamStore(options);
+      await store.#redis.connect();
+      await store.#subscriber.connect();
+      await store.#subscriber.subscribe(`${store.#prefix}wake`, (path) => store!.#wake(path));
+      for (const script of SCRIPTS) script.sha = await store.#redis.scriptLoad(script.source);
+    } catch (error) {
+      if (error instanceof RangeError) throw error;
+      store?.close();
+      const password = PASSWORD.exec(options.url)?.[1];
+      let reason = String((error as Error)?.message ?? error);
+      if (password) reason = reason.replaceAll(password, "***");
+      throw new Error(`cannot reach Redis at ${redact(options.url)}: ${reason}`);
+    }
+    store.#started = true;
+    return store;
+  }
+
+  /** Runs a script for `path`; a write that Redis refuses for memory is `null`. */
+  async #run(script: Script, path: string, args: (string | Buffer)[]): Promise<Reply[]> {
+    const options = {
+      keys: [`${this.#prefix}m:${path}`],
+      arguments: [this.#prefix, path, ...args],
+    };
+    try {
+      return await this.#bytes.evalSha(script.sha ?? "", options) as Reply[];
+    } catch (error) {
+      if (!String((error as Error)?.message).startsWith("NOSCRIPT")) throw error;
+      return await this.#bytes.eval(script.source, options) as Reply[];
+    }
+  }
+
+  /** Whether a script failed because Redis is out of memory. */
+  #full(error: unknown): { status: "full"; reason: string } | undefined {
+    const message = String((error as Error)?.message ?? error);
+    return message.startsWith("OOM")
+      ? { status: "full", reason: "Redis is out of memory" }
+      : undefined;
+  }
+
+  /** {@inheritDoc StreamStore.create} */
+  async create(path: string, request: CreateRequest): Promise<CreateResult> {
+    let reply: Reply[];
+    try {
+      reply = await this.#run(DS_CREATE, path, [
+        request.contentType,
+        mediaTypeOf(request.contentType),
+        request.framing,
+        request.ttlSeconds === undefined ? "" : String(request.ttlSeconds),
+        request.expiresAt === undefined ? "" : String(request.expiresAt),
+        request.closed ? "1" : "0",
+        request.contentTypeGiven ? "1" : "0",
+        request.fork?.from ?? "",
+        request.fork?.anchor === undefined ? "" : String(request.fork.anchor),
+        String(request.fork?.subOffset ?? 0),
+        String(this.#maxStreamBytes),
+        crypto.randomUUID().slice(0, 8),
+        ...request.records.map(toBuffer),
+      ]);
+    } catch (error) {
+      const full = this.#full(error);
+      if (full) return full;
+      throw error;
+    }
+    const status = text(reply[0]);
+    if (status === "created" || status === "exists") {
+      return { status, info: infoOf(reply[1] as Reply[]) };
+    }
+    return { status, reason: text(reply[1]) } as CreateResult;
+  }
+
+  /** {@inheritDoc StreamStore.append} */
+  async append(path: string, request: AppendRequest): Promise<AppendResult> {
+    const producer = request.producer;
+    let reply: Reply[];
+    try {
+      reply = await this.#run(DS_APPEND, path, [
+        mediaTypeOf(request.contentType ?? ""),
+        request.close ? "1" : "0",
+        request.seq === undefined ? "0" : "1",
+        request.seq ?? "",
+        producer ? "1" : "0",
+        producer?.id ?? "",
+        String(producer?.epoch ?? 0),
+        String(producer?.seq ?? 0),
+        String(this.#maxStreamBytes),
+        ...request.records.map(toBuffer),
+      ]);
+    } catch (error) {
+      const full = this.#full(error);
+      if (full) return full;
+      throw error;
+    }
+    const status = text(reply[0]);
+    switch (status) {
+      case "ok": {
+        const producerSeq = reply[3] as number;
+        return {
+          status,
+          info: infoOf(reply[1] as Reply[]),
+          appended: reply[2] === 1,
+          ...(producerSeq >= 0 ? { producerSeq } : {}),
+        };
+      }
+      case "duplicate":
+        return { status, info: infoOf(reply[1] as Reply[]), producerSeq: reply[2] as number };
+      case "missing":
+      case "gone":
+        return { status };
+      case "closed":
+        return { status, info: infoOf(reply[1] as Reply[]) };
+      case "stale-epoch":
+        return { status, epoch: reply[1] as number };
+      case "seq-gap":
+        return { status, expected: reply[1] as number, received: reply[2] as number };
+      default:
+        return { status, reason: text(reply[1]) } as AppendResult;
+    }
+  }
+
+  /** {@inheritDoc StreamStore.read} */
+  async read(
+    path: string,
+    position: number,
+    maxBytes: number,
+    touch: boolean,
+  ): Promise<ReadResult> {
+    const reply = await this.#run(DS_READ, path, [
+      String(position),
+      String(maxBytes),
+      touch ? "1" : "0",
+    ]);
+    const status = text(reply[0]);
+    if (status !== "ok") return { status: status as "missing" | "gone" };
+    return {
+      status,
+      info: infoOf(reply[1] as Reply[]),
+      next: reply[2] as number,
+      // Copied: the reply's buffers may be views of the connection's.
+      records: reply.slice(3).map((record) => new Uint8Array(record as Buffer)),
+    };
+  }
+
+  /** {@inheritDoc StreamStore.info} */
+  async info(path: string): Promise<StreamInfo | "missing" | "gone"> {
+    const reply = await this.#run(DS_INFO, path, []);
+    const status = text(reply[0]);
+    return status === "ok" ? infoOf(reply[1] as Reply[]) : status as "missing" | "gone";
+  }
+
+  /** {@inheritDoc StreamStore.delete} */
+  async delete(path: string): Promise<DeleteResult> {
+    const reply = await this.#run(DS_DELETE, path, []);
+    return text(reply[0]) as DeleteResult;
+  }
+
+  /**
+   * Resolves once the stream has data past `position`, is closed, or is
+   * gone, or when `signal` aborts, whichever is first; appends by any
+   * process count. The waiter is registered before the stream is looked
+   * at, so a wake-up between the look and the wait is not lost. Rejects
+   * if the look fails (Redis is away).
+   */
+  waitForData(path: string, position: number, signal: AbortSignal): Promise<void> {
+    if (signal.aborted || this.#closed) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      let waiters = this.#waiters.get(path);
+      if (!waiters) this.#waiters.set(path, waiters = new Set());
+      const release = () => {
+        waiters.delete(done);
+        if (waiters.size === 0 && this.#waiters.get(path) === waiters) this.#waiters.delete(path);
+        signal.removeEventListener("abort", done);
+      };
+      const done = () => {
+        release();
+        resolve();
+      };
+      waiters.add(done);
+      signal.addEventListener("abort", done, { once: true });
+      this.info(path).then((info) => {
+        if (typeof info === "string" || info.tail > position || info.closed) done();
+      }, (error) => {
+        release();
+        reject(error);
+      });
+    });
+  }
+
+  /** Wakes this process's waiters on `path` (a message on the channel). */
+  #wake(path: string): void {
+    const waiters = this.#waiters.get(path);
+    if (!waiters) return;
+    for (const wake of [...waiters]) wake();
+  }
+
+  #wakeAll(): void {
+    for (const waiters of [...this.#waiters.values()]) {
+      for (const wake of [...waiters]) wake();
+    }
+  }
+
+  /** Closes both connections; waiting readers are woken (their next read fails). */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#redis.destroy();
+    this.#subscriber.destroy();
+    this.#wakeAll();
+  }
+
+  #onError(error: Error): void {
+    if (!this.#started || this.#lost || this.#closed) return;
+    this.#lost = true;
+    this.#logger(
+      `redis: streams connection lost (${error.message}); streams answer 500 until back`,
+    );
+  }
+
+  #onReady(): void {
+    if (!this.#lost || this.#closed) return;
+    this.#lost = false;
+    this.#logger("redis: streams connection back");
+    // Wake-ups published while the subscription was down are lost: every
+    // waiter looks again.
+    this.#wakeAll();
+  }
+}
+
+/** The media type alone, lower case, as streams.ts compares content types. */
+function mediaTypeOf(contentType: string): string {
+  return contentType.split(";")[0].trim().toLowerCase();
+}
+
+/** Bytes as a Buffer over the same memory, as the client sends them. */
+function toBuffer(bytes: Uint8Array): Buffer {
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+/** A stream's info from its metadata hash, as a flat list of fields and values. */
+function infoOf(flat: Reply[]): StreamInfo {
+  const meta: Record<string, string> = {};
+  for (let i = 0; i < flat.length; i += 2) meta[text(flat[i])] = text(flat[i + 1]);
+  const number = (value: string | undefined) => value === undefined ? undefined : Number(value);
+  return {
+    contentType: meta.ct,
+    framing: meta.fr as StreamInfo["framing"],
+    ttlSeconds: number(meta.ttl),
+    expiresAt: number(meta.exp),
+    closed: meta.closed === "1",
+    tail: Number(meta.tail),
+    incarnation: meta.inc,
+    forkedFrom: meta.from,
+    forkAnchor: number(meta.anchor),
+    forkSubOffset: number(meta.sub),
+  };
+}
+
+/**
+ * What every script starts with. ARGV[1] is the prefix, ARGV[2] the
+ * stream's path; KEYS[1] its metadata (declared; the scripts also reach
+ * its other keys and those of its source and forks). `get` is the memory
+ * store's lookup: it drops an expired stream, releasing its source.
+ */
+const PRELUDE = `
+local P = ARGV[1]
+local PATH = ARGV[2]
+local function key(kind, path) return P .. kind .. ':' .. path end
+local clock = redis.call('TIME')
+local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function num(n) return string.format('%.0f', n) end
+
+local function load(path)
+  local flat = redis.call('HGETALL', key('m', path))
+  if #flat == 0 then return nil end
+  local m = {}
+  for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
+  return m
+end
+
+local function flat(m)
+  local out = {}
+  for k, v in pairs(m) do
+    out[#out + 1] = k
+    out[#out + 1] = v
+  end
+  return out
+end
+
+local function field(entry, name)
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+end
+
+local function expired(m)
+  if m.del == '1' then return false end
+  if m.exp and NOW >= tonumber(m.exp) then return true end
+  return m.ttl ~= nil and NOW >= tonumber(m.touched) + tonumber(m.ttl) * 1000
+end
+
+local function wake(path) redis.call('PUBLISH', P .. 'wake', path) end
+
+local function drop(path)
+  redis.call('DEL', key('m', path), key('d', path), key('p', path), key('f', path))
+end
+
+-- Removes a stream, and releases the very source it was forked from,
+-- removing that one too if it was soft-deleted and this was its last fork.
+local function remove(path, m)
+  drop(path)
+  wake(path)
+  local child, cm = path, m
+  while cm.from do
+    local parent = cm.from
+    local pm = load(parent)
+    if not pm or pm.inc ~= cm.srcinc then return end
+    redis.call('SREM', key('f', parent), cm.inc .. ' ' .. child)
+    if pm.del ~= '1' or redis.call('SCARD', key('f', parent)) > 0 then return end
+    drop(parent)
+    child, cm = parent, pm
+  end
+end
+
+-- Forgets the forks of a stream that are gone (their keys expired in Redis)
+-- and removes those that have expired.
+local function prune(path)
+  for _, member in ipairs(redis.call('SMEMBERS', key('f', path))) do
+    local space = string.find(member, ' ', 1, true)
+    local inc, fork = string.sub(member, 1, space - 1), string.sub(member, space + 1)
+    local fm = load(fork)
+    if not fm or fm.inc ~= inc or fm.from ~= path then
+      redis.call('SREM', key('f', path), member)
+    elseif expired(fm) then
+      remove(fork, fm)
+    end
+  end
+end
+
+local function get(path)
+  local m = load(path)
+  if not m then return nil end
+  if m.del == '1' then
+    prune(path)
+    if redis.call('EXISTS', key('m', path)) == 0 then return nil end
+    if redis.call('SCARD', key('f', path)) == 0 then
+      remove(path, m)
+      return nil
+    end
+    return m
+  end
+  if expired(m) then
+    remove(path, m)
+    return nil
+  end
+  return m
+end
+
+-- Lets Redis expire the stream's keys at its deadline.
+local function keep(path, m)
+  local deadline = m.exp and tonumber(m.exp)
+  if m.ttl then
+    local sliding = tonumber(m.touched) + tonumber(m.ttl) * 1000
+    if not deadline or sliding < deadline then deadline = sliding end
+  end
+  if not deadline then return end
+  local at = num(math.max(deadline, 1))
+  for _, kind in ipairs({'m', 'd', 'p', 'f'}) do redis.call('PEXPIREAT', key(kind, path), at) end
+end
+
+local function touch(path, m)
+  m.touched = num(NOW)
+  redis.call('HSET', key('m', path), 'touched', m.touched)
+  keep(path, m)
+end
+
+-- Adds ARGV[first..] as records after tail; returns the new tail and bytes added.
+local function push(path, framing, tail, first)
+  local batchEnd = tail
+  for i = first, #ARGV do
+    if framing == 'bytes' then batchEnd = batchEnd + #ARGV[i] else batchEnd = batchEnd + 1 end
+  end
+  local added = 0
+  for i = first, #ARGV do
+    local data = ARGV[i]
+    local size = framing == 'bytes' and #data or 1
+    if size > 0 then
+      tail = tail + size
+      added = added + #data
+      redis.call('XADD', key('d', path), num(tail) .. '-0', 'd', data, 'b', num(batchEnd))
+    end
+  end
+  return tail, added
+end
+`;
+
+/**
+ * ARGV[3..]: content type, media type, framing, TTL, expires-at, closed,
+ * content type given, fork source, fork anchor, fork sub-offset, the size
+ * limit, the incarnation, then the records. Answers {status, meta or reason}.
+ */
+const DS_CREATE: Script = {
+  source: PRELUDE + `
+local ct, mt, framing, ttl, exp = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local closed, given, from, anchorArg = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local sub, maxBytes, inc = tonumber(ARGV[12]), tonumber(ARGV[13]), ARGV[14]
+local existing = get(PATH)
+if existing and existing.del == '1' then
+  return {'conflict', 'a deleted stream that forks still use holds this path'}
+end
+local source
+if from ~= '' then
+  source = get(from)
+  if not existing then
+    if not source then return {'source-missing', 'the source stream does not exist'} end
+    if source.del == '1' then return {'source-gone', 'the source stream was deleted'} end
+  end
+end
+if source and given ~= '1' then ct, mt, framing = source.ct, source.mt, source.fr end
+if source and ttl == '' and exp == '' then ttl, exp = source.ttl or '', source.exp or '' end
+if existing then
+  local same = existing.mt == mt and (existing.ttl or '') == ttl and (existing.exp or '') == exp
+    and existing.closed == closed and (existing.from or '') == from
+    and (from == '' or ((anchorArg == '' or tonumber(existing.anchor) == tonumber(anchorArg))
+      and tonumber(existing.sub) == sub))
+  if same then return {'exists', flat(existing)} end
+  return {'conflict', 'a stream with another configuration exists at this path'}
+end
+if source and source.mt ~= mt then
+  return {'conflict', "the content type differs from the source stream's"}
+end
+local data = key('d', PATH)
+redis.call('DEL', data, key('p', PATH), key('f', PATH))
+local tail, bytes, anchor = 0, 0, nil
+local full = {'full', 'a stream holds at most ' .. ARGV[13] .. ' bytes'}
+if source then
+  local sourceTail = tonumber(source.tail)
+  if anchorArg == '' then anchor = sourceTail else anchor = tonumber(anchorArg) end
+  if anchor > sourceTail then return {'bad-fork', "the fork offset is past the source's tail"} end
+  if sub > 0 then
+    local at = redis.call('XRANGE', key('d', from), '(' .. num(anchor) .. '-0', '+', 'COUNT', 1)[1]
+    if not at or anchor + sub > tonumber(field(at, 'b')) then
+      return {'bad-fork', 'the fork sub-offset is past the next data boundary'}
+    end
+  end
+  tail = anchor + sub
+  -- The inherited records, copied; the last one cut at the fork's tail.
+  local cursor, count, done = '-', 64, false
+  while not done do
+    local chunk = redis.call('XRANGE', key('d', from), cursor, '+', 'COUNT', count)
+    if #chunk == 0 then break end
+    for _, entry in ipairs(chunk) do
+      local stop = tonumber(string.match(entry[1], '^%d+'))
+      local record = field(entry, 'd')
+      local start = framing == 'bytes' and stop - #record or stop - 1
+      if start >= tail then
+        done = true
+        break
+      end
+      local cut = math.min(stop, tail)
+      if cut ~= stop then record = string.sub(record, 1, cut - start) end
+      bytes = bytes + #record
+      if bytes > maxBytes then
+        redis.call('DEL', data)
+        return full
+      end
+      redis.call('XADD', data, num(cut) .. '-0', 'd', record, 'b',
+        num(math.min(tonumber(field(entry, 'b')), tail)))
+      cursor = '(' .. entry[1]
+    end
+    count = math.min(count * 2, 1024)
+  end
+end
+local size = 0
+for i = 15, #ARGV do size = size + #ARGV[i] end
+if bytes + size > maxBytes then
+  redis.call('DEL', data)
+  return full
+end
+local added
+tail, added = push(PATH, framing, tail, 15)
+local m = {
+  ct = ct, mt = mt, fr = framing, closed = closed, tail = num(tail), inc = inc,
+  bytes = num(bytes + added), touched = num(NOW),
+}
+if ttl ~= '' then m.ttl = ttl end
+if exp ~= '' then m.exp = exp end
+if source then
+  m.from, m.anchor, m.sub, m.srcinc = from, num(anchor), ARGV[12], source.inc
+  redis.call('SADD', key('f', from), inc .. ' ' .. PATH)
+  keep(from, source)
+end
+redis.call('HSET', key('m', PATH), unpack(flat(m)))
+keep(PATH, m)
+return {'created', flat(m)}
+`,
+};
+
+/**
+ * ARGV[3..]: the request's media type, close, has Stream-Seq, Stream-Seq,
+ * has producer, producer id, epoch, seq, the size limit, then the records.
+ * Answers {status, ...} as the memory store decides, in its order.
+ */
+const DS_APPEND: Script = {
+  source: PRELUDE + `
+local mt, close = ARGV[3], ARGV[4] == '1'
+local hasSeq, seq = ARGV[5] == '1', ARGV[6]
+local producer, id, epoch, pseq = ARGV[7] == '1', ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
+local maxBytes = tonumber(ARGV[11])
+local FIRST = 12
+local m = get(PATH)
+if not m then return {'missing'} end
+if m.del == '1' then return {'gone'} end
+touch(PATH, m)
+local state
+if producer then
+  local saved = redis.call('HGET', key('p', PATH), id)
+  if saved then
+    local space = string.find(saved, ' ', 1, true)
+    state = {
+      epoch = tonumber(string.sub(saved, 1, space - 1)),
+      seq = tonumber(string.sub(saved, space + 1)),
+    }
+  end
+end
+local hasData = #ARGV >= FIRST
+if producer and state and epoch < state.epoch then return {'stale-epoch', state.epoch} end
+if m.closed == '1' then
+  if producer and m.cbid == id and tonumber(m.cbepoch) == epoch and tonumber(m.cbseq) == pseq then
+    return {'duplicate', flat(m), state and state.seq or pseq}
+  end
+  if producer and state and epoch == state.epoch and pseq <= state.seq then
+    return {'duplicate', flat(m), state.seq}
+  end
+  if not hasData and close and not producer then return {'ok', flat(m), 0, -1} end
+  return {'closed', flat(m)}
+end
+if hasData and mt ~= m.mt then
+  return {'content-type', "the content type differs from the stream's"}
+end
+if producer then
+  if not state or epoch > state.epoch then
+    if pseq ~= 0 then
+      if state then return {'bad-producer', 'a new producer epoch must start at seq 0'} end
+      return {'seq-gap', 0, pseq}
+    end
+  elseif pseq <= state.seq then
+    return {'duplicate', flat(m), state.seq}
+  elseif pseq > state.seq + 1 then
+    return {'seq-gap', state.seq + 1, pseq}
+  end
+end
+if hasSeq and m.seq then
+  -- Byte-wise: Lua's own comparison follows the server's locale.
+  local a, b = seq, m.seq
+  local notAfter = #a <= #b
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then
+      notAfter = x < y
+      break
+    end
+  end
+  if notAfter then return {'seq-regression', 'Stream-Seq must increase'} end
+end
+local size = 0
+for i = FIRST, #ARGV do size = size + #ARGV[i] end
+if tonumber(m.bytes) + size > maxBytes then
+  return {'full', 'a stream holds at most ' .. ARGV[11] .. ' bytes'}
+end
+local tail, added = push(PATH, m.fr, tonumber(m.tail), FIRST)
+m.tail, m.bytes = num(tail), num(tonumber(m.bytes) + added)
+local changes = {'tail', m.tail, 'bytes', m.bytes}
+if hasSeq then
+  m.seq = seq
+  table.insert(changes, 'seq')
+  table.insert(changes, seq)
+end
+if producer then redis.call('HSET', key('p', PATH), id, ARGV[9] .. ' ' .. ARGV[10]) end
+if close then
+  m.closed = '1'
+  table.insert(changes, 'closed')
+  table.insert(changes, '1')
+  if producer then
+    m.cbid, m.cbepoch, m.cbseq = id, ARGV[9], ARGV[10]
+    for _, v in ipairs({'cbid', id, 'cbepoch', ARGV[9], 'cbseq', ARGV[10]}) do
+      table.insert(changes, v)
+    end
+  else
+    m.cbid, m.cbepoch, m.cbseq = nil, nil, nil
+    redis.call('HDEL', key('m', PATH), 'cbid', 'cbepoch', 'cbseq')
+  end
+end
+redis.call('HSET', key('m', PATH), unpack(changes))
+keep(PATH, m)
+wake(PATH)
+if producer then return {'ok', flat(m), hasData and 1 or 0, pseq} end
+return {'ok', flat(m), hasData and 1 or 0, -1}
+`,
+};
+
+/**
+ * ARGV[3..]: position, about how many bytes, touch. Answers {status, meta,
+ * next, records...}: from the first record that ends after the position
+ * (its start cut off), until about the byte limit (at least one record).
+ */
+const DS_READ: Script = {
+  source: PRELUDE + `
+local position, maxBytes = tonumber(ARGV[3]), tonumber(ARGV[4])
+local m = get(PATH)
+if not m then return {'missing'} end
+if m.del == '1' then return {'gone'} end
+if ARGV[5] == '1' then touch(PATH, m) end
+local bytes = m.fr == 'bytes'
+local out = {'ok', flat(m), 0}
+local nextPosition, size, records = position, 0, 0
+local cursor, count, done = '(' .. ARGV[3] .. '-0', 16, false
+while not done do
+  local chunk = redis.call('XRANGE', key('d', PATH), cursor, '+', 'COUNT', count)
+  if #chunk == 0 then break end
+  for _, entry in ipairs(chunk) do
+    if records > 0 and size >= maxBytes then
+      done = true
+      break
+    end
+    local stop = tonumber(string.match(entry[1], '^%d+'))
+    local record = field(entry, 'd')
+    local start = bytes and stop - #record or stop - 1
+    if start < nextPosition then record = string.sub(record, nextPosition - start + 1) end
+    if bytes and records > 0 and size + #record > maxBytes then
+      record = string.sub(record, 1, maxBytes - size)
+    end
+    records = records + 1
+    out[#out + 1] = record
+    size = size + #record
+    if bytes then nextPosition = nextPosition + #record else nextPosition = stop end
+    cursor = '(' .. entry[1]
+  end
+  count = math.min(count * 4, 1024)
+end
+out[3] = nextPosition
+return out
+`,
+};
+
+/** Answers {status, meta}. */
+const DS_INFO: Script = {
+  source: PRELUDE + `
+local m = get(PATH)
+if not m then return {'missing'} end
+if m.del == '1' then return {'gone'} end
+return {'ok', flat(m)}
+`,
+};
+
+/**
+ * Deletes, or soft-deletes while forks exist: the metadata stays (without
+ * expiry) to answer 410 and hold the path; the records go, forks have their own.
+ */
+const DS_DELETE: Script = {
+  source: PRELUDE + `
+local m = get(PATH)
+if not m then return {'missing'} end
+if m.del == '1' then return {'gone'} end
+prune(PATH)
+if redis.call('SCARD', key('f', PATH)) > 0 then
+  redis.call('HSET', key('m', PATH), 'del', '1')
+  redis.call('PERSIST', key('m', PATH))
+  redis.call('PERSIST', key('f', PATH))
+  redis.call('DEL', key('d', PATH), key('p', PATH))
+  wake(PATH)
+else
+  remove(PATH, m)
+end
+return {'deleted'}
+`,
+};
+
+const SCRIPTS = [DS_CREATE, DS_APPEND, DS_READ, DS_INFO, DS_DELETE];
