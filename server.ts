@@ -137,8 +137,17 @@ const streamsPath = (runtime.env("STREAMS_PATH") || "/v1/stream/").replace(/\/?$
 if (!/^\/[^/]/.test(streamsPath)) {
   fail(`STREAMS_PATH must be a path below "/", such as "/v1/stream/", got "${streamsPath}"`);
 }
+// With REDIS_URL, streams live in Redis too, so every process serves every stream.
+const streamStore = redisUrl
+  ? await (await import("./redis.ts")).RedisStreamStore.connect({
+    url: redisUrl,
+    logger: (line) => log("error", line),
+  })
+    .catch((error) => fail(error.message))
+  : undefined;
 const handleStreams = createStreamsHandler({
   prefix: streamsPath,
+  store: streamStore,
   longPollTimeout: integerSetting(runtime, "STREAMS_LONG_POLL_MS", 20_000),
   allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
 });
@@ -269,6 +278,7 @@ async function shutdown(signal: string): Promise<void> {
   const deadline = new Promise((resolve) => setTimeout(resolve, 2000));
   await Promise.race([server.stop(), deadline]);
   redis?.close();
+  streamStore?.close();
   runtime.exit(0);
 }
 runtime.onSignal("SIGINT", () => shutdown("SIGINT"));
