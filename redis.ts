@@ -10,6 +10,10 @@
  * process of new events. Everything else stays in the process: every event
  * is encoded once per process and coalesced for its clients as before.
  *
+ * {@linkcode RedisStreamStore} does the same for Durable Streams
+ * (streams.ts): every process that shares the Redis serves every stream,
+ * and a live reader on one process wakes when another appends.
+ *
  * This module needs the npm package `redis`; `mod.ts` needs nothing.
  *
  * @example
@@ -19,6 +23,15 @@
  *
  * const eventLog = await RedisLog.connect({ url: "redis://127.0.0.1:6379" });
  * Deno.serve(createHandler(new Broker({ eventLog })));
+ * ```
+ *
+ * @example
+ * ```ts ignore
+ * import { createStreamsHandler } from "./streams.ts";
+ * import { RedisStreamStore } from "./redis.ts";
+ *
+ * const store = await RedisStreamStore.connect({ url: "redis://127.0.0.1:6379" });
+ * Deno.serve(createStreamsHandler({ prefix: "/v1/stream/", store }));
  * ```
  *
  * @module
