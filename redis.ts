@@ -554,7 +554,7 @@ export class RedisStreamStore implements StreamStore {
     return store;
   }
 
-  /** Runs a script for `path`; a write that Redis refuses for memory is `null`. */
+  /** Runs a script for `path` (by its SHA-1; by its source when Redis has forgotten it). */
   async #run(script: Script, path: string, args: (string | Buffer)[]): Promise<Reply[]> {
     const options = {
       keys: [`${this.#prefix}m:${path}`],
