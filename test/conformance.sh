@@ -1,61 +1,120 @@
 #!/usr/bin/env bash
 # Runs the Durable Streams conformance suite against server.ts on one runtime:
-#   bash test/conformance.sh <deno|bun|node>
+#   bash test/conformance.sh <deno|bun|node> [--cluster] [vitest arguments]
 # Starts the server on 127.0.0.1 with a free port, runs the suite with vitest,
-# and always stops the server. Extra arguments go to vitest.
+# and always stops the server. With --cluster: a redis-server (Debian's) on a
+# free port and TWO server.ts processes on one port (REUSE_PORT=1) sharing it
+# (REDIS_URL, so streams live in RedisStreamStore): the kernel spreads the
+# suite's connections over both, so any process answers for any stream.
+# Extra arguments go to vitest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtime=${1:-}
 shift || true
+cluster=
+if [ "${1:-}" = --cluster ]; then
+  cluster=1
+  shift
+fi
 bin="$PWD/node_modules/.bin"
 case "$runtime" in
-  deno) server=("$bin/deno" run --allow-net --allow-env server.ts) ;;
+  deno) server=("$bin/deno" run --allow-net --allow-env ${cluster:+--unstable-net} server.ts) ;;
   bun) server=("$bin/bun" run server.ts) ;;
   node) server=("$bin/node" server.ts) ;;
   *)
-    echo "usage: $0 <deno|bun|node> [vitest arguments]" >&2
+    echo "usage: $0 <deno|bun|node> [--cluster] [vitest arguments]" >&2
     exit 2
     ;;
 esac
 
-log=$(mktemp)
-pid=
+logs=()
+pids=()
+redis_pid=
+redis_dir=
 stop() {
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  local pid
+  for pid in "${pids[@]}"; do
     kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${pids[@]}"; do
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
+  done
+  if [ -n "$redis_pid" ]; then
+    kill -KILL "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
   fi
-  rm -f "$log"
+  [ -n "$redis_dir" ] && rm -rf "$redis_dir"
+  [ ${#logs[@]} -gt 0 ] && rm -f "${logs[@]}"
+  return 0
 }
 trap stop EXIT INT TERM
 
-# A 2 s long-poll wait (STREAMS_LONG_POLL_MS overrides it). The module's
-# default is 20 s, but two tests wait a whole long-poll out within vitest's
-# 5 s default ("should support offset=now with long-poll mode (waits for
-# data)" and "... with long-poll on empty stream"): with 20 s they time out.
-PORT=0 HOSTNAME=127.0.0.1 TICK_MS=0 STREAMS_LONG_POLL_MS="${STREAMS_LONG_POLL_MS:-2000}" \
-  "${server[@]}" >"$log" 2>&1 &
-pid=$!
+env=(HOSTNAME=127.0.0.1 TICK_MS=0)
+if [ -n "$cluster" ]; then
+  redis_port=$("$bin/node" -e 'const s = require("node:net").createServer().listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); })')
+  redis_dir=$(mktemp -d)
+  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$redis_dir" --save "" --appendonly no \
+    >"$redis_dir/log" 2>&1 &
+  redis_pid=$!
+  for _ in $(seq 100); do
+    [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] && break
+    sleep 0.1
+  done
+  if [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" != PONG ]; then
+    echo "error: redis-server did not start:" >&2
+    cat "$redis_dir/log" >&2
+    exit 1
+  fi
+  env+=(REDIS_URL="redis://127.0.0.1:$redis_port" REUSE_PORT=1)
+fi
 
-# server.ts prints its URL alone on its first line.
-url=
-for _ in $(seq 300); do
-  url=$(head -1 "$log" | grep -E '^http://' || true)
-  [ -n "$url" ] && break
-  if ! kill -0 "$pid" 2>/dev/null; then
-    echo "error: server.ts exited before listening:" >&2
+# Starts one server.ts on PORT=$1 and sets $url to the URL it prints.
+start() {
+  local log pid
+  log=$(mktemp)
+  logs+=("$log")
+  # A 2 s long-poll wait (STREAMS_LONG_POLL_MS overrides it). The module's
+  # default is 20 s, but two tests wait a whole long-poll out within vitest's
+  # 5 s default ("should support offset=now with long-poll mode (waits for
+  # data)" and "... with long-poll on empty stream"): with 20 s they time out.
+  env "${env[@]}" PORT="$1" STREAMS_LONG_POLL_MS="${STREAMS_LONG_POLL_MS:-2000}" \
+    "${server[@]}" >"$log" 2>&1 &
+  pid=$!
+  pids+=("$pid")
+  # server.ts prints its URL alone on its first line.
+  url=
+  for _ in $(seq 300); do
+    url=$(head -1 "$log" | grep -E '^http://' || true)
+    [ -n "$url" ] && break
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "error: server.ts exited before listening:" >&2
+      cat "$log" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+  if [ -z "$url" ]; then
+    echo "error: server.ts printed no URL within 30 s:" >&2
     cat "$log" >&2
     exit 1
   fi
-  sleep 0.1
-done
-if [ -z "$url" ]; then
-  echo "error: server.ts printed no URL within 30 s:" >&2
-  cat "$log" >&2
-  exit 1
+}
+
+start 0
+if [ -n "$cluster" ]; then
+  first=$url
+  port=${url##*:}
+  port=${port%/}
+  start "$port"
+  if [ "$url" != "$first" ]; then
+    echo "error: the second server.ts listens at $url, not $first" >&2
+    exit 1
+  fi
+  echo "two server.ts processes on $runtime at $url, sharing redis-server on port $redis_port"
+else
+  echo "server.ts on $runtime at $url"
 fi
-echo "server.ts on $runtime at $url"
 
 CONFORMANCE_TEST_URL=${url%/} timeout -k 10 600 \
   "$bin/vitest" run test/conformance.test.mjs --root . "$@"
