@@ -21,6 +21,7 @@ import {
   metricsText,
   type NewEvent,
   type RejectionReason,
+  selectorsMatch,
   type ServerSentEventMessage,
   ServerSentEventStream,
   tokenAuth,
@@ -2675,6 +2676,15 @@ describe("private events and grants", () => {
     await broker.publish({ data: "dotted" }, { topics: ["user/42/in.box"], private: true });
     assert.equal((await dotted.event()).data, "dotted");
     broker.close();
+  });
+
+  test("selectorsMatch: a topic, or * for any run of characters, and nothing else", () => {
+    assert.equal(selectorsMatch(["user/42/*"], "user/42/feed"), true);
+    assert.equal(selectorsMatch(["user/42/*"], "user/7/feed"), false);
+    assert.equal(selectorsMatch(["a", "b/*"], "b/c/d"), true);
+    assert.equal(selectorsMatch(["user.42"], "user/42"), false, "`.` is no wildcard");
+    assert.equal(selectorsMatch(["news"], "news/x"), false, "a selector matches whole topics");
+    assert.equal(selectorsMatch([], "news"), false);
   });
 
   test("in one burst, clients with other grants get their own chunks", async () => {
