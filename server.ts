@@ -23,11 +23,14 @@ import {
   type Authorize,
   Broker,
   createHandler,
+  type Grants,
   jwtAuth,
   MemoryLog,
   METRICS_CONTENT_TYPE,
   metricsText,
+  selectorsMatch,
   tokenAuth,
+  TokenError,
 } from "./mod.ts";
 import { renderPage } from "./page.ts";
 import { createStreamsHandler } from "./streams.ts";
@@ -131,8 +134,53 @@ const handleBroker = createHandler(broker, {
   allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
 });
 
-// Durable Streams under STREAMS_PATH, open to all for now: `streamsAccess`
-// is the one place a token check goes.
+/**
+ * What `authorize` lets `request` do: everything (`true`), its grants, or
+ * nothing, with the reason for a 401. Only `true` or grants allow: a hook
+ * that forgets to return refuses.
+ */
+async function access(
+  request: Request,
+  action: "subscribe" | "publish",
+): Promise<true | Grants | { refused: string }> {
+  try {
+    const allowed = await authorize(request, action);
+    if (allowed === true || (typeof allowed === "object" && allowed !== null)) return allowed;
+    return { refused: "a valid token is required" };
+  } catch (error) {
+    if (!(error instanceof TokenError)) throw error;
+    return { refused: error.message };
+  }
+}
+
+/**
+ * Durable Streams under STREAMS_PATH take the broker's access rules: reading
+ * a stream needs a subscribe grant for its name (its path below
+ * STREAMS_PATH), writing one a publish grant; a shared token allows all.
+ */
+async function streamsGuard(
+  request: Request,
+  action: "read" | "write",
+  name: string,
+): Promise<Response | undefined> {
+  const mode = action === "read" ? "subscribe" : "publish";
+  const allowed = await access(request, mode);
+  if (allowed === true || (!("refused" in allowed) && selectorsMatch(allowed[mode] ?? [], name))) {
+    return undefined;
+  }
+  broker.countRejection("auth");
+  const [status, reason] = "refused" in allowed
+    ? [401, allowed.refused]
+    : [403, `no ${mode} grant for ${JSON.stringify(name)}`];
+  return new Response(`${reason}\n`, {
+    status,
+    headers: {
+      "content-type": "text/plain; charset=utf-8",
+      ...status === 401 ? { "www-authenticate": 'Bearer realm="streams"' } : {},
+    },
+  });
+}
+
 const streamsPath = (runtime.env("STREAMS_PATH") || "/v1/stream/").replace(/\/?$/, "/");
 if (!/^\/[^/]/.test(streamsPath)) {
   fail(`STREAMS_PATH must be a path below "/", such as "/v1/stream/", got "${streamsPath}"`);
@@ -150,8 +198,8 @@ const handleStreams = createStreamsHandler({
   store: streamStore,
   longPollTimeout: integerSetting(runtime, "STREAMS_LONG_POLL_MS", 20_000),
   allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
+  guard: streamsGuard,
 });
-const streamsAccess: Handler = (request) => handleStreams(request);
 
 const page = renderPage({
   retryMs,
@@ -190,9 +238,9 @@ const routes: Record<string, Handler> = {
   },
   "/probe": async (request, server) => {
     // As open as subscribing, and a few at a time: each holds a connection for a while.
-    const allowed = await Promise.resolve(authorize(request, "subscribe")).catch(() => false);
-    if (allowed !== true && (typeof allowed !== "object" || allowed === null)) {
-      return Response.json({ error: "a valid token is required" }, { status: 401 });
+    const allowed = await access(request, "subscribe");
+    if (typeof allowed === "object" && "refused" in allowed) {
+      return Response.json({ error: allowed.refused }, { status: 401 });
     }
     if (probes >= MAX_PROBES) {
       return Response.json({ error: "too many path checks at once: try again shortly" }, {
@@ -213,7 +261,7 @@ const handler: Handler = async (request, server) => {
   const path = new URL(request.url).pathname;
   const route = routes[path];
   const response = path.startsWith(streamsPath)
-    ? await streamsAccess(request, server)
+    ? await handleStreams(request)
     : route === undefined
     ? await handleBroker(request, server)
     : request.method !== "GET" && request.method !== "HEAD"

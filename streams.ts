@@ -575,6 +575,18 @@ export interface StreamsHandlerOptions {
    * `Origin` is echoed when listed). Defaults to `*`.
    */
   allowOrigin?: string | string[];
+  /**
+   * Runs before every request but a CORS preflight, with what it does to
+   * which stream: `read` (`GET`, `HEAD`) or `write` (`PUT`, `POST`,
+   * `DELETE`), and the stream's name (its path below `prefix`, as sent).
+   * Returns a response to refuse the request with (a 401 or a 403), or
+   * `undefined` to serve it. Defaults to serving every request.
+   */
+  guard?: (
+    request: Request,
+    action: "read" | "write",
+    name: string,
+  ) => Response | undefined | Promise<Response | undefined>;
 }
 
 /** A fetch handler: a request in, a response out. Never rejects. */
@@ -797,6 +809,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
   const sseMaxDuration = options.sseMaxDuration ?? 60_000;
   const cacheControl = options.cacheControl ?? "private, max-age=60, stale-while-revalidate=300";
   const allowOrigin = options.allowOrigin ?? "*";
+  const guard = options.guard;
 
   function respond(
     status: number,
@@ -1227,9 +1240,11 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       if (name.split("/").some((segment) => segment === "." || segment === "..")) {
         throw new HttpError(400, "a stream path has no . or .. segments");
       }
+      if (request.method === "OPTIONS") return preflight();
+      const action = request.method === "GET" || request.method === "HEAD" ? "read" : "write";
+      const refusal = await guard?.(request, action, name);
+      if (refusal !== undefined) return refusal;
       switch (request.method) {
-        case "OPTIONS":
-          return preflight();
         case "PUT":
           return await create(request, path);
         case "POST":

@@ -134,6 +134,63 @@ describe("signed tokens on the demo server", () => {
     });
   });
 
+  test("Durable Streams take the same grants: a stream's name against subscribe and publish", async () => {
+    await withServer({ JWT_SECRET: SECRET }, async (server) => {
+      const [ann, bob] = [await user(1), await user(2)];
+      const url = (name: string) => `${server.url}v1/stream/${name}`;
+      const call = async (name: string, method: string, bearer?: string, body?: string) => {
+        const response = await fetch(url(name), {
+          method,
+          headers: {
+            "content-type": "text/plain",
+            ...(bearer ? { authorization: `Bearer ${bearer}` } : {}),
+          },
+          body,
+        });
+        return { status: response.status, text: await response.text() };
+      };
+      assert.equal((await call("user/1/feed", "PUT", ann)).status, 201);
+      assert.equal((await call("user/1/feed", "POST", ann, "hello")).status, 204);
+      assert.deepEqual(await call("user/1/feed?offset=-1", "GET", ann), {
+        status: 200,
+        text: "hello",
+      });
+      // Another user's grants cover neither reading nor writing ann's stream.
+      assert.deepEqual(await call("user/1/feed?offset=-1", "GET", bob), {
+        status: 403,
+        text: 'no subscribe grant for "user/1/feed"\n',
+      });
+      assert.deepEqual(await call("user/1/feed", "POST", bob, "spoof"), {
+        status: 403,
+        text: 'no publish grant for "user/1/feed"\n',
+      });
+      assert.equal((await call("user/1/feed", "DELETE", bob)).status, 403);
+      assert.equal((await call("user/2/feed", "PUT", ann)).status, 403);
+      // No token: 401, with the challenge; a preflight needs none.
+      const anonymous = await fetch(url("user/1/feed?offset=-1"));
+      assert.equal(anonymous.status, 401);
+      assert.equal(anonymous.headers.get("www-authenticate"), 'Bearer realm="streams"');
+      assert.equal(await anonymous.text(), "a valid token is required\n");
+      assert.equal((await call("user/1/feed", "OPTIONS")).status, 204);
+      // What bob was refused changed nothing.
+      assert.equal((await call("user/1/feed?offset=-1", "GET", ann)).text, "hello");
+    });
+    await withServer({ PUBLISH_TOKEN: "p-token", SUBSCRIBE_TOKEN: "s-token" }, async (server) => {
+      const stream = `${server.url}v1/stream/any/name`;
+      const status = async (response: Promise<Response>) => {
+        const { status, body } = await response;
+        await body?.cancel();
+        return status;
+      };
+      const put = (bearer: string) =>
+        status(fetch(stream, { method: "PUT", headers: { authorization: `Bearer ${bearer}` } }));
+      assert.equal(await put("s-token"), 401);
+      assert.equal(await put("p-token"), 201);
+      assert.equal(await status(fetch(`${stream}?offset=-1`)), 401);
+      assert.equal(await status(fetch(`${stream}?offset=-1&token=s-token`)), 200);
+    });
+  });
+
   test("the stream ends when its token expires", async () => {
     await withServer({ JWT_SECRET: SECRET }, async (server) => {
       const soon = await token({ exp: Math.floor(Date.now() / 1000) + 1 });
