@@ -461,21 +461,21 @@ const text = (reply: Reply): string => utf8.decode(reply as Buffer);
  * Redis and prefix: any process answers for any stream, and a live reader
  * on one process wakes when another appends.
  *
- * Layout, for a stream at `path` (`P` is the prefix):
- * - `P m:path`, a hash, its metadata: `ct` (content type), `mt` (media
+ * Layout, for a stream at `path` (`P` is the prefix, `ds:` by default):
+ * - `Pm:path`, a hash, its metadata: `ct` (content type), `mt` (media
  *   type), `fr` (framing), `ttl`, `exp` (ms), `touched` (ms, for the
  *   sliding TTL), `closed`, `tail`, `bytes`, `inc` (incarnation), `seq`
  *   (the last `Stream-Seq`), `cbid`/`cbepoch`/`cbseq` (the producer that
  *   closed it), `del` (soft-deleted), and for a fork `from`, `anchor`,
  *   `sub` and `srcinc` (the source's incarnation it was made from).
- * - `P d:path`, a Redis stream, its records: the entry id is `<end>-0`,
+ * - `Pd:path`, a Redis stream, its records: the entry id is `<end>-0`,
  *   the record's end position, with the fields `d` (the data) and `b` (where
  *   the append it came with ends). Its start is the previous end, so a read
  *   at a position is one `XRANGE (<position>-0 + COUNT n`: a reader at the
  *   tail costs what it reads, not the stream's length.
- * - `P p:path`, a hash, producer id to `"<epoch> <seq>"`.
- * - `P f:path`, a set, the forks made from it, as `"<incarnation> <path>"`.
- * - `P wake`, one pub/sub channel: each append, close and delete publishes
+ * - `Pp:path`, a hash, producer id to `"<epoch> <seq>"`.
+ * - `Pf:path`, a set, the forks made from it, as `"<incarnation> <path>"`.
+ * - `Pwake`, one pub/sub channel: each append, close and delete publishes
  *   the stream's path on it.
  *
  * Every method is one Lua script (`EVALSHA`), so each check-then-change is
