@@ -85,13 +85,17 @@ for run in $(seq "$repeat"); do
     fi
     check_leftovers "$runtime" || status=1
     # The Durable Streams conformance suite (vitest, run by Node) against
-    # server.ts on this runtime; its own skips stay skipped, nothing filtered.
-    env "$mark" bash test/conformance.sh "$runtime" 2>&1 | tee "$out/$runtime-conformance" || status=1
-    check_leftovers "$runtime conformance" || status=1
-    tests=$(strip "$out/$runtime-conformance" | grep -E '^ +Tests ' | tail -1 || true)
-    printf '%s conformance: %s passed, %s failed, %s skipped\n' "$runtime" \
-      "$(count '[0-9]+ passed' <<<"$tests")" "$(count '[0-9]+ failed' <<<"$tests")" \
-      "$(count '[0-9]+ skipped' <<<"$tests")"
+    # server.ts on this runtime, then against two processes on one port
+    # sharing Redis; its own skips stay skipped, nothing filtered.
+    for mode in single --cluster; do
+      log="$out/$runtime-conformance$mode"
+      env "$mark" bash test/conformance.sh "$runtime" ${mode#single} 2>&1 | tee "$log" || status=1
+      check_leftovers "$runtime conformance $mode" || status=1
+      tests=$(strip "$log" | grep -E '^ +Tests ' | tail -1 || true)
+      printf '%s conformance (%s): %s passed, %s failed, %s skipped\n' "$runtime" "${mode#--}" \
+        "$(count '[0-9]+ passed' <<<"$tests")" "$(count '[0-9]+ failed' <<<"$tests")" \
+        "$(count '[0-9]+ skipped' <<<"$tests")"
+    done
     # Deno counts the tests inside describe() as steps of a top-level test;
     # Bun counts every test. One plain summary line per runtime.
     if [ "$runtime" = deno ]; then
