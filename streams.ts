@@ -632,6 +632,9 @@ const ALLOWED_HEADERS = [
 ].join(", ");
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
+const EMPTY = new Uint8Array(0);
+/** SSE frames kept for sharing between readers: enough for many streams' tails at once. */
+const MAX_FRAMES = 256;
 
 /** The media type alone, lower case: `Text/Plain; charset=x` is `text/plain`. */
 function mediaType(contentType: string): string {
@@ -714,6 +717,20 @@ function jsonRecords(body: Uint8Array, allowEmpty: boolean): Uint8Array[] {
     throw new HttpError(400, "an empty JSON array appends nothing");
   }
   return messages.map((message) => encoder.encode(JSON.stringify(message)));
+}
+
+/**
+ * Where the last whole UTF-8 character of `bytes` ends: a character cut at
+ * the end (an append may end mid-character) waits for the next read.
+ */
+function wholeCharacters(bytes: Uint8Array): number {
+  for (let back = 1; back <= Math.min(3, bytes.length); back++) {
+    const byte = bytes[bytes.length - back];
+    if ((byte & 0xc0) === 0x80) continue; // a continuation byte
+    const size = byte >= 0xf0 ? 4 : byte >= 0xe0 ? 3 : byte >= 0xc0 ? 2 : 1;
+    return size > back ? bytes.length - back : bytes.length;
+  }
+  return bytes.length;
 }
 
 function base64(bytes: Uint8Array): string {
@@ -810,6 +827,8 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
   const cacheControl = options.cacheControl ?? "private, max-age=60, stale-while-revalidate=300";
   const allowOrigin = options.allowOrigin ?? "*";
   const guard = options.guard;
+  /** The SSE frames built last, shared by the readers at the same position (see `sse`). */
+  const frames = new Map<string, { bytes: Uint8Array; carry: Uint8Array }>();
 
   function respond(
     status: number,
@@ -1127,8 +1146,8 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     givenCursor: string | null,
   ): Response {
     const text = isTextual(info.contentType);
-    // One decoder for the connection: a character split between reads stays whole.
-    const textDecoder = new TextDecoder();
+    /** The bytes of a character cut at the end of the last read, kept for the next one. */
+    let carry: Uint8Array = EMPTY;
     const { signal, dispose } = deadline(request.signal, sseMaxDuration);
     let position = start;
     let announced = false;
@@ -1142,12 +1161,42 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
         output?.close();
       } catch { /* cancelled or already closed */ }
     };
-    const dataEvent = (info: StreamInfo, records: Uint8Array[]): string => {
-      const payload = text
-        ? textDecoder.decode(bodyOf(info, records), { stream: true })
-        : base64(concat(records));
+    /**
+     * A data event and its control event, as bytes. Readers at the same
+     * position of a stream, with nothing carried, share them: built once
+     * per append for every reader, not once per reader.
+     */
+    const frame = (info: StreamInfo, records: Uint8Array[], next: number): Uint8Array => {
+      const control = controlEvent(info, next);
+      const key = carry.length === 0
+        ? `${info.incarnation} ${position} ${next} ${path}\n${control}`
+        : undefined;
+      const shared = key === undefined ? undefined : frames.get(key);
+      if (shared !== undefined) {
+        carry = shared.carry;
+        return shared.bytes;
+      }
+      let payload: string;
+      let rest: Uint8Array = EMPTY;
+      if (!text) payload = base64(concat(records));
+      else if (info.framing === "messages") payload = decoder.decode(bodyOf(info, records));
+      else {
+        const bytes = concat(carry.length === 0 ? records : [carry, ...records]);
+        const end = wholeCharacters(bytes);
+        payload = decoder.decode(bytes.subarray(0, end));
+        rest = bytes.slice(end);
+      }
       const lines = text ? payload.split(/\r\n|\r|\n/) : payload.match(/.{1,76}/g) ?? [""];
-      return `event: data\n${lines.map((line) => `data:${line}`).join("\n")}\n\n`;
+      const bytes = encoder.encode(
+        `event: data\n${lines.map((line) => `data:${line}`).join("\n")}\n\n${control}`,
+      );
+      if (key !== undefined) {
+        frames.set(key, { bytes, carry: rest });
+        // Stryker disable next-line all: only bounds the memory of the frames kept
+        if (frames.size > MAX_FRAMES) frames.delete(frames.keys().next().value!);
+      }
+      carry = rest;
+      return bytes;
     };
     const controlEvent = (info: StreamInfo, next: number): string => {
       const atTail = next >= info.tail;
@@ -1169,11 +1218,9 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
             if (result.status !== "ok") return finish();
             const { info, records, next } = result;
             if (records.length > 0) {
+              controller.enqueue(frame(info, records, next)); // from `position`
               position = next;
               announced = true;
-              controller.enqueue(
-                encoder.encode(dataEvent(info, records) + controlEvent(info, next)),
-              );
               if (info.closed && next >= info.tail) finish();
               return;
             }

@@ -154,6 +154,36 @@ describe("streams.ts SSE text", () => {
     assert.ok(data.length >= 3);
     assert.equal(data.join(""), text);
   });
+
+  test("SSE readers share frames, yet each gets its own stream from its own offset", async () => {
+    const handle = createStreamsHandler({ prefix: "/v1/stream/", maxReadBytes: 4 });
+    // Two streams with the same offsets and lengths; a character cut at a read's end.
+    await put(handle, "one", "ab");
+    await put(handle, "two", "AB");
+    await post(handle, "one", "cé");
+    await post(handle, "two", "CD");
+    const read = async (name: string, offset: string) => {
+      const response = await handle(new Request(`${BASE}${name}?offset=${offset}&live=sse`));
+      const reader = response.body!.getReader();
+      let received = "";
+      while (!received.includes('"upToDate":true')) {
+        received += new TextDecoder().decode((await reader.read()).value);
+      }
+      await reader.cancel();
+      return received.split("\n\n").filter((event) => event.startsWith("event: data"))
+        .map((event) => event.split("\n").slice(1).map((line) => line.slice(5)).join("\n"))
+        .join("");
+    };
+    const start = "0000000000000000_0000000000000000";
+    const second = "0000000000000000_0000000000000002";
+    // The same readers twice: the second of each pair is served what the first built.
+    for (let round = 0; round < 2; round++) {
+      assert.equal(await read("one", start), "abcé");
+      assert.equal(await read("two", start), "ABCD");
+      assert.equal(await read("one", second), "cé");
+      assert.equal(await read("two", second), "CD");
+    }
+  });
 });
 
 describe("streams.ts in server.ts", () => {
