@@ -117,4 +117,4 @@ else
 fi
 
 CONFORMANCE_TEST_URL=${url%/} timeout -k 10 600 \
-  "$bin/vitest" run test/conformance.test.mjs --root . "$@"
+  "$bin/vitest" run conformance.test.mjs --root . --dir test "$@"
