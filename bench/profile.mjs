@@ -1,9 +1,10 @@
 // Where Deno's CPU goes under fan-out and latency load, per flush design:
 // `npm run bench:profile`. Not part of the tests.
 //
-// Each variant is server.ts with the broker's flush scheduled one way (the
-// kept timer turn, or a patched copy of mod.ts in bench/.build/), against the
-// ceiling server. Per variant and scenario: the load generator's figure, the
+// Each variant is server.ts with the broker's flush scheduled one way (as
+// kept: a timer turn after a flush of several events, else the end of the
+// turn; or always one way, in a patched copy of mod.ts in bench/.build/),
+// against the ceiling server. Per variant and scenario: the load generator's figure, the
 // server's CPU time per delivery (/proc), the server's write
 // syscalls per delivery (strace -c, in a second run of its own, as strace
 // slows the process), and a V8 CPU profile taken over the inspector protocol,
@@ -18,13 +19,16 @@ import net from "node:net";
 import { fmt, out, prepare, root, runLoadgen, sleep, startServer, stopServer } from "./common.mjs";
 
 const build = `${root}bench/.build/profile`;
-const KEPT = "this.#flushTimer ??= setTimeout(() => this.#flush(), 0);";
+// How #receive schedules the flush: a timer turn after a burst, else the end of the turn.
+const KEPT = `if (this.#lastBatchSize > 1) setTimeout(() => this.#flush(), 0);
+    else endOfTurn(() => this.#flush());`;
 
 const VARIANTS = [
   { name: "ceiling", file: "bench/servers/ceiling.ts" },
-  { name: "timer turn (kept)", file: "server.ts" },
-  { name: "setImmediate", replace: "setImmediate(() => this.#flush())" },
-  { name: "queueMicrotask", replace: "(queueMicrotask(() => this.#flush()), 0)" },
+  { name: "by last batch (kept)", file: "server.ts" },
+  { name: "timer turn", replace: "setTimeout(() => this.#flush(), 0);" },
+  { name: "setImmediate", replace: "setImmediate(() => this.#flush());" },
+  { name: "queueMicrotask", replace: "queueMicrotask(() => this.#flush());" },
 ].filter((variant) => (process.env.VARIANT ?? "").split(",").some((p) => variant.name.includes(p)));
 
 const SCENARIOS = [
@@ -46,8 +50,7 @@ function patched(variant) {
   }
   const source = readFileSync(`${root}mod.ts`, "utf8");
   if (!source.includes(KEPT)) throw new Error("mod.ts no longer schedules its flush as expected");
-  const flush = source.replace(KEPT, `this.#flushTimer ??= ${variant.replace} as never;`);
-  writeFileSync(`${dir}/mod.ts`, flush.replace("clearTimeout(this.#flushTimer);", ""));
+  writeFileSync(`${dir}/mod.ts`, source.replace(KEPT, variant.replace));
   return `${dir}/server.ts`;
 }
 
