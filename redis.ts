@@ -191,11 +191,7 @@ export class RedisLog implements EventLog {
     } catch (error) {
       if (error instanceof RangeError) throw error; // an option, named
       log?.close();
-      // The client's message may quote the URL: never its password.
-      const password = PASSWORD.exec(options.url)?.[1];
-      let reason = String((error as Error)?.message ?? error);
-      if (password) reason = reason.replaceAll(password, "***");
-      throw new Error(`cannot reach Redis at ${redact(options.url)}: ${reason}`);
+      throw unreachable(options.url, error);
     }
     log.#started = true;
     return log;
@@ -416,6 +412,14 @@ function toEvent({ id, message }: Entry): LogEvent {
   return message.p === "1" ? { ...event, private: true } : event;
 }
 
+/** The error of a failed connect: the URL without its password, nor in the client's message. */
+function unreachable(url: string, error: unknown): Error {
+  const password = PASSWORD.exec(url)?.[1];
+  let reason = String((error as Error)?.message ?? error);
+  if (password) reason = reason.replaceAll(password, "***");
+  return new Error(`cannot reach Redis at ${redact(url)}: ${reason}`);
+}
+
 /** The URL without its password, for error messages. */
 function redact(url: string): string {
   const password = PASSWORD.exec(url)?.[1];
@@ -545,10 +549,7 @@ export class RedisStreamStore implements StreamStore {
     } catch (error) {
       if (error instanceof RangeError) throw error;
       store?.close();
-      const password = PASSWORD.exec(options.url)?.[1];
-      let reason = String((error as Error)?.message ?? error);
-      if (password) reason = reason.replaceAll(password, "***");
-      throw new Error(`cannot reach Redis at ${redact(options.url)}: ${reason}`);
+      throw unreachable(options.url, error);
     }
     store.#started = true;
     return store;
