@@ -52,8 +52,9 @@ export function rssKiB(pid) {
   return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]);
 }
 
-export function loadgen(args, { stdin = "ignore", cpu = 1 } = {}) {
-  const command = [`${build}/loadgen`, ...args.map(String)];
+/** Runs a load generator built in bench/.build (`program`, loadgen by default). */
+export function loadgen(args, { stdin = "ignore", cpu = 1, program = "loadgen" } = {}) {
+  const command = [`${build}/${program}`, ...args.map(String)];
   const pinned = cpu === null ? command : ["taskset", "-c", String(cpu), ...command];
   return spawn(pinned[0], pinned.slice(1), { stdio: [stdin, "pipe", "inherit"] });
 }
@@ -67,7 +68,9 @@ export function runLoadgen(args, options) {
       try {
         resolve({ ...JSON.parse(output), exitCode: code });
       } catch {
-        reject(new Error(`loadgen ${args.join(" ")} exited ${code}: ${output}`));
+        reject(
+          new Error(`${options?.program ?? "loadgen"} ${args.join(" ")} exited ${code}: ${output}`),
+        );
       }
     })
   );

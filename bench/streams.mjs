@@ -15,16 +15,18 @@
 // server names, comma-separated, e.g. "deno,reference"), SCENARIO (substrings
 // of the scenario names), READERS and APPENDS (override every scenario's
 // reader and append counts, for a quick smoke run).
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { readFileSync, writeFileSync } from "node:fs";
 import {
   fmt,
+  loadgen,
   median,
   out,
   prepare,
   REPEAT,
   root,
   rssKiB,
+  runLoadgen,
   sleep,
   startServer,
   stopServer,
@@ -63,25 +65,7 @@ const SCENARIOS = [
   appends: scenario.idle ? undefined : APPENDS ?? scenario.appends,
 })).filter((scenario) => SCENARIO.split(",").some((part) => scenario.name.includes(part)));
 
-function streamsLoadgen(args, stdin = "ignore") {
-  const command = ["taskset", "-c", "1", binary, ...args.map(String)];
-  return spawn(command[0], command.slice(1), { stdio: [stdin, "pipe", "inherit"] });
-}
-
-function runStreamsLoadgen(args) {
-  const child = streamsLoadgen(args);
-  let output = "";
-  child.stdout.on("data", (chunk) => output += chunk);
-  return new Promise((resolve, reject) =>
-    child.on("exit", (code) => {
-      try {
-        resolve({ ...JSON.parse(output), exitCode: code });
-      } catch {
-        reject(new Error(`streams_loadgen ${args.join(" ")} exited ${code}: ${output}`));
-      }
-    })
-  );
-}
+const PROGRAM = { program: "streams_loadgen" };
 
 async function createStream(port) {
   const response = await fetch(`http://127.0.0.1:${port}${PATH}`, {
@@ -100,7 +84,10 @@ async function measure(server, scenario) {
     if (scenario.idle) {
       await sleep(500);
       const before = rssKiB(pid);
-      const child = streamsLoadgen(["idle", started.port, PATH, scenario.readers], "pipe");
+      const child = loadgen(["idle", started.port, PATH, scenario.readers], {
+        ...PROGRAM,
+        stdin: "pipe",
+      });
       await new Promise((resolve, reject) => {
         child.stdout.on("data", (chunk) => String(chunk).includes("ready") && resolve());
         child.on("exit", (code) => reject(new Error(`idle streams_loadgen exited ${code}`)));
@@ -111,8 +98,9 @@ async function measure(server, scenario) {
       return { kiBPerReader: (after - before) / scenario.readers, before, after };
     }
     const { readers, appends, inflight, rate = 0 } = scenario;
-    const raw = await runStreamsLoadgen(
+    const raw = await runLoadgen(
       ["run", started.port, PATH, readers, appends, inflight, 64, rate],
+      PROGRAM,
     );
     return {
       deliveriesPerSecond: raw.deliveriesPerSecond,
