@@ -284,6 +284,11 @@ export interface MemoryLogOptions {
    * minutes).
    */
   idempotencyWindow?: number;
+  /**
+   * How many idempotency keys are remembered at most; past it, the key
+   * nearest the end of its window is forgotten first. Defaults to 10000.
+   */
+  idempotencyKeys?: number;
 }
 
 /**
@@ -307,6 +312,7 @@ export class MemoryLog implements EventLog {
   readonly #maxBytes: number;
   readonly #maxAge: number;
   readonly #idempotencyWindow: number;
+  readonly #idempotencyKeys: number;
   readonly #listeners = new Set<(events: readonly LogEvent[]) => void>();
   #events: LogEvent[] = [];
   #start = 0; // index of the oldest retained event in #events
@@ -327,6 +333,7 @@ export class MemoryLog implements EventLog {
     this.#maxBytes = checkCount("historyBytes", options.historyBytes ?? Infinity);
     this.#maxAge = checkCount("historyTtl", options.historyTtl ?? Infinity);
     this.#idempotencyWindow = checkCount("idempotencyWindow", options.idempotencyWindow ?? 300_000);
+    this.#idempotencyKeys = checkCount("idempotencyKeys", options.idempotencyKeys ?? 10_000);
   }
 
   /**
@@ -401,6 +408,9 @@ export class MemoryLog implements EventLog {
         ids,
         until: now + this.#idempotencyWindow,
       });
+      if (this.#keys.size > this.#idempotencyKeys) {
+        this.#keys.delete(this.#keys.keys().next().value!);
+      }
     }
     for (const listener of this.#listeners) listener(appended);
     return Promise.resolve({ ids, repeated: false });
@@ -614,7 +624,8 @@ export interface BrokerOptions {
   /** Extra headers on every stream. Defaults to `access-control-allow-origin: *`. */
   headers?: HeadersInit;
   /**
-   * Streams open at once. Beyond it a subscriber is sent away: it gets a
+   * Streams open at once, counting the places taken with
+   * {@linkcode Broker.reserve} by other long-lived responses. Beyond it a subscriber is sent away: it gets a
    * `200` stream holding only a `retry:` drawn from `shedRetry` (and a
    * `Retry-After` header for other clients), which then ends, so an
    * `EventSource` comes back later; a `503` would make it give up for good.
@@ -629,6 +640,12 @@ export interface BrokerOptions {
   shedRetry?: readonly [min: number, max: number];
   /** Topics one client may name; more get `400`. Defaults to 32. */
   maxTopics?: number;
+  /**
+   * Events one {@linkcode Broker.publishBatch} may carry; a larger batch is
+   * refused with a {@linkcode MessageError} (`400` over HTTP), so that no
+   * publish holds a shared event log for long. Defaults to 1000.
+   */
+  maxBatch?: number;
   /**
    * Called with one line per connect, disconnect and slow-client cut; the
    * lines hold no request data. Defaults to none: the broker prints nothing.
@@ -723,7 +740,7 @@ export interface PublishBatchOptions {
 
 /**
  * Why a request was refused, as counted in {@linkcode BrokerStats.rejected}:
- * `auth` (`401`, `403`), `validation` (`400`, `422`), `limits` (`413`, and
+ * `auth` (`401`, `403`), `validation` (`400`, `422`), `limits` (`408`, `413`, and
  * subscribers sent away past `maxClients`), `draining` (subscribers sent
  * away during {@linkcode Broker.drain}).
  */
@@ -748,6 +765,8 @@ export interface Histogram {
 export interface BrokerStats {
   /** Streams open now. */
   clients: number;
+  /** Places of `maxClients` held now by other long-lived responses ({@linkcode Broker.reserve}). */
+  reserved: number;
   /** Streams opened since the broker was created. */
   connections: number;
   /** Of those, the streams that named no topic: they get every event. */
@@ -913,6 +932,7 @@ export class Broker {
   readonly #maxQueueBytes: number;
   readonly #maxClients: number;
   readonly #maxTopics: number;
+  readonly #maxBatch: number;
   readonly #shedRetry: readonly [number, number];
   readonly #logger: ((line: string) => void) | undefined;
   readonly #headers: Headers;
@@ -956,6 +976,8 @@ export class Broker {
    * all and refuses publishes.
    */
   #state: "open" | "draining" | "closed" = "open";
+  /** Places of `maxClients` taken by {@linkcode Broker.reserve} and not yet given back. */
+  #reserved = 0;
   #connections = 0;
   #published = 0;
   #delivered = 0;
@@ -984,6 +1006,7 @@ export class Broker {
     this.#maxQueueBytes = checkCount("maxQueueBytes", options.maxQueueBytes ?? 1 << 20);
     this.#maxClients = checkCount("maxClients", options.maxClients ?? Infinity);
     this.#maxTopics = checkCount("maxTopics", options.maxTopics ?? 32);
+    this.#maxBatch = checkCount("maxBatch", options.maxBatch ?? 1000);
     const [min, max] = options.shedRetry ?? [1000, 10_000];
     this.#shedRetry = [
       checkCount("shedRetry[0]", min, false),
@@ -1050,17 +1073,17 @@ export class Broker {
       return new Response(this.#streamStart, { headers: this.#headers });
     }
     if (this.#state === "draining") return this.#sendAway("draining");
-    if (this.#clients.size >= this.#maxClients) return this.#sendAway("limits");
+    if (this.#clients.size + this.#reserved >= this.#maxClients) return this.#sendAway("limits");
     const url = new URL(request.url);
     const topics = options.topics ?? url.searchParams.getAll("topic");
     if (topics.length > this.#maxTopics) {
       this.#rejected.validation++;
-      return errorResponse(400, `at most ${this.#maxTopics} topics per client`);
+      return new HttpError(400, `at most ${this.#maxTopics} topics per client`).response();
     }
     const invalid = topics.find((topic) => !isTopic(topic));
     if (invalid !== undefined) {
       this.#rejected.validation++;
-      return errorResponse(400, `invalid topic ${JSON.stringify(invalid.slice(0, 64))}`);
+      return new HttpError(400, `invalid topic ${JSON.stringify(invalid.slice(0, 64))}`).response();
     }
     const lastEventId = options.lastEventId !== undefined
       ? options.lastEventId
@@ -1070,7 +1093,8 @@ export class Broker {
     const since = options.since ?? (sinceText === null ? -Infinity : parseTime(sinceText));
     if (Number.isNaN(since)) {
       this.#rejected.validation++;
-      return errorResponse(400, "since must be an ISO 8601 time, such as 2026-01-31T12:00:00Z");
+      return new HttpError(400, "since must be an ISO 8601 time, such as 2026-01-31T12:00:00Z")
+        .response();
     }
 
     const client = new Client(
@@ -1181,6 +1205,9 @@ export class Broker {
     try {
       if (!Array.isArray(entries) || entries.length === 0) {
         throw new MessageError("entries", "must be a non-empty array");
+      }
+      if (entries.length > this.#maxBatch) {
+        throw new MessageError("entries", `must be at most ${this.#maxBatch} events`);
       }
       if (idempotencyKey !== undefined && !isTopic(idempotencyKey)) {
         throw new MessageError("idempotencyKey", "must be 1 to 256 printable characters");
@@ -1307,6 +1334,40 @@ export class Broker {
   }
 
   /**
+   * Takes one of the `maxClients` places for a long-lived response that this
+   * broker does not serve itself (a Durable Streams live read, a path
+   * check), so that one budget bounds every response held open. Refused,
+   * and counted as refused (`limits`, or `draining`), when every place is
+   * taken or the broker is not open.
+   *
+   * @example
+   * ```ts
+   * import { Broker } from "./mod.ts";
+   *
+   * const broker = new Broker({ maxClients: 1 });
+   * const release = broker.reserve();
+   * console.log(release !== undefined, broker.reserve()); // true undefined
+   * release?.(); // once the response has ended
+   * broker.close();
+   * ```
+   *
+   * @returns The function that gives the place back once the response has
+   *   ended (calling it again does nothing), or `undefined` when refused.
+   */
+  reserve(): (() => void) | undefined {
+    if (this.#state !== "open" || this.#clients.size + this.#reserved >= this.#maxClients) {
+      this.#rejected[this.#state === "draining" ? "draining" : "limits"]++;
+      return undefined;
+    }
+    this.#reserved++;
+    let held = true;
+    return () => {
+      if (held) this.#reserved--;
+      held = false;
+    };
+  }
+
+  /**
    * Counts a request refused before it reached the broker, in
    * {@linkcode BrokerStats.rejected}: for a handler of your own that checks
    * access or input (the one of {@linkcode createHandler} counts its own).
@@ -1383,6 +1444,7 @@ export class Broker {
     }));
     return {
       clients: this.#clients.size,
+      reserved: this.#reserved,
       connections: this.#connections,
       clientsWithoutTopic: this.#everyone.size,
       clientsByTopic: Object.fromEntries(
@@ -1874,6 +1936,17 @@ export interface JwtAuthOptions extends JwtOptions {
    */
   cookie?: string;
   /**
+   * Origins besides the server's own whose pages may make unsafe requests
+   * (`POST`, `PUT`, `DELETE`: publishing, writing a stream) with the cookie.
+   * A request that carries its token in the cookie and changes something
+   * must come from a page of the server's origin or of one of these: the
+   * browser sends the cookie along with any site's form or `fetch`, so
+   * another site could otherwise write as its visitor (cross-site request
+   * forgery). A token in the `Authorization` header needs no such check.
+   * Defaults to none.
+   */
+  cookieOrigins?: readonly string[];
+  /**
    * Let subscribers without a token in; they receive public events only.
    * Defaults to false.
    */
@@ -1906,9 +1979,19 @@ export async function jwtAuth(options: JwtAuthOptions): Promise<Authorize> {
   const claim = options.claim ?? "sse";
   const cookie = options.cookie ?? "sse_token";
   const leeway = options.leeway ?? 5;
+  const cookieOrigins = new Set(options.cookieOrigins);
   return async (request, action) => {
-    const token = bearerToken(request) ?? cookieValue(request, cookie) ??
-      (action === "subscribe" ? new URL(request.url).searchParams.get("token") : null);
+    let token = bearerToken(request);
+    if (token === null) {
+      token = cookieValue(request, cookie);
+      if (
+        token !== null && !SAFE_METHODS.has(request.method) &&
+        !fromOwnOrigin(request, cookieOrigins)
+      ) {
+        throw new TokenError("the token cookie counts only on requests from this origin");
+      }
+    }
+    token ??= action === "subscribe" ? new URL(request.url).searchParams.get("token") : null;
     if (token === null) return action === "subscribe" && options.allowAnonymous === true && {};
     const claims = await verify(token);
     const grants = claims[claim] === undefined ? {} : claims[claim];
@@ -1923,6 +2006,26 @@ export async function jwtAuth(options: JwtAuthOptions): Promise<Authorize> {
     const expires = typeof claims.exp === "number" ? (claims.exp + leeway) * 1000 : undefined;
     return { subscribe, publish, expires };
   };
+}
+
+/** Methods that change nothing, which a cookie may authenticate from anywhere. */
+const SAFE_METHODS = new Set(["GET", "HEAD", "OPTIONS"]);
+
+/**
+ * Whether a request comes from a page of the server's own origin (the
+ * `Origin` header names the host the request was sent to) or of a listed
+ * one. A request without `Origin` (browsers send it on every unsafe request)
+ * or with `Origin: null` (a sandbox, a file) comes from neither.
+ */
+function fromOwnOrigin(request: Request, listed: ReadonlySet<string>): boolean {
+  const origin = request.headers.get("origin");
+  if (origin === null) return false;
+  if (listed.has(origin)) return true;
+  try {
+    return new URL(origin).host === new URL(request.url).host;
+  } catch {
+    return false; // "null", or no URL at all
+  }
 }
 
 /** The token of an `Authorization: Bearer` header; `null` without the header. */
@@ -1946,7 +2049,13 @@ function cookieValue(request: Request, name: string): string | null {
 /** Imports a PEM public key as the first algorithm it fits. */
 async function importPublicKey(pem: string): Promise<[JwsAlgorithm, CryptoKey]> {
   const match = /-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]+)-----END PUBLIC KEY-----/.exec(pem);
-  const der = match ? decodeBase64Url(match[1].replace(/\s/g, "")) : undefined;
+  let der: Uint8Array<ArrayBuffer> | undefined;
+  try {
+    // PEM is standard base64 with padding, wrapped over lines.
+    if (match) der = Uint8Array.from(atob(match[1].replace(/\s/g, "")), (c) => c.charCodeAt(0));
+  } catch {
+    // not base64: no key fits below
+  }
   for (const alg of ["RS256", "ES256", "EdDSA"] as const) {
     try {
       return [
@@ -1961,17 +2070,22 @@ async function importPublicKey(pem: string): Promise<[JwsAlgorithm, CryptoKey]> 
   throw new TypeError("publicKey is not a PEM public key of RSA, P-256 or Ed25519");
 }
 
-/** Decodes base64url (or base64) text; `undefined` if it is not. */
+const BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/**
+ * Decodes base64url exactly as RFC 7515 writes it: its alphabet only, no
+ * padding, and the unused bits of the last character zero, so every token
+ * has one spelling. `undefined` for anything else.
+ */
 function decodeBase64Url(text: string): Uint8Array<ArrayBuffer> | undefined {
-  // atob alone would skip spaces, and let other text through.
-  if (!/^[A-Za-z0-9_+/-]*=*$/.test(text)) return undefined;
-  try {
-    const binary = atob(text.replaceAll("-", "+").replaceAll("_", "/"));
-    return Uint8Array.from(binary, (char) => char.charCodeAt(0));
-  } catch {
-    // a length that is no base64
-  }
-  return undefined;
+  if (!/^[A-Za-z0-9_-]*$/.test(text)) return undefined;
+  // A last character that stands for 2 (or 4) bits more than the bytes
+  // need must have them zero: "A" and "B" there would decode alike.
+  const unused = [0, undefined, 0x0f, 0x03][text.length % 4];
+  const last = BASE64URL.indexOf(text.at(-1) ?? "A");
+  if (unused === undefined || (last & unused) !== 0) return undefined;
+  const binary = atob(text.replaceAll("-", "+").replaceAll("_", "/"));
+  return Uint8Array.from(binary, (char) => char.charCodeAt(0));
 }
 
 /** Decodes one JSON object part of a token; `undefined` if it is not one. */
@@ -1997,6 +2111,12 @@ function decodeJson(part: string): Record<string, unknown> | undefined {
 export interface HandlerOptions {
   /** The largest `POST /publish` body, in bytes; larger ones get `413`. Defaults to 64 KiB. */
   maxBodyBytes?: number;
+  /**
+   * Milliseconds a `POST /publish` body may take to arrive in full; a slower
+   * one gets `408`, so a client that sends a byte now and then holds no
+   * request open for long. Defaults to 10000.
+   */
+  bodyTimeout?: number;
   /**
    * Decides whether a request may subscribe or publish; `false` answers
    * `401`. {@linkcode tokenAuth} checks bearer tokens; pass your own
@@ -2155,7 +2275,10 @@ export function createHandler(
   broker: Broker,
   options: HandlerOptions = {},
 ): (request: Request, server?: FetchServer) => Promise<Response> {
-  const maxBodyBytes = checkCount("maxBodyBytes", options.maxBodyBytes ?? 64 * 1024);
+  const limits: BodyLimits = {
+    maxBytes: checkCount("maxBodyBytes", options.maxBodyBytes ?? 64 * 1024),
+    timeout: checkCount("bodyTimeout", options.bodyTimeout ?? 10_000),
+  };
   const authorize = options.authorize ?? (() => true);
   const allowOrigin = options.allowOrigin ?? "*";
   /** The listed origins; `undefined` when any origin may call. */
@@ -2174,7 +2297,7 @@ export function createHandler(
       action: "publish",
       methods: {
         POST: async (request, url, _server, grants) => {
-          const { entries, isBatch } = await readPublication(request, url, maxBodyBytes);
+          const { entries, isBatch } = await readPublication(request, url, limits);
           if (grants !== undefined) {
             const granted = grants.publish === undefined
               ? NO_GRANTS
@@ -2202,7 +2325,27 @@ export function createHandler(
         },
       },
     },
-    "/stats": { methods: { GET: () => Response.json(broker.stats()) } },
+    "/stats": {
+      methods: {
+        GET: async (request) => {
+          // Who listens to what is for those who may publish to it: the
+          // counts of the topics the request may publish to, and none for
+          // a request without a publish permission.
+          const stats = broker.stats();
+          const publish = await access(authorize, request, "publish").catch((error) => {
+            if (error instanceof HttpError) return { publish: [] };
+            throw error;
+          });
+          if (publish !== true) {
+            const granted = selectorPattern(publish.publish ?? []);
+            stats.clientsByTopic = Object.fromEntries(
+              Object.entries(stats.clientsByTopic).filter(([topic]) => granted.test(topic)),
+            );
+          }
+          return Response.json(stats);
+        },
+      },
+    },
   };
 
   /** Sets the CORS headers of a response to this request. */
@@ -2224,7 +2367,7 @@ export function createHandler(
   const respond = async (request: Request, server?: FetchServer): Promise<Response> => {
     const url = new URL(request.url);
     const route = routes[url.pathname];
-    if (route === undefined) return errorResponse(404, "not found");
+    if (route === undefined) return new HttpError(404, "not found").response();
     const methods = Object.keys(route.methods);
     if (request.method === "OPTIONS") {
       return new Response(null, {
@@ -2244,44 +2387,181 @@ export function createHandler(
     if (handle === undefined) {
       // Stryker disable next-line StringLiteral: every route has one method
       const allow = methods.join(", ");
-      return errorResponse(405, `use ${allow}`, { allow });
-    }
-    let allowed: boolean | Grants = true;
-    try {
-      if (route.action !== undefined) allowed = await authorize(request, route.action);
-    } catch (error) {
-      if (!(error instanceof TokenError)) throw error;
-      broker.countRejection("auth");
-      const description = error.message.replace(/["\\]/g, "");
-      return errorResponse(401, error.message, {
-        "www-authenticate": `Bearer error="invalid_token", error_description="${description}"`,
-      });
-    }
-    // Only `true` or grants allow: a hook that forgets to return refuses.
-    if (allowed !== true && (typeof allowed !== "object" || allowed === null)) {
-      broker.countRejection("auth");
-      return errorResponse(401, "a valid token is required", {
-        "www-authenticate": 'Bearer realm="sse"',
-      });
+      return new HttpError(405, `use ${allow}`, { allow }).response();
     }
     try {
+      const allowed = route.action === undefined
+        ? true
+        : await access(authorize, request, route.action);
       return await handle(request, url, server, allowed === true ? undefined : allowed);
     } catch (error) {
-      if (error instanceof MessageError) return errorResponse(400, error.message);
-      if (error instanceof IdempotencyKeyError) return errorResponse(422, error.message);
+      if (error instanceof MessageError) return new HttpError(400, error.message).response();
+      if (error instanceof IdempotencyKeyError) {
+        return new HttpError(422, error.message).response();
+      }
       if (error instanceof HttpError) {
         broker.countRejection(REJECTION_OF_STATUS[error.status]);
-        return errorResponse(error.status, error.message);
+        return error.response();
       }
       if (error instanceof EventLogError) {
-        return errorResponse(503, "the event log is unavailable: try again", {
+        return new HttpError(503, "the event log is unavailable: try again", {
           "retry-after": "1",
-        });
+        }).response();
       }
       throw error;
     }
   };
   return async (request, server) => withCors(request, await respond(request, server));
+}
+
+/**
+ * A request refused with an HTTP status and a one-line reason: the one error
+ * type of this project's HTTP handlers ({@linkcode createHandler}, and the
+ * Durable Streams handler of `streams.ts`), each of which answers it as JSON
+ * `{"error": reason}` with its status and headers. The reason names what was
+ * wrong and reveals nothing else.
+ *
+ * @example
+ * ```ts
+ * import { HttpError } from "./mod.ts";
+ *
+ * const response = new HttpError(413, "body is larger than 10 bytes").response();
+ * console.log(response.status, await response.json()); // 413 { error: "body is larger ..." }
+ * ```
+ */
+export class HttpError extends Error {
+  /** The status to answer with. */
+  readonly status: number;
+  /** Headers to answer with, such as `retry-after` or `www-authenticate`. */
+  readonly headers: Readonly<Record<string, string>>;
+
+  /**
+   * Creates the error.
+   *
+   * @param status The status to answer with.
+   * @param reason Why, in one line.
+   * @param headers Headers to answer with.
+   */
+  constructor(status: number, reason: string, headers: Record<string, string> = {}) {
+    super(reason);
+    this.name = "HttpError";
+    this.status = status;
+    this.headers = headers;
+  }
+
+  /**
+   * The refusal as a response.
+   *
+   * @returns `{"error": reason}` as JSON, with the status and headers.
+   */
+  response(): Response {
+    return Response.json({ error: this.message }, { status: this.status, headers: this.headers });
+  }
+}
+
+/** Limits of {@linkcode readBody}. */
+export interface BodyLimits {
+  /** The largest body, in bytes; a larger one is refused with `413` as soon as it passes. */
+  maxBytes: number;
+  /** Milliseconds the whole body may take to arrive; a slower one is refused with `408`. */
+  timeout: number;
+}
+
+/**
+ * Reads a request body whole, within limits: a body over `maxBytes` is
+ * refused with an {@linkcode HttpError} `413` as soon as it passes the limit
+ * (a declared `Content-Length` over it before anything is read), and one
+ * that has not arrived in full within `timeout` milliseconds with a `408`
+ * that closes the connection.
+ *
+ * @example
+ * ```ts
+ * import { readBody } from "./mod.ts";
+ *
+ * const request = new Request("http://localhost/", { method: "POST", body: "hello" });
+ * const body = await readBody(request, { maxBytes: 1024, timeout: 10_000 });
+ * console.log(body.byteLength); // 5
+ * ```
+ *
+ * @param request The request whose body to read.
+ * @param limits Its size and time limits.
+ * @returns The body's bytes (empty when it has none).
+ */
+export async function readBody(request: Request, limits: BodyLimits): Promise<Uint8Array> {
+  const { maxBytes, timeout } = limits;
+  const tooLarge = () => new HttpError(413, `body is larger than ${maxBytes} bytes`);
+  if (Number(request.headers.get("content-length")) > maxBytes) throw tooLarge();
+  if (request.body === null) return new Uint8Array(0);
+  const reader = request.body.getReader();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      const reason = `the body did not arrive within ${timeout} ms`;
+      reject(new HttpError(408, reason, { connection: "close" }));
+    }, timeout);
+  });
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  try {
+    for (;;) {
+      const read = await Promise.race([reader.read(), late]);
+      if (read.done) break;
+      size += read.value.byteLength;
+      if (size > maxBytes) throw tooLarge();
+      chunks.push(read.value);
+    }
+  } catch (error) {
+    reader.cancel().catch(() => {});
+    throw error;
+  } finally {
+    clearTimeout(timer);
+  }
+  return chunks.length === 1 ? chunks[0] : concat(chunks);
+}
+
+/**
+ * Asks an {@linkcode Authorize} hook whether `request` may perform `action`,
+ * and reads its answer as every handler of this project does: `true` allows
+ * everything, {@linkcode Grants} allow within their selectors, and anything
+ * else refuses with an {@linkcode HttpError} `401` carrying a Bearer
+ * challenge (with the reason of a {@linkcode TokenError}). Only `true` or
+ * grants allow: a hook that forgets to return refuses. Other errors of the
+ * hook propagate.
+ *
+ * @example
+ * ```ts
+ * import { access, selectorsMatch, tokenAuth } from "./mod.ts";
+ *
+ * const authorize = tokenAuth({ publish: "s3cret" });
+ * const request = new Request("http://localhost/", { headers: { authorization: "Bearer s3cret" } });
+ * const allowed = await access(authorize, request, "publish");
+ * console.log(allowed === true || selectorsMatch(allowed.publish ?? [], "news")); // true
+ * ```
+ *
+ * @param authorize The hook.
+ * @param request The request.
+ * @param action What it wants to do.
+ * @returns `true`, or the grants within which it may.
+ */
+export async function access(
+  authorize: Authorize,
+  request: Request,
+  action: "subscribe" | "publish",
+): Promise<true | Grants> {
+  let allowed: boolean | Grants;
+  try {
+    allowed = await authorize(request, action);
+  } catch (error) {
+    if (!(error instanceof TokenError)) throw error;
+    const description = error.message.replace(/["\\]/g, "");
+    throw new HttpError(401, error.message, {
+      "www-authenticate": `Bearer error="invalid_token", error_description="${description}"`,
+    });
+  }
+  if (allowed === true || (typeof allowed === "object" && allowed !== null)) return allowed;
+  throw new HttpError(401, "a valid token is required", {
+    "www-authenticate": 'Bearer realm="sse"',
+  });
 }
 
 /** An ISO 8601 time in milliseconds since the epoch, or `NaN`. */
@@ -2315,7 +2595,9 @@ function newEvent({ message, topics = [], private: isPrivate = false }: BatchEnt
 /** What each status the handler refuses with counts as. */
 const REJECTION_OF_STATUS: Record<number, RejectionReason> = {
   400: "validation",
+  401: "auth",
   403: "auth",
+  408: "limits",
   413: "limits",
 };
 
@@ -2333,16 +2615,6 @@ type RouteHandler = (
   grants: Grants | undefined,
 ) => Response | Promise<Response>;
 
-/** A request the handler refuses with `status` and a one-line reason. */
-class HttpError extends Error {
-  readonly status: number;
-
-  constructor(status: number, message: string) {
-    super(message);
-    this.status = status;
-  }
-}
-
 /**
  * Reads a publish request: one event, or with a JSON array body a batch.
  * Only translates: the broker validates every field and names the one it
@@ -2351,9 +2623,15 @@ class HttpError extends Error {
 async function readPublication(
   request: Request,
   url: URL,
-  maxBytes: number,
+  limits: BodyLimits,
 ): Promise<{ entries: BatchEntry[]; isBatch: boolean }> {
-  const text = await readText(request, maxBytes);
+  let text: string;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true }).decode(await readBody(request, limits));
+  } catch (error) {
+    if (error instanceof HttpError) throw error;
+    throw new HttpError(400, "body is not valid UTF-8");
+  }
   // No content type reads as "null": not JSON.
   const type = String(request.headers.get("content-type"));
   if (!/^application\/(.+\+)?json\b/i.test(type)) {
@@ -2440,6 +2718,9 @@ export async function metricsText(broker: Broker): Promise<string> {
   const histogram = stats.publishSeconds;
   return [
     family("sse_clients", "gauge", "Streams open now.", [["", stats.clients]]),
+    family("sse_reserved", "gauge", "Places of the client limit held by other open responses.", [
+      ["", stats.reserved],
+    ]),
     family("sse_event_log_up", "gauge", "Whether the event log answered a ping (1) or not (0).", [
       ["", eventLogUp ? 1 : 0],
     ]),
@@ -2486,34 +2767,6 @@ function family(name: string, type: string, help: string, samples: Sample[]): st
   let text = `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n`;
   for (const [suffix, value] of samples) text += `${name}${suffix} ${value}\n`;
   return text;
-}
-
-/** Reads a body as UTF-8 text, refusing it as soon as it passes `maxBytes`. */
-async function readText(request: Request, maxBytes: number): Promise<string> {
-  const tooLarge = () => new HttpError(413, `body is larger than ${maxBytes} bytes`);
-  if (Number(request.headers.get("content-length")) > maxBytes) throw tooLarge();
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  if (request.body !== null) {
-    const reader = request.body.getReader();
-    for (let read = await reader.read(); !read.done; read = await reader.read()) {
-      size += read.value.byteLength;
-      if (size > maxBytes) {
-        await reader.cancel();
-        throw tooLarge();
-      }
-      chunks.push(read.value);
-    }
-  }
-  try {
-    return new TextDecoder("utf-8", { fatal: true }).decode(concat(chunks));
-  } catch {
-    throw new HttpError(400, "body is not valid UTF-8");
-  }
-}
-
-function errorResponse(status: number, error: string, headers?: HeadersInit): Response {
-  return Response.json({ error }, { status, headers });
 }
 
 // ---------------------------------------------------------------------------

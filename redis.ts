@@ -48,17 +48,24 @@ import {
   type NewEvent,
 } from "./mod.ts";
 
-import type {
-  AppendRequest,
-  AppendResult,
-  CreateRequest,
-  CreateResult,
-  DeleteResult,
-  Framing,
-  ProducerClaim,
-  ReadResult,
-  StreamInfo,
-  StreamStore,
+import {
+  type AppendRequest,
+  type AppendResult,
+  costOf,
+  type CreateRequest,
+  type CreateResult,
+  type DeleteResult,
+  type Framing,
+  type Full,
+  mediaType,
+  type Piece,
+  PIECE_COST,
+  type ProducerClaim,
+  readPieces,
+  type ReadResult,
+  type StreamInfo,
+  type StreamStore,
+  toPieces,
 } from "./streams.ts";
 
 export type { Appended, AppendOptions, EventLog, LogEvent, LogRead, NewEvent };
@@ -94,6 +101,18 @@ export interface RedisLogOptions {
    * every process that shares the stream. Defaults to 300000 (5 minutes).
    */
   idempotencyWindow?: number;
+  /**
+   * How many idempotency keys Redis remembers at most for this stream;
+   * past it, the key nearest the end of its window is forgotten first.
+   * Defaults to 10000.
+   */
+  idempotencyKeys?: number;
+  /**
+   * Milliseconds a call to Redis may take; a slower one fails (a publish
+   * answers `503`), so a Redis that stopped answering holds no request.
+   * Defaults to 2000.
+   */
+  timeout?: number;
   /** Told when the connection is lost and when it is back. Defaults to `console.error`. */
   logger?: (line: string) => void;
 }
@@ -124,12 +143,17 @@ const ID = /^\d{1,15}-\d{1,15}$/;
  * event can be lost). A publish whose connection breaks after Redis took it
  * but before the reply came back is refused and still delivered: a
  * publisher that retries on `503` publishes it twice, unless it sends an
- * idempotency key.
+ * idempotency key. The same holds for a Redis that stops answering (frozen,
+ * overloaded): each call fails after `timeout`, and what Redis takes later
+ * is stored and delivered; a retry with the same key is stored once.
  *
  * An append is one Lua script: the events of a batch are added next to
  * each other in one round trip, and an idempotency key is checked and set
  * in the same atomic step, so two processes racing on one key store the
- * events once.
+ * events once. The keys live in a hash (`<key>:idempotency`, key to the
+ * batch's fingerprint and ids) with their deadlines in a sorted set
+ * (`<key>:idempotency:until`); each append forgets up to 100 keys past
+ * their window, and the oldest past `idempotencyKeys`.
  */
 export class RedisLog implements EventLog {
   readonly #writer: Connection;
@@ -138,6 +162,8 @@ export class RedisLog implements EventLog {
   readonly #history: number;
   readonly #maxAge: number;
   readonly #idempotencyWindow: number;
+  readonly #idempotencyKeys: number;
+  readonly #timeout: number;
   readonly #logger: (line: string) => void;
   readonly #listeners = new Set<(events: readonly LogEvent[]) => void>();
   #lastId: string | null = null;
@@ -152,18 +178,10 @@ export class RedisLog implements EventLog {
     if (!Number.isSafeInteger(this.#history) || this.#history < 1) {
       throw new RangeError("history must be a positive integer");
     }
-    this.#maxAge = options.historyTtl ?? 0;
-    this.#idempotencyWindow = options.idempotencyWindow ?? 300_000; // 0: keys are not kept
-    for (
-      const [name, value] of [["historyTtl", this.#maxAge], [
-        "idempotencyWindow",
-        this.#idempotencyWindow,
-      ]] as const
-    ) {
-      if (!Number.isSafeInteger(value) || value < 0) {
-        throw new RangeError(`${name} must be a non-negative integer`);
-      }
-    }
+    this.#maxAge = count("historyTtl", options.historyTtl ?? 0);
+    this.#idempotencyWindow = count("idempotencyWindow", options.idempotencyWindow ?? 300_000);
+    this.#idempotencyKeys = count("idempotencyKeys", options.idempotencyKeys ?? 10_000);
+    this.#timeout = count("timeout", options.timeout ?? 2000);
     this.#logger = options.logger ?? ((line) => console.error(line));
     this.#writer = connection(options.url, () => this.#started);
     this.#reader = connection(options.url, () => this.#started); // XREAD blocks its connection
@@ -186,7 +204,10 @@ export class RedisLog implements EventLog {
       log = new RedisLog(options); // the client parses the URL here
       await log.#writer.connect();
       await log.#reader.connect();
-      const newest = await log.#writer.xRevRange(log.#key, "+", "-", { COUNT: 1 }) as Entry[];
+      const newest = await within(
+        log.#writer.xRevRange(log.#key, "+", "-", { COUNT: 1 }),
+        log.#timeout,
+      ) as Entry[];
       log.#lastId = newest[0]?.id ?? null;
     } catch (error) {
       if (error instanceof RangeError) throw error; // an option, named
@@ -216,16 +237,21 @@ export class RedisLog implements EventLog {
     const fields = events.flatMap((
       event,
     ) => [event.topics.join("\n"), event.text, event.private ? "1" : ""]);
-    const [outcome, ids] = await this.#writer.eval(APPEND, {
-      keys: key === undefined ? [this.#key] : [this.#key, `${this.#key}:idempotency:${key}`],
-      arguments: [
-        String(this.#history),
-        String(this.#maxAge),
-        String(this.#idempotencyWindow),
-        key === undefined ? "" : fingerprintOf(events),
-        ...fields,
-      ],
-    }) as [number, string];
+    const [outcome, ids] = await within(
+      this.#writer.eval(APPEND, {
+        keys: [this.#key, `${this.#key}:idempotency`, `${this.#key}:idempotency:until`],
+        arguments: [
+          String(this.#history),
+          String(this.#maxAge),
+          String(this.#idempotencyWindow),
+          String(this.#idempotencyKeys),
+          key ?? "",
+          key === undefined ? "" : fingerprintOf(events),
+          ...fields,
+        ],
+      }),
+      this.#timeout,
+    ) as [number, string];
     if (outcome === CONFLICT) throw new IdempotencyKeyError();
     return { ids: ids.split(","), repeated: outcome === REPEATED };
   }
@@ -245,13 +271,19 @@ export class RedisLog implements EventLog {
     const cutoff = this.#maxAge > 0 ? Date.now() - this.#maxAge : 0;
     const oldest = cutoff > 0 ? `${cutoff}-0` : "-";
     if (afterId !== null && ID.test(afterId) && Number(afterId.split("-")[0]) >= cutoff) {
-      const [found, after] = await this.#writer.multi()
-        .xRange(this.#key, afterId, afterId)
-        .xRange(this.#key, "(" + afterId, "+", { COUNT: limit })
-        .exec() as unknown as [Entry[], Entry[]];
+      const [found, after] = await within(
+        this.#writer.multi()
+          .xRange(this.#key, afterId, afterId)
+          .xRange(this.#key, "(" + afterId, "+", { COUNT: limit })
+          .exec(),
+        this.#timeout,
+      ) as unknown as [Entry[], Entry[]];
       if (found.length > 0) return { events: after.map(toEvent), gap: false };
     }
-    const entries = await this.#writer.xRange(this.#key, oldest, "+", { COUNT: limit }) as Entry[];
+    const entries = await within(
+      this.#writer.xRange(this.#key, oldest, "+", { COUNT: limit }),
+      this.#timeout,
+    ) as Entry[];
     return { events: entries.map(toEvent), gap: afterId !== null };
   }
 
@@ -281,7 +313,10 @@ export class RedisLog implements EventLog {
    * @returns Whether this caller got it.
    */
   async claim(name: string, ms: number): Promise<boolean> {
-    const reply = await this.#writer.set(`${this.#key}:claim:${name}`, "1", { NX: true, PX: ms });
+    const reply = await within(
+      this.#writer.set(`${this.#key}:claim:${name}`, "1", { NX: true, PX: ms }),
+      this.#timeout,
+    );
     return reply === "OK";
   }
 
@@ -291,7 +326,7 @@ export class RedisLog implements EventLog {
    */
   async ping(): Promise<void> {
     if (!this.#reader.isReady) throw new Error("not connected to Redis");
-    await this.#writer.ping();
+    await within(this.#writer.ping(), this.#timeout);
   }
 
   /** Stops following the stream and closes both connections. */
@@ -347,23 +382,33 @@ export class RedisLog implements EventLog {
 const [STORED, REPEATED, CONFLICT] = [0, 1, 2];
 
 /**
- * The append, atomic in Redis. KEYS: the stream, then the idempotency key's
- * entry if any. ARGV: the history, the TTL (0: none), the key's window (0: none), the
- * batch's fingerprint, then three fields per event (topics, text, "1" if
- * private). Answers {outcome, ids joined with ","}. The key's entry holds
- * the fingerprint's SHA-1 and the ids.
+ * The append, atomic in Redis. KEYS: the stream, the idempotency hash (key
+ * to "<fingerprint's SHA-1> <ids>") and its deadlines (a sorted set). ARGV:
+ * the history, the TTL (0: none), the key's window (0: none), the most keys
+ * kept, the key ("" for none), the batch's fingerprint, then three fields
+ * per event (topics, text, "1" if private). Answers {outcome, ids joined
+ * with ","}. Every step is bounded: at most 100 expired keys are forgotten
+ * per append, and the batch's size is the broker's `maxBatch`.
  */
 const APPEND = `
-if KEYS[2] then
-  local seen = redis.call('GET', KEYS[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local key = ARGV[5]
+if key ~= '' then
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)
+  if #expired > 0 then
+    redis.call('HDEL', KEYS[2], unpack(expired))
+    redis.call('ZREM', KEYS[3], unpack(expired))
+  end
+  local seen = redis.call('HGET', KEYS[2], key)
   if seen then
     local space = string.find(seen, ' ', 1, true)
-    if string.sub(seen, 1, space - 1) ~= redis.sha1hex(ARGV[4]) then return {${CONFLICT}, ''} end
+    if string.sub(seen, 1, space - 1) ~= redis.sha1hex(ARGV[6]) then return {${CONFLICT}, ''} end
     return {${REPEATED}, string.sub(seen, space + 1)}
   end
 end
 local ids = {}
-for i = 5, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   if ARGV[i + 2] == '1' then
     ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'm', ARGV[i + 1], 'p', '1')
   else
@@ -374,13 +419,21 @@ end
 -- must still reach every process's listener.
 redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', math.max(tonumber(ARGV[1]), #ids))
 if ARGV[2] ~= '0' then
-  local now = redis.call('TIME')
-  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(ms - tonumber(ARGV[2])))
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(now - tonumber(ARGV[2])))
 end
 local joined = table.concat(ids, ',')
-if KEYS[2] and ARGV[3] ~= '0' then
-  redis.call('SET', KEYS[2], redis.sha1hex(ARGV[4]) .. ' ' .. joined, 'PX', ARGV[3])
+local window, most = tonumber(ARGV[3]), tonumber(ARGV[4])
+if key ~= '' and window > 0 and most > 0 then
+  redis.call('HSET', KEYS[2], key, redis.sha1hex(ARGV[6]) .. ' ' .. joined)
+  redis.call('ZADD', KEYS[3], now + window, key)
+  local over = redis.call('ZCARD', KEYS[3]) - most
+  if over > 0 then
+    local popped = redis.call('ZPOPMIN', KEYS[3], over) -- member, score, member, ...
+    for i = 1, #popped, 2 do redis.call('HDEL', KEYS[2], popped[i]) end
+  end
+  -- Both go when no key was set for a whole window.
+  redis.call('PEXPIRE', KEYS[2], window)
+  redis.call('PEXPIRE', KEYS[3], window)
 end
 return {${STORED}, joined}
 `;
@@ -398,6 +451,9 @@ function connection(url: string, reconnect: () => boolean) {
   return createClient({
     url,
     disableOfflineQueue: true,
+    // Commands sent to a Redis that does not answer wait here: a bound, so
+    // that a frozen Redis cannot fill memory with them.
+    commandsQueueMaxLength: 10_000,
     socket: {
       connectTimeout: 5000,
       // Give up at start; once running, reconnect forever, backing off.
@@ -405,6 +461,29 @@ function connection(url: string, reconnect: () => boolean) {
         reconnect() ? Math.min(50 * 2 ** retries, 1000) : cause,
     },
   });
+}
+
+/**
+ * Rejects when `call` has not settled within `ms`: a Redis that stopped
+ * answering (frozen, overloaded) must not hold a request for ever. The
+ * command goes on in Redis and its late reply is dropped; what it did
+ * stays done, which idempotency keys and producer sequences make safe to
+ * retry.
+ */
+function within<T>(call: Promise<T>, ms: number): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`Redis did not answer within ${ms} ms`)), ms);
+  });
+  return Promise.race([call, late]).finally(() => clearTimeout(timer));
+}
+
+/** A count option: a non-negative safe integer, or a RangeError that names it. */
+function count(name: string, value: number): number {
+  if (!Number.isSafeInteger(value) || value < 0) {
+    throw new RangeError(`${name} must be a non-negative integer`);
+  }
+  return value;
 }
 
 function toEvent({ id, message }: Entry): LogEvent {
@@ -442,8 +521,21 @@ export interface RedisStreamStoreOptions {
    * share one Redis use different prefixes. Defaults to `ds:`.
    */
   prefix?: string;
-  /** Bytes one stream may hold, inherited data included (507 beyond). Defaults to 64 MiB. */
+  /**
+   * Bytes one stream may hold, inherited data included, each piece counting
+   * `PIECE_COST` more (413 beyond). Defaults to 64 MiB.
+   */
   maxStreamBytes?: number;
+  /**
+   * Idempotent producers remembered per stream; past it, the one unused
+   * longest is forgotten. Defaults to 1000.
+   */
+  maxProducers?: number;
+  /**
+   * Milliseconds a call to Redis may take; a slower one fails (the request
+   * answers `503`). Defaults to 2000.
+   */
+  timeout?: number;
   /** Told when a connection is lost and when it is back. Defaults to `console.error`. */
   logger?: (line: string) => void;
 }
@@ -460,6 +552,10 @@ type Reply = Buffer | number | null | Reply[];
 const utf8 = new TextDecoder();
 const text = (reply: Reply): string => utf8.decode(reply as Buffer);
 
+/** Entries a script copies at most into a fork per call, and how long a fork being copied is held. */
+const COPY_ENTRIES = 256;
+const COPY_LEASE_MS = 30_000;
+
 /**
  * Durable Streams in Redis, shared by every process that uses the same
  * Redis and prefix: any process answers for any stream, and a live reader
@@ -468,39 +564,45 @@ const text = (reply: Reply): string => utf8.decode(reply as Buffer);
  * Layout, for a stream at `path` (`P` is the prefix, `ds:` by default):
  * - `Pm:path`, a hash, its metadata: `ct` (content type), `mt` (media
  *   type), `fr` (framing), `ttl`, `exp` (ms), `touched` (ms, for the
- *   sliding TTL), `closed`, `tail`, `bytes`, `inc` (incarnation), `seq`
- *   (the last `Stream-Seq`), `cbid`/`cbepoch`/`cbseq` (the producer that
- *   closed it), `del` (soft-deleted), and for a fork `from`, `anchor`,
- *   `sub` and `srcinc` (the source's incarnation it was made from).
- * - `Pd:path`, a Redis stream, its records: the entry id is `<end>-0`,
- *   the record's end position, with the fields `d` (the data) and `b` (where
- *   the append it came with ends). Its start is the previous end, so a read
- *   at a position is one `XRANGE (<position>-0 + COUNT n`: a reader at the
- *   tail costs what it reads, not the stream's length.
- * - `Pp:path`, a hash, producer id to `"<epoch> <seq>"`.
+ *   sliding TTL), `closed`, `tail`, `bytes` (what it counts for against
+ *   `maxStreamBytes`), `inc` (incarnation), `seq` (the last `Stream-Seq`),
+ *   `cbid`/`cbepoch`/`cbseq` (the producer that closed it), `del`
+ *   (soft-deleted), for a fork `from`, `anchor`, `sub` and `srcinc` (the
+ *   source's incarnation it was made from), and while a fork's inherited
+ *   data is being copied `pending` and `cursor`.
+ * - `Pd:path`, a Redis stream, its {@linkcode Piece}s: the entry id is
+ *   `<end>-0`, the piece's end position, with the fields `d` (the data) and
+ *   `b` (where the append it came with ends). A read at a position is one
+ *   `XRANGE (<position>-0 + COUNT n`, so a reader at the tail costs what it
+ *   reads, not the stream's length; an append of any number of JSON
+ *   messages is a few entries of up to 64 KiB.
+ * - `Pp:path`, a hash, producer id to `"<epoch> <seq>"`, and `Pq:path`, a
+ *   sorted set of the producers by last use, to forget the oldest.
  * - `Pf:path`, a set, the forks made from it, as `"<incarnation> <path>"`.
  * - `Pwake`, one pub/sub channel: each append, close and delete publishes
  *   the stream's path on it.
  *
- * Every method is one Lua script (`EVALSHA`), so each check-then-change is
- * atomic across processes: an append checks existence, expiry, closure,
- * content type, the producer's epoch and sequence, `Stream-Seq` and the
- * size limit, then adds its records and updates the metadata; two
- * processes racing on one producer sequence append once. Time is Redis's
- * (`TIME`), one clock for every process. Expiry is checked in the scripts
- * as the memory store checks it, and the keys also expire in Redis at the
- * stream's deadline (`PEXPIREAT`, renewed with each touch), so abandoned
- * streams do not stay. A fork copies the data it inherits (up to its
- * anchor) into its own keys, and is listed in its source's `f` set, which
- * keeps a deleted source soft-deleted (409 and 410) until its last fork
- * is gone; forks whose keys Redis expired are dropped from that set when
- * the source is next used.
+ * Every method is one short Lua script (`EVALSHA`), so each check-then-
+ * change is atomic across processes and none holds Redis for long: an
+ * append checks existence, expiry, closure, content type, the producer's
+ * epoch and sequence, `Stream-Seq` and the size limit, then adds its pieces
+ * and updates the metadata; two processes racing on one producer sequence
+ * append once. Time is Redis's (`TIME`), one clock for every process.
+ * Expiry is checked in the scripts as the memory store checks it, and the
+ * keys also expire in Redis at the stream's deadline (`PEXPIREAT`, renewed
+ * with each touch), so abandoned streams do not stay. A fork copies the
+ * data it inherits into its own keys, {@linkcode COPY_ENTRIES} entries per
+ * script until done, invisible (404) until then; a fork whose process dies
+ * while copying is dropped by Redis after a lease. A fork is listed in its
+ * source's `f` set, which keeps a deleted source soft-deleted (409 and
+ * 410) until its last fork is gone; forks whose keys Redis expired are
+ * dropped from that set, a sample at a time, when the source is next used.
  *
  * Differences from {@linkcode MemoryStreamStore}: no limit on the number
- * of streams (Redis's `maxmemory` is the limit; a write refused for memory
- * answers `full`), and the scripts reach the keys of a stream's source and
- * forks, so it needs a single Redis (or one Redis Cluster slot), not a
- * cluster spread over slots.
+ * of streams or on their total size but Redis's own `maxmemory` (a write
+ * refused for memory is `store-full`), and the scripts reach the keys of a
+ * stream's source and forks, so it needs a single Redis (or one Redis
+ * Cluster slot), not a cluster spread over slots.
  */
 export class RedisStreamStore implements StreamStore {
   readonly #redis: Connection;
@@ -508,6 +610,8 @@ export class RedisStreamStore implements StreamStore {
   readonly #bytes: ReturnType<Connection["withTypeMapping"]>;
   readonly #prefix: string;
   readonly #maxStreamBytes: number;
+  readonly #maxProducers: number;
+  readonly #timeout: number;
   readonly #logger: (line: string) => void;
   /** In-process waiters by stream path: each is called once, then removed. */
   readonly #waiters = new Map<string, Set<() => void>>();
@@ -517,10 +621,9 @@ export class RedisStreamStore implements StreamStore {
 
   private constructor(options: RedisStreamStoreOptions) {
     this.#prefix = options.prefix ?? "ds:";
-    this.#maxStreamBytes = options.maxStreamBytes ?? 64 * 1024 * 1024;
-    if (!Number.isSafeInteger(this.#maxStreamBytes) || this.#maxStreamBytes < 0) {
-      throw new RangeError("maxStreamBytes must be a non-negative integer");
-    }
+    this.#maxStreamBytes = count("maxStreamBytes", options.maxStreamBytes ?? 64 * 1024 * 1024);
+    this.#maxProducers = count("maxProducers", options.maxProducers ?? 1000);
+    this.#timeout = count("timeout", options.timeout ?? 2000);
     this.#logger = options.logger ?? ((line) => console.error(line));
     this.#redis = connection(options.url, () => this.#started);
     this.#subscriber = connection(options.url, () => this.#started);
@@ -555,35 +658,43 @@ export class RedisStreamStore implements StreamStore {
     return store;
   }
 
-  /** Runs a script for `path` (by its SHA-1; by its source when Redis has forgotten it). */
+  /**
+   * Runs a script for `path` (by its SHA-1; by its source when Redis has
+   * forgotten it), failing after `timeout`.
+   */
   async #run(script: Script, path: string, args: (string | Buffer)[]): Promise<Reply[]> {
     const options = {
       keys: [`${this.#prefix}m:${path}`],
       arguments: [this.#prefix, path, ...args],
     };
     try {
-      return await this.#bytes.evalSha(script.sha ?? "", options) as Reply[];
+      return await within(this.#bytes.evalSha(script.sha ?? "", options), this.#timeout) as Reply[];
     } catch (error) {
       if (!String((error as Error)?.message).startsWith("NOSCRIPT")) throw error;
-      return await this.#bytes.eval(script.source, options) as Reply[];
+      return await within(this.#bytes.eval(script.source, options), this.#timeout) as Reply[];
     }
   }
 
-  /** Whether a script failed because Redis is out of memory. */
-  #full(error: unknown): { status: "full"; reason: string } | undefined {
-    const message = String((error as Error)?.message ?? error);
-    return message.startsWith("OOM")
-      ? { status: "full", reason: "Redis is out of memory" }
-      : undefined;
+  /** Runs a script that writes: Redis out of memory is a full store, not a failure. */
+  async #write(script: Script, path: string, args: (string | Buffer)[]): Promise<Reply[] | Full> {
+    try {
+      return await this.#run(script, path, args);
+    } catch (error) {
+      if (!String((error as Error)?.message ?? error).startsWith("OOM")) throw error;
+      return { status: "store-full", reason: "Redis is out of memory" };
+    }
   }
 
   /** {@inheritDoc StreamStore.create} */
   async create(path: string, request: CreateRequest): Promise<CreateResult> {
-    let reply: Reply[];
-    try {
-      reply = await this.#run(DS_CREATE, path, [
+    const pieces = toPieces(request.records, request.framing, 0);
+    const limits = [String(this.#maxStreamBytes), String(costOf(pieces))];
+    const started = Date.now();
+    let reply: Reply[] | Full;
+    for (;;) {
+      reply = await this.#write(DS_CREATE, path, [
         request.contentType,
-        mediaTypeOf(request.contentType),
+        mediaType(request.contentType),
         request.framing,
         request.ttlSeconds === undefined ? "" : String(request.ttlSeconds),
         request.expiresAt === undefined ? "" : String(request.expiresAt),
@@ -592,18 +703,30 @@ export class RedisStreamStore implements StreamStore {
         request.fork?.from ?? "",
         request.fork?.anchor === undefined ? "" : String(request.fork.anchor),
         String(request.fork?.subOffset ?? 0),
-        String(this.#maxStreamBytes),
-        crypto.randomUUID().slice(0, 8),
-        ...request.records.map(toBuffer),
+        randomIncarnation(),
+        ...limits,
+        ...pieceArguments(pieces),
       ]);
-    } catch (error) {
-      const full = this.#full(error);
-      if (full) return full;
-      throw error;
+      // Another process is copying a fork to this path: its outcome decides.
+      if (!Array.isArray(reply) || text(reply[0]) !== "busy") break;
+      if (Date.now() - started > this.#timeout) throw new Error("a fork is being copied here");
+      await new Promise((resolve) => setTimeout(resolve, 50));
     }
+    // A fork's inherited data, copied a bounded run of entries per script.
+    while (Array.isArray(reply) && text(reply[0]) === "copying") {
+      const inc = text(reply[1]);
+      reply = await this.#write(DS_COPY, path, [inc, ...limits]);
+      if (Array.isArray(reply) && text(reply[0]) === "copied") {
+        reply = await this.#write(DS_FINISH, path, [inc, ...limits, ...pieceArguments(pieces)]);
+      }
+    }
+    if (!Array.isArray(reply)) return reply;
     const status = text(reply[0]);
     if (status === "created" || status === "exists") {
       return { status, info: infoOf(reply[1] as Reply[]) };
+    }
+    if (status === "interrupted") {
+      throw new Error("the fork's copy was dropped (its lease ran out)");
     }
     return { status, reason: text(reply[1]) } as CreateResult;
   }
@@ -611,25 +734,27 @@ export class RedisStreamStore implements StreamStore {
   /** {@inheritDoc StreamStore.append} */
   async append(path: string, request: AppendRequest): Promise<AppendResult> {
     const producer = request.producer;
-    let reply: Reply[];
-    try {
-      reply = await this.#run(DS_APPEND, path, [
-        mediaTypeOf(request.contentType ?? ""),
-        request.close ? "1" : "0",
-        request.seq === undefined ? "0" : "1",
-        request.seq ?? "",
-        producer ? "1" : "0",
-        producer?.id ?? "",
-        String(producer?.epoch ?? 0),
-        String(producer?.seq ?? 0),
-        String(this.#maxStreamBytes),
-        ...request.records.map(toBuffer),
-      ]);
-    } catch (error) {
-      const full = this.#full(error);
-      if (full) return full;
-      throw error;
-    }
+    // A stream's framing follows from its media type, which the script
+    // checks the request's against before it adds anything.
+    const framing = mediaType(request.contentType ?? "") === "application/json"
+      ? "messages"
+      : "bytes";
+    const pieces = toPieces(request.records, framing, 0);
+    const reply = await this.#write(DS_APPEND, path, [
+      mediaType(request.contentType ?? ""),
+      request.close ? "1" : "0",
+      request.seq === undefined ? "0" : "1",
+      request.seq ?? "",
+      producer ? "1" : "0",
+      producer?.id ?? "",
+      String(producer?.epoch ?? 0),
+      String(producer?.seq ?? 0),
+      String(this.#maxStreamBytes),
+      String(this.#maxProducers),
+      String(costOf(pieces)),
+      ...pieceArguments(pieces),
+    ]);
+    if (!Array.isArray(reply)) return reply;
     const status = text(reply[0]);
     switch (status) {
       case "ok": {
@@ -671,13 +796,17 @@ export class RedisStreamStore implements StreamStore {
     ]);
     const status = text(reply[0]);
     if (status !== "ok") return { status: status as "missing" | "gone" };
-    return {
-      status,
-      info: infoOf(reply[1] as Reply[]),
-      next: reply[2] as number,
+    const info = infoOf(reply[1] as Reply[]);
+    const pieces: Piece[] = [];
+    for (let i = 2; i < reply.length; i += 2) {
       // Copied: the reply's buffers may be views of the connection's.
-      records: reply.slice(3).map((record) => new Uint8Array(record as Buffer)),
-    };
+      pieces.push({
+        end: reply[i] as number,
+        data: new Uint8Array(reply[i + 1] as Buffer),
+        batchEnd: 0,
+      });
+    }
+    return { status, info, ...readPieces(pieces, info.framing, position, maxBytes) };
   }
 
   /** {@inheritDoc StreamStore.info} */
@@ -751,7 +880,7 @@ export class RedisStreamStore implements StreamStore {
     if (!this.#started || this.#lost || this.#closed) return;
     this.#lost = true;
     this.#logger(
-      `redis: streams connection lost (${error.message}); streams answer 500 until back`,
+      `redis: streams connection lost (${error.message}); streams answer 503 until back`,
     );
   }
 
@@ -765,9 +894,14 @@ export class RedisStreamStore implements StreamStore {
   }
 }
 
-/** The media type alone, lower case, as streams.ts compares content types. */
-function mediaTypeOf(contentType: string): string {
-  return contentType.split(";")[0].trim().toLowerCase();
+/** A new incarnation: random, so that two processes never make the same one. */
+function randomIncarnation(): string {
+  return crypto.randomUUID().replaceAll("-", "").slice(0, 16);
+}
+
+/** Pieces as script arguments: each one's end (relative to the tail) and its data. */
+function pieceArguments(pieces: readonly Piece[]): (string | Buffer)[] {
+  return pieces.flatMap((piece) => [String(piece.end), toBuffer(piece.data)]);
 }
 
 /** Bytes as a Buffer over the same memory, as the client sends them. */
@@ -798,11 +932,14 @@ function infoOf(flat: Reply[]): StreamInfo {
  * What every script starts with. ARGV[1] is the prefix, ARGV[2] the
  * stream's path; KEYS[1] its metadata (declared; the scripts also reach
  * its other keys and those of its source and forks). `get` is the memory
- * store's lookup: it drops an expired stream, releasing its source.
+ * store's lookup: it drops an expired stream, releasing its source. Every
+ * loop is bounded, so that no script holds Redis for long.
  */
 const PRELUDE = `
 local P = ARGV[1]
 local PATH = ARGV[2]
+local PIECE_COST = ${PIECE_COST}
+local KINDS = {'m', 'd', 'p', 'q', 'f'}
 local function key(kind, path) return P .. kind .. ':' .. path end
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -832,6 +969,25 @@ local function field(entry, name)
   end
 end
 
+-- How many positions a piece spans: its bytes, or its messages (line feeds).
+local function span(data, framing)
+  if framing == 'bytes' then return #data end
+  local count, at = 0, string.find(data, '\\n', 1, true)
+  while at do
+    count = count + 1
+    at = string.find(data, '\\n', at + 1, true)
+  end
+  return count
+end
+
+-- The first n positions of a piece's data.
+local function head(data, n, framing)
+  if framing == 'bytes' then return string.sub(data, 1, n) end
+  local at = 0
+  for _ = 1, n do at = string.find(data, '\\n', at + 1, true) end
+  return string.sub(data, 1, at)
+end
+
 local function expired(m)
   if m.del == '1' then return false end
   if m.exp and NOW >= tonumber(m.exp) then return true end
@@ -841,16 +997,19 @@ end
 local function wake(path) redis.call('PUBLISH', P .. 'wake', path) end
 
 local function drop(path)
-  redis.call('DEL', key('m', path), key('d', path), key('p', path), key('f', path))
+  redis.call('UNLINK', key('m', path), key('d', path), key('p', path), key('q', path),
+    key('f', path))
 end
 
--- Removes a stream, and releases the very source it was forked from,
--- removing that one too if it was soft-deleted and this was its last fork.
+-- Removes a stream, and releases the source it was forked from, removing
+-- that one too if it was soft-deleted and this was its last fork; 16
+-- levels at most per call (what is left goes when next used).
 local function remove(path, m)
   drop(path)
   wake(path)
   local child, cm = path, m
-  while cm.from do
+  for _ = 1, 16 do
+    if not cm.from then return end
     local parent = cm.from
     local pm = load(parent)
     if not pm or pm.inc ~= cm.srcinc then return end
@@ -861,10 +1020,10 @@ local function remove(path, m)
   end
 end
 
--- Forgets the forks of a stream that are gone (their keys expired in Redis)
--- and removes those that have expired.
+-- Forgets forks of a stream that are gone (their keys expired in Redis)
+-- and removes those that have expired: a sample of 64 per call.
 local function prune(path)
-  for _, member in ipairs(redis.call('SMEMBERS', key('f', path))) do
+  for _, member in ipairs(redis.call('SRANDMEMBER', key('f', path), 64)) do
     local space = string.find(member, ' ', 1, true)
     local inc, fork = string.sub(member, 1, space - 1), string.sub(member, space + 1)
     local fm = load(fork)
@@ -876,9 +1035,11 @@ local function prune(path)
   end
 end
 
+-- The stream at a path, or nil: missing, expired (then removed), or a fork
+-- still being copied.
 local function get(path)
   local m = load(path)
-  if not m then return nil end
+  if not m or m.pending then return nil end
   if m.del == '1' then
     prune(path)
     if redis.call('EXISTS', key('m', path)) == 0 then return nil end
@@ -904,7 +1065,7 @@ local function keep(path, m)
   end
   if not deadline then return end
   local at = num(math.max(deadline, 1))
-  for _, kind in ipairs({'m', 'd', 'p', 'f'}) do redis.call('PEXPIREAT', key(kind, path), at) end
+  for _, kind in ipairs(KINDS) do redis.call('PEXPIREAT', key(kind, path), at) end
 end
 
 local function touch(path, m)
@@ -913,36 +1074,102 @@ local function touch(path, m)
   keep(path, m)
 end
 
--- Adds ARGV[first..] as records after tail; returns the new tail and bytes added.
-local function push(path, framing, tail, first)
-  local batchEnd = tail
-  for i = first, #ARGV do
-    if framing == 'bytes' then batchEnd = batchEnd + #ARGV[i] else batchEnd = batchEnd + 1 end
+-- Adds the pieces in ARGV[first..] (pairs: end relative to the tail, data)
+-- after tail; returns the new tail.
+local function push(path, tail, first)
+  if #ARGV < first then return tail end
+  local batchEnd = num(tail + tonumber(ARGV[#ARGV - 1]))
+  for i = first, #ARGV, 2 do
+    redis.call('XADD', key('d', path), num(tail + tonumber(ARGV[i])) .. '-0',
+      'd', ARGV[i + 1], 'b', batchEnd)
   end
-  local added = 0
-  for i = first, #ARGV do
-    local data = ARGV[i]
-    local size = framing == 'bytes' and #data or 1
-    if size > 0 then
-      tail = tail + size
-      added = added + #data
-      redis.call('XADD', key('d', path), num(tail) .. '-0', 'd', data, 'b', num(batchEnd))
-    end
-  end
-  return tail, added
+  return tail + tonumber(ARGV[#ARGV - 1])
 end
+
+-- Copies the next run of a pending fork's inherited entries from its
+-- source. Answers nil when more remain, {'copied'} when done, or why not.
+local function copy(m, maxBytes, cost)
+  local source = get(m.from)
+  if not source then return {'source-missing', 'the source stream does not exist'} end
+  if source.inc ~= m.srcinc then return {'source-missing', 'the source stream does not exist'} end
+  if source.del == '1' then return {'source-gone', 'the source stream was deleted'} end
+  local tail = tonumber(m.tail)
+  local chunk = redis.call('XRANGE', key('d', m.from), m.cursor, '+', 'COUNT', ${COPY_ENTRIES})
+  local bytes = tonumber(m.bytes)
+  for _, entry in ipairs(chunk) do
+    local stop = tonumber(string.match(entry[1], '^%d+'))
+    local data = field(entry, 'd')
+    local start = stop - span(data, m.fr)
+    if start >= tail then
+      m.cursor = '+'
+      break
+    end
+    local cut = math.min(stop, tail)
+    if cut ~= stop then data = head(data, cut - start, m.fr) end
+    bytes = bytes + #data + PIECE_COST
+    if bytes + cost > maxBytes then
+      return {'stream-full', 'a stream holds at most ' .. num(maxBytes) .. ' bytes'}
+    end
+    redis.call('XADD', key('d', PATH), num(cut) .. '-0', 'd', data, 'b',
+      num(math.min(tonumber(field(entry, 'b')), tail)))
+    m.cursor = '(' .. entry[1]
+    if cut == tail then m.cursor = '+' end
+  end
+  if #chunk < ${COPY_ENTRIES} then m.cursor = '+' end
+  m.bytes = num(bytes)
+  if m.cursor == '+' then return {'copied'} end
+end
+
+-- Keeps a pending fork's state, and its keys for a lease: a fork whose
+-- process dies while copying goes by itself.
+local function hold(m)
+  redis.call('HSET', key('m', PATH), unpack(flat(m)))
+  for _, kind in ipairs({'m', 'd'}) do redis.call('PEXPIRE', key(kind, PATH), ${COPY_LEASE_MS}) end
+end
+
+-- Makes a created stream whole: its own pieces from ARGV[first..], its
+-- metadata without the copy's state, its place among its source's forks.
+local function finish(m, first, cost)
+  local source = m.from and load(m.from)
+  if m.pending then
+    m.pending, m.cursor = nil, nil
+    redis.call('HDEL', key('m', PATH), 'pending', 'cursor')
+    for _, kind in ipairs({'m', 'd'}) do redis.call('PERSIST', key(kind, PATH)) end
+  end
+  m.tail = num(push(PATH, tonumber(m.tail), first))
+  m.bytes = num(tonumber(m.bytes) + cost)
+  redis.call('HSET', key('m', PATH), unpack(flat(m)))
+  -- A source deleted since the copy ended has no fork to keep.
+  if source and source.inc == m.srcinc then
+    redis.call('SADD', key('f', m.from), m.inc .. ' ' .. PATH)
+    keep(m.from, source)
+  end
+  keep(PATH, m)
+  return {'created', flat(m)}
+end
+`;
+
+/** The arguments shared by the create scripts after the prefix and path. */
+const LIMITS = `
+local maxBytes, cost = tonumber(ARGV[LIMIT]), tonumber(ARGV[LIMIT + 1])
 `;
 
 /**
  * ARGV[3..]: content type, media type, framing, TTL, expires-at, closed,
- * content type given, fork source, fork anchor, fork sub-offset, the size
- * limit, the incarnation, then the records. Answers {status, meta or reason}.
+ * content type given, fork source, fork anchor, fork sub-offset, the
+ * incarnation, the size limit, the pieces' cost, then the pieces. Answers
+ * {status, meta or reason}; {'copying', incarnation} for a fork whose
+ * inherited data takes more scripts (`DS_COPY`, then `DS_FINISH`); {'busy'}
+ * while another process copies a fork to this path.
  */
 const DS_CREATE: Script = {
-  source: PRELUDE + `
+  source: PRELUDE + "local LIMIT = 14" + LIMITS + `
 local ct, mt, framing, ttl, exp = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local closed, given, from, anchorArg = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
-local sub, maxBytes, inc = tonumber(ARGV[12]), tonumber(ARGV[13]), ARGV[14]
+local sub, inc = tonumber(ARGV[12]), ARGV[13]
+local FIRST = 16
+local present = load(PATH)
+if present and present.pending then return {'busy'} end
 local existing = get(PATH)
 if existing and existing.del == '1' then
   return {'conflict', 'a deleted stream that forks still use holds this path'}
@@ -968,88 +1195,97 @@ end
 if source and source.mt ~= mt then
   return {'conflict', "the content type differs from the source stream's"}
 end
-local data = key('d', PATH)
-redis.call('DEL', data, key('p', PATH), key('f', PATH))
-local tail, bytes, anchor = 0, 0, nil
-local full = {'full', 'a stream holds at most ' .. ARGV[13] .. ' bytes'}
-if source then
-  local sourceTail = tonumber(source.tail)
-  if anchorArg == '' then anchor = sourceTail else anchor = tonumber(anchorArg) end
-  if anchor > sourceTail then return {'bad-fork', "the fork offset is past the source's tail"} end
-  if sub > 0 then
-    local at = redis.call('XRANGE', key('d', from), '(' .. num(anchor) .. '-0', '+', 'COUNT', 1)[1]
-    if not at or anchor + sub > tonumber(field(at, 'b')) then
-      return {'bad-fork', 'the fork sub-offset is past the next data boundary'}
-    end
-  end
-  tail = anchor + sub
-  -- The inherited records, copied; the last one cut at the fork's tail.
-  local cursor, count, done = '-', 64, false
-  while not done do
-    local chunk = redis.call('XRANGE', key('d', from), cursor, '+', 'COUNT', count)
-    if #chunk == 0 then break end
-    for _, entry in ipairs(chunk) do
-      local stop = tonumber(string.match(entry[1], '^%d+'))
-      local record = field(entry, 'd')
-      local start = framing == 'bytes' and stop - #record or stop - 1
-      if start >= tail then
-        done = true
-        break
-      end
-      local cut = math.min(stop, tail)
-      if cut ~= stop then record = string.sub(record, 1, cut - start) end
-      bytes = bytes + #record
-      if bytes > maxBytes then
-        redis.call('DEL', data)
-        return full
-      end
-      redis.call('XADD', data, num(cut) .. '-0', 'd', record, 'b',
-        num(math.min(tonumber(field(entry, 'b')), tail)))
-      cursor = '(' .. entry[1]
-    end
-    count = math.min(count * 2, 1024)
-  end
+if source and source.fr ~= ARGV[5] and #ARGV >= FIRST then
+  return {'conflict', "the initial data is not of the source stream's type"}
 end
-local size = 0
-for i = 15, #ARGV do size = size + #ARGV[i] end
-if bytes + size > maxBytes then
-  redis.call('DEL', data)
-  return full
-end
-local added
-tail, added = push(PATH, framing, tail, 15)
+local full = {'stream-full', 'a stream holds at most ' .. num(maxBytes) .. ' bytes'}
 local m = {
-  ct = ct, mt = mt, fr = framing, closed = closed, tail = num(tail), inc = inc,
-  bytes = num(bytes + added), touched = num(NOW),
+  ct = ct, mt = mt, fr = framing, closed = closed, tail = '0', inc = inc, bytes = '0',
+  touched = num(NOW),
 }
 if ttl ~= '' then m.ttl = ttl end
 if exp ~= '' then m.exp = exp end
-if source then
-  m.from, m.anchor, m.sub, m.srcinc = from, num(anchor), ARGV[12], source.inc
-  redis.call('SADD', key('f', from), inc .. ' ' .. PATH)
-  keep(from, source)
+if not source then
+  if cost > maxBytes then return full end
+  drop(PATH)
+  return finish(m, FIRST, cost)
 end
-redis.call('HSET', key('m', PATH), unpack(flat(m)))
-keep(PATH, m)
-return {'created', flat(m)}
+local sourceTail = tonumber(source.tail)
+local anchor = sourceTail
+if anchorArg ~= '' then anchor = tonumber(anchorArg) end
+if anchor > sourceTail then return {'bad-fork', "the fork offset is past the source's tail"} end
+if sub > 0 then
+  local at = redis.call('XRANGE', key('d', from), '(' .. num(anchor) .. '-0', '+', 'COUNT', 1)[1]
+  if not at or anchor + sub > tonumber(field(at, 'b')) then
+    return {'bad-fork', 'the fork sub-offset is past the next data boundary'}
+  end
+end
+if cost > maxBytes then return full end
+drop(PATH)
+m.from, m.anchor, m.sub, m.srcinc = from, num(anchor), ARGV[12], source.inc
+m.tail, m.pending, m.cursor = num(anchor + sub), '1', '-'
+local copied = copy(m, maxBytes, cost)
+if copied and copied[1] == 'copied' then return finish(m, FIRST, cost) end
+if copied then
+  drop(PATH)
+  return copied
+end
+hold(m)
+return {'copying', inc}
+`,
+};
+
+/**
+ * ARGV[3..]: the fork's incarnation, the size limit, the pieces' cost.
+ * Copies the next run of a pending fork's inherited data: answers
+ * {'copying', incarnation} while more remain, {'copied'} when done, or why
+ * it stopped (the fork is dropped then); {'interrupted'} if the fork is no
+ * longer pending (its lease ran out).
+ */
+const DS_COPY: Script = {
+  source: PRELUDE + "local LIMIT = 4" + LIMITS + `
+local m = load(PATH)
+if not m or not m.pending or m.inc ~= ARGV[3] then return {'interrupted'} end
+local copied = copy(m, maxBytes, cost)
+if copied and copied[1] ~= 'copied' then
+  drop(PATH)
+  return copied
+end
+hold(m)
+return copied or {'copying', ARGV[3]}
+`,
+};
+
+/**
+ * ARGV[3..]: the fork's incarnation, the size limit, the pieces' cost, then
+ * the pieces. Makes a fork whose inherited data is copied whole: answers
+ * {'created', meta}, or {'interrupted'}.
+ */
+const DS_FINISH: Script = {
+  source: PRELUDE + "local LIMIT = 4" + LIMITS + `
+local m = load(PATH)
+if not m or not m.pending or m.inc ~= ARGV[3] or m.cursor ~= '+' then return {'interrupted'} end
+return finish(m, 6, cost)
 `,
 };
 
 /**
  * ARGV[3..]: the request's media type, close, has Stream-Seq, Stream-Seq,
- * has producer, producer id, epoch, seq, the size limit, then the records.
- * Answers {status, ...} as the memory store decides, in its order.
+ * has producer, producer id, epoch, seq, the size limit, the most
+ * producers, the pieces' cost, then the pieces (cut for the framing of the
+ * request's media type, which must be the stream's to be added). Answers {status, ...} as the memory store decides, in its order.
  */
 const DS_APPEND: Script = {
   source: PRELUDE + `
 local mt, close = ARGV[3], ARGV[4] == '1'
 local hasSeq, seq = ARGV[5] == '1', ARGV[6]
 local producer, id, epoch, pseq = ARGV[7] == '1', ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
-local maxBytes = tonumber(ARGV[11])
-local FIRST = 12
+local maxBytes, maxProducers, cost = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+local FIRST = 14
 local m = get(PATH)
 if not m then return {'missing'} end
 if m.del == '1' then return {'gone'} end
+local hasData = #ARGV >= FIRST
 touch(PATH, m)
 local state
 if producer then
@@ -1062,7 +1298,6 @@ if producer then
     }
   end
 end
-local hasData = #ARGV >= FIRST
 if producer and state and epoch < state.epoch then return {'stale-epoch', state.epoch} end
 if m.closed == '1' then
   if producer and m.cbid == id and tonumber(m.cbepoch) == epoch and tonumber(m.cbseq) == pseq then
@@ -1102,20 +1337,25 @@ if hasSeq and m.seq then
   end
   if notAfter then return {'seq-regression', 'Stream-Seq must increase'} end
 end
-local size = 0
-for i = FIRST, #ARGV do size = size + #ARGV[i] end
-if tonumber(m.bytes) + size > maxBytes then
-  return {'full', 'a stream holds at most ' .. ARGV[11] .. ' bytes'}
+if tonumber(m.bytes) + cost > maxBytes then
+  return {'stream-full', 'a stream holds at most ' .. ARGV[11] .. ' bytes'}
 end
-local tail, added = push(PATH, m.fr, tonumber(m.tail), FIRST)
-m.tail, m.bytes = num(tail), num(tonumber(m.bytes) + added)
+m.tail, m.bytes = num(push(PATH, tonumber(m.tail), FIRST)), num(tonumber(m.bytes) + cost)
 local changes = {'tail', m.tail, 'bytes', m.bytes}
 if hasSeq then
   m.seq = seq
   table.insert(changes, 'seq')
   table.insert(changes, seq)
 end
-if producer then redis.call('HSET', key('p', PATH), id, ARGV[9] .. ' ' .. ARGV[10]) end
+if producer then
+  redis.call('HSET', key('p', PATH), id, ARGV[9] .. ' ' .. ARGV[10])
+  redis.call('ZADD', key('q', PATH), NOW, id)
+  local over = redis.call('ZCARD', key('q', PATH)) - maxProducers
+  if over > 0 then
+    local popped = redis.call('ZPOPMIN', key('q', PATH), over) -- member, score, member, ...
+    for i = 1, #popped, 2 do redis.call('HDEL', key('p', PATH), popped[i]) end
+  end
+end
 if close then
   m.closed = '1'
   table.insert(changes, 'closed')
@@ -1140,44 +1380,34 @@ return {'ok', flat(m), hasData and 1 or 0, -1}
 
 /**
  * ARGV[3..]: position, about how many bytes, touch. Answers {status, meta,
- * next, records...}: from the first record that ends after the position
- * (its start cut off), until about the byte limit (at least one record).
+ * then end and data of each piece}: from the first piece that ends after
+ * the position, until the pieces after the first count for `maxBytes`
+ * (their bytes and PIECE_COST each), so the caller can cut them with
+ * `readPieces` as the memory store does.
  */
 const DS_READ: Script = {
   source: PRELUDE + `
-local position, maxBytes = tonumber(ARGV[3]), tonumber(ARGV[4])
+local maxBytes = tonumber(ARGV[4])
 local m = get(PATH)
 if not m then return {'missing'} end
 if m.del == '1' then return {'gone'} end
 if ARGV[5] == '1' then touch(PATH, m) end
-local bytes = m.fr == 'bytes'
-local out = {'ok', flat(m), 0}
-local nextPosition, size, records = position, 0, 0
-local cursor, count, done = '(' .. ARGV[3] .. '-0', 16, false
-while not done do
+local out = {'ok', flat(m)}
+local cursor, count, size, first = '(' .. ARGV[3] .. '-0', 16, 0, nil
+while true do
   local chunk = redis.call('XRANGE', key('d', PATH), cursor, '+', 'COUNT', count)
   if #chunk == 0 then break end
   for _, entry in ipairs(chunk) do
-    if records > 0 and size >= maxBytes then
-      done = true
-      break
-    end
-    local stop = tonumber(string.match(entry[1], '^%d+'))
-    local record = field(entry, 'd')
-    local start = bytes and stop - #record or stop - 1
-    if start < nextPosition then record = string.sub(record, nextPosition - start + 1) end
-    if bytes and records > 0 and size + #record > maxBytes then
-      record = string.sub(record, 1, maxBytes - size)
-    end
-    records = records + 1
-    out[#out + 1] = record
-    size = size + #record
-    if bytes then nextPosition = nextPosition + #record else nextPosition = stop end
+    if first and size >= maxBytes + first then return out end
+    local data = field(entry, 'd')
+    out[#out + 1] = tonumber(string.match(entry[1], '^%d+'))
+    out[#out + 1] = data
+    size = size + #data + PIECE_COST
+    first = first or size
     cursor = '(' .. entry[1]
   end
   count = math.min(count * 4, 1024)
 end
-out[3] = nextPosition
 return out
 `,
 };
@@ -1194,7 +1424,7 @@ return {'ok', flat(m)}
 
 /**
  * Deletes, or soft-deletes while forks exist: the metadata stays (without
- * expiry) to answer 410 and hold the path; the records go, forks have their own.
+ * expiry) to answer 410 and hold the path; the data goes, forks have their own.
  */
 const DS_DELETE: Script = {
   source: PRELUDE + `
@@ -1206,7 +1436,7 @@ if redis.call('SCARD', key('f', PATH)) > 0 then
   redis.call('HSET', key('m', PATH), 'del', '1')
   redis.call('PERSIST', key('m', PATH))
   redis.call('PERSIST', key('f', PATH))
-  redis.call('DEL', key('d', PATH), key('p', PATH))
+  redis.call('UNLINK', key('d', PATH), key('p', PATH), key('q', PATH))
   wake(PATH)
 else
   remove(PATH, m)
@@ -1215,4 +1445,4 @@ return {'deleted'}
 `,
 };
 
-const SCRIPTS = [DS_CREATE, DS_APPEND, DS_READ, DS_INFO, DS_DELETE];
+const SCRIPTS = [DS_CREATE, DS_COPY, DS_FINISH, DS_APPEND, DS_READ, DS_INFO, DS_DELETE];

@@ -155,6 +155,15 @@ async function serveNode(handler: Handler, address: Address): Promise<Listener> 
       headers.append(incoming.rawHeaders[i], incoming.rawHeaders[i + 1]);
     }
     const hasBody = incoming.method !== "GET" && incoming.method !== "HEAD";
+    let url: URL;
+    try {
+      url = new URL(`http://${headers.get("host") ?? "localhost"}${incoming.url}`);
+    } catch {
+      // Said to the client only: a log line per such request would let anyone flood the log.
+      const body = JSON.stringify({ error: "malformed Host header or request target" });
+      outgoing.writeHead(400, { "content-type": "application/json", connection: "close" });
+      return void outgoing.end(body);
+    }
     let response: Response;
     try {
       const init: RequestInit & { duplex?: "half" } = {
@@ -164,9 +173,7 @@ async function serveNode(handler: Handler, address: Address): Promise<Listener> 
         signal: aborted.signal,
         duplex: "half", // a streamed request body needs it
       };
-      response = await handler(
-        new Request(`http://${headers.get("host") ?? "localhost"}${incoming.url}`, init),
-      );
+      response = await handler(new Request(url, init));
     } catch (error) {
       response = internalError(error);
     }

@@ -20,20 +20,19 @@
  * @module
  */
 import {
+  access,
   type Authorize,
   Broker,
   createHandler,
-  type Grants,
+  HttpError,
   jwtAuth,
   MemoryLog,
   METRICS_CONTENT_TYPE,
   metricsText,
-  selectorsMatch,
   tokenAuth,
-  TokenError,
 } from "./mod.ts";
 import { renderPage } from "./page.ts";
-import { createStreamsHandler } from "./streams.ts";
+import { createStreamsHandler, type StreamsHandler } from "./streams.ts";
 import { probeResponse } from "./probe.ts";
 import {
   currentRuntime,
@@ -58,6 +57,10 @@ const redisUrl = runtime.env("REDIS_URL");
 const heartbeatMs = integerSetting(runtime, "HEARTBEAT_MS", 15_000);
 const drainMs = integerSetting(runtime, "DRAIN_MS", 0);
 const metricsToken = runtime.env("METRICS_TOKEN") || undefined;
+const bodyTimeout = integerSetting(runtime, "BODY_TIMEOUT_MS", 10_000);
+const redisTimeout = integerSetting(runtime, "REDIS_TIMEOUT_MS", 2000);
+const corsOrigin = runtime.env("CORS_ORIGIN") || "*";
+const allowOrigin = corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim());
 
 /** Stops at start with a one-line reason and exit 1. */
 function fail(reason: string): never {
@@ -98,6 +101,8 @@ async function authorization(): Promise<Authorize> {
     issuer: runtime.env("JWT_ISSUER") || undefined,
     claim: runtime.env("JWT_CLAIM") || undefined,
     cookie: jwtCookie,
+    // Pages of the listed origins may publish with the cookie, as they may read with it.
+    cookieOrigins: allowOrigin === "*" ? [] : allowOrigin,
     allowAnonymous: runtime.env("ALLOW_ANONYMOUS") === "1",
   }).catch((error: Error) =>
     fail(error.message.replace(/^secret/, "JWT_SECRET").replace(/^publicKey/, "JWT_PUBLIC_KEY"))
@@ -112,6 +117,7 @@ const redis = redisUrl
     logger: (line) => log("error", line),
     historyTtl,
     idempotencyWindow,
+    timeout: redisTimeout,
   })
     .catch((error) => fail(error.message))
   : undefined;
@@ -124,62 +130,16 @@ const broker = new Broker({
   maxQueueBytes: integerSetting(runtime, "MAX_QUEUE_BYTES", 1 << 20),
   maxClients: integerSetting(runtime, "MAX_CLIENTS", 0) || Infinity,
   maxTopics: integerSetting(runtime, "MAX_TOPICS", 32),
+  maxBatch: integerSetting(runtime, "MAX_BATCH", 1000),
   shedRetry: shedRetry(),
 });
-const corsOrigin = runtime.env("CORS_ORIGIN") || "*";
 const authorize = await authorization();
 const handleBroker = createHandler(broker, {
   maxBodyBytes: integerSetting(runtime, "MAX_BODY", 65536),
+  bodyTimeout,
   authorize,
-  allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
+  allowOrigin,
 });
-
-/**
- * What `authorize` lets `request` do: everything (`true`), its grants, or
- * nothing, with the reason for a 401. Only `true` or grants allow: a hook
- * that forgets to return refuses.
- */
-async function access(
-  request: Request,
-  action: "subscribe" | "publish",
-): Promise<true | Grants | { refused: string }> {
-  try {
-    const allowed = await authorize(request, action);
-    if (allowed === true || (typeof allowed === "object" && allowed !== null)) return allowed;
-    return { refused: "a valid token is required" };
-  } catch (error) {
-    if (!(error instanceof TokenError)) throw error;
-    return { refused: error.message };
-  }
-}
-
-/**
- * Durable Streams under STREAMS_PATH take the broker's access rules: reading
- * a stream needs a subscribe grant for its name (its path below
- * STREAMS_PATH), writing one a publish grant; a shared token allows all.
- */
-async function streamsGuard(
-  request: Request,
-  action: "read" | "write",
-  name: string,
-): Promise<Response | undefined> {
-  const mode = action === "read" ? "subscribe" : "publish";
-  const allowed = await access(request, mode);
-  if (allowed === true || (!("refused" in allowed) && selectorsMatch(allowed[mode] ?? [], name))) {
-    return undefined;
-  }
-  broker.countRejection("auth");
-  const [status, reason] = "refused" in allowed
-    ? [401, allowed.refused]
-    : [403, `no ${mode} grant for ${JSON.stringify(name)}`];
-  return new Response(`${reason}\n`, {
-    status,
-    headers: {
-      "content-type": "text/plain; charset=utf-8",
-      ...status === 401 ? { "www-authenticate": 'Bearer realm="streams"' } : {},
-    },
-  });
-}
 
 const streamsPath = (runtime.env("STREAMS_PATH") || "/v1/stream/").replace(/\/?$/, "/");
 if (!/^\/[^/]/.test(streamsPath)) {
@@ -190,16 +150,19 @@ const streamStore = redisUrl
   ? await (await import("./redis.ts")).RedisStreamStore.connect({
     url: redisUrl,
     logger: (line) => log("error", line),
+    timeout: redisTimeout,
   })
     .catch((error) => fail(error.message))
   : undefined;
-const handleStreams = createStreamsHandler({
-  prefix: streamsPath,
-  store: streamStore,
-  longPollTimeout: integerSetting(runtime, "STREAMS_LONG_POLL_MS", 20_000),
-  allowOrigin: corsOrigin === "*" ? "*" : corsOrigin.split(",").map((origin) => origin.trim()),
-  guard: streamsGuard,
-});
+const streamsMaxBytes = integerSetting(runtime, "STREAMS_MAX_BYTES", 256 * 1024 * 1024);
+const streamsLongPoll = integerSetting(runtime, "STREAMS_LONG_POLL_MS", 20_000);
+const publicUrl = runtime.env("PUBLIC_URL") || undefined;
+if (publicUrl !== undefined && !/^https?:\/\/[^/]+\/?$/.test(publicUrl)) {
+  fail(`PUBLIC_URL must be an origin such as "https://sse.example.com", got "${publicUrl}"`);
+}
+/** Set once listening, when the origin (the real port) is known. */
+// deno-lint-ignore prefer-const -- assigned once listening, when the port is known
+let handleStreams: StreamsHandler;
 
 const page = renderPage({
   retryMs,
@@ -210,9 +173,45 @@ const page = renderPage({
 // Prometheus sends the token as a bearer token; tokenAuth compares in constant time.
 const metricsAuth = tokenAuth({ publish: metricsToken });
 
-/** Path checks under way, and how many may run at once. */
-let probes = 0;
-const MAX_PROBES = 8;
+/**
+ * `POST /session` with `Authorization: Bearer <token>` sets the token cookie
+ * for the page, HttpOnly so that no script of the page can read it; `DELETE`
+ * clears it. The token in a header (which another site cannot set without a
+ * preflight this route refuses) keeps other sites from signing a visitor in.
+ */
+async function session(request: Request, cookie: string): Promise<Response> {
+  const secure = new URL(publicUrl ?? request.url).protocol === "https:" ? "; Secure" : "";
+  const attributes = `Path=/; HttpOnly; SameSite=Strict${secure}`;
+  if (request.method === "DELETE") {
+    return new Response(null, {
+      status: 204,
+      headers: { "set-cookie": `${cookie}=; ${attributes}; Max-Age=0` },
+    });
+  }
+  if (request.method !== "POST") {
+    return Response.json({ error: "use POST or DELETE" }, {
+      status: 405,
+      headers: { allow: "POST, DELETE" },
+    });
+  }
+  const token = /^Bearer +(\S+) *$/i.exec(request.headers.get("authorization") ?? "")?.[1];
+  if (token === undefined) {
+    return new HttpError(401, "send the token as Authorization: Bearer <token>", {
+      "www-authenticate": 'Bearer realm="sse"',
+    }).response();
+  }
+  try {
+    await access(authorize, request, "subscribe");
+  } catch (error) {
+    if (!(error instanceof HttpError)) throw error;
+    broker.countRejection("auth");
+    return error.response();
+  }
+  return new Response(null, {
+    status: 204,
+    headers: { "set-cookie": `${cookie}=${token}; ${attributes}` },
+  });
+}
 
 /** The demo's own routes, by path: each answers GET (and HEAD, which runtimes strip). */
 const routes: Record<string, Handler> = {
@@ -223,7 +222,7 @@ const routes: Record<string, Handler> = {
     return Response.json({ ready, eventLogUp, reason }, { status: ready ? 200 : 503 });
   },
   "/metrics": async (request) => {
-    if (!metricsAuth(request, "publish")) {
+    if (!(await metricsAuth(request, "publish"))) {
       return Response.json({ error: "a valid token is required" }, {
         status: 401,
         headers: { "www-authenticate": 'Bearer realm="metrics"' },
@@ -237,20 +236,21 @@ const routes: Record<string, Handler> = {
     });
   },
   "/probe": async (request, server) => {
-    // As open as subscribing, and a few at a time: each holds a connection for a while.
-    const allowed = await access(request, "subscribe");
-    if (typeof allowed === "object" && "refused" in allowed) {
-      return Response.json({ error: allowed.refused }, { status: 401 });
+    // As open as subscribing, and a place in MAX_CLIENTS as a stream: it holds a connection.
+    try {
+      await access(authorize, request, "subscribe");
+    } catch (error) {
+      if (!(error instanceof HttpError)) throw error;
+      broker.countRejection("auth");
+      return error.response();
     }
-    if (probes >= MAX_PROBES) {
-      return Response.json({ error: "too many path checks at once: try again shortly" }, {
-        status: 429,
-        headers: { "retry-after": "5" },
-      });
+    const release = broker.reserve();
+    if (release === undefined) {
+      return new HttpError(503, "too many open streams: try again", { "retry-after": "5" })
+        .response();
     }
-    probes++;
     server?.timeout?.(request, 0); // silent on purpose: Bun would close it after 10 s
-    return probeResponse(2 * heartbeatMs, request.signal, () => probes--);
+    return probeResponse(2 * heartbeatMs, request.signal, release);
   },
 };
 
@@ -260,13 +260,19 @@ let stopping: "draining" | "closing" | undefined;
 const handler: Handler = async (request, server) => {
   const path = new URL(request.url).pathname;
   const route = routes[path];
-  const response = path.startsWith(streamsPath)
-    ? await handleStreams(request)
-    : route === undefined
-    ? await handleBroker(request, server)
-    : request.method !== "GET" && request.method !== "HEAD"
-    ? Response.json({ error: "use GET" }, { status: 405, headers: { allow: "GET" } })
-    : await route(request, server);
+  let response: Response;
+  if (path.startsWith(streamsPath)) {
+    response = await handleStreams(request);
+    if (response.status === 401 || response.status === 403) broker.countRejection("auth");
+  } else if (path === "/session" && jwtCookie !== undefined) {
+    response = await session(request, jwtCookie);
+  } else {
+    response = route === undefined
+      ? await handleBroker(request, server)
+      : request.method !== "GET" && request.method !== "HEAD"
+      ? Response.json({ error: "use GET" }, { status: 405, headers: { allow: "GET" } })
+      : await route(request, server);
+  }
   // While stopping, a connection serves one request: the client's next one
   // (a drained stream's reconnect) opens a new connection, which a load
   // balancer sends to another process, rather than reusing this one.
@@ -287,6 +293,19 @@ try {
 }
 const host = hostname.includes(":") ? `[${hostname}]` : hostname;
 const url = `http://${host}:${server.port}/`;
+handleStreams = createStreamsHandler({
+  prefix: streamsPath,
+  store: streamStore,
+  maxBytes: streamsMaxBytes,
+  bodyTimeout,
+  longPollTimeout: streamsLongPoll,
+  allowOrigin,
+  authorize,
+  // Live reads take places in MAX_CLIENTS, as streams of the broker do.
+  admit: () => broker.reserve(),
+  origin: new URL(publicUrl ?? url).origin,
+  logger: (line) => log("error", line),
+});
 // In text, the URL alone on the first line, for scripts that wait for it.
 if (runtime.env("LOG_FORMAT") === "json") log("info", "listening", { url });
 else console.log(url);

@@ -3,11 +3,13 @@
  * under a path prefix, created with `PUT`, appended to with `POST`, read
  * with `GET` (catch-up, long-poll or Server-Sent Events), inspected with
  * `HEAD` and removed with `DELETE`. It implements the protocol except its
- * reserved subscription APIs, and uses web standards only (no imports), so
- * it runs on Deno, Bun, Node and workers alike.
+ * reserved subscription APIs, and uses web standards only (its one import is
+ * `mod.ts`, which has none), so it runs on Deno, Bun, Node and workers alike.
  *
  * Storage sits behind {@linkcode StreamStore}; {@linkcode MemoryStreamStore}
- * keeps everything in this process.
+ * keeps everything in this process. Access takes the broker's
+ * {@linkcode Authorize} hook: the same tokens and grants for topics and
+ * streams.
  *
  * ```ts
  * import { createStreamsHandler } from "./streams.ts";
@@ -22,20 +24,24 @@
  *   `application/json` streams. A fork shares its source's offsets.
  * - A stream may be created again at the URL of a deleted or expired one.
  * - Both `Stream-TTL` and `Stream-Expires-At` on one request: 400.
- * - A full store answers 507 Insufficient Storage; a body over the request
- *   limit answers 413.
+ * - A request past a stream's size limit answers 413 (the protocol's
+ *   "exceeds server limits"); a full store answers 503 with `Retry-After`,
+ *   as a busy server does, since room comes back as streams expire or go.
+ * - Idempotent producers: at most `maxProducers` per stream, the least
+ *   recently used forgotten first (the protocol lets servers clean up
+ *   producer state; a forgotten producer counts as new).
  *
  * @module
  */
+import { access, type Authorize, type Grants, HttpError, readBody, selectorsMatch } from "./mod.ts";
 
 // ---------------------------------------------------------------------------
 // Storage
 // ---------------------------------------------------------------------------
 
 /**
- * How a stream counts positions: `bytes` advances by each record's length
- * (binary and text streams), `messages` by one per record (JSON streams,
- * one record per message).
+ * How a stream counts positions: `bytes` advances by each byte (binary and
+ * text streams), `messages` by one per message (JSON streams).
  */
 export type Framing = "bytes" | "messages";
 
@@ -75,7 +81,11 @@ export interface CreateRequest {
   expiresAt?: number;
   /** Create the stream closed. */
   closed: boolean;
-  /** Initial records (after a fork's inherited data). */
+  /**
+   * Initial data (after a fork's inherited data), as in
+   * {@linkcode AppendRequest.records}, for `framing`: a fork that inherits
+   * another framing from its source refuses it (`conflict`).
+   */
   records: Uint8Array[];
   /** Fork: source path, anchor position (the source's tail when absent) and sub-offset. */
   fork?: { from: string; anchor?: number; subOffset: number };
@@ -83,12 +93,18 @@ export interface CreateRequest {
   contentTypeGiven: boolean;
 }
 
+/**
+ * Why a store refused to take more: `stream-full`, this stream would pass
+ * its size limit (`413`); `store-full`, the store has no room (`503`).
+ */
+export type Full = { status: "stream-full" | "store-full"; reason: string };
+
 /** The outcome of {@linkcode StreamStore.create}. */
 export type CreateResult =
   | { status: "created" | "exists"; info: StreamInfo }
   | { status: "conflict"; reason: string }
   | { status: "source-missing" | "source-gone" | "bad-fork"; reason: string }
-  | { status: "full"; reason: string };
+  | Full;
 
 /** Idempotent producer headers of an append. */
 export interface ProducerClaim {
@@ -104,7 +120,11 @@ export interface ProducerClaim {
 export interface AppendRequest {
   /** The request's content type (undefined when absent). */
   contentType?: string;
-  /** Records to append; empty for a close-only request. */
+  /**
+   * The data to append, empty for a close-only request: bytes, or for a
+   * `messages` stream JSON texts each ending with a line feed (`\n`), which
+   * JSON text never holds otherwise, several in one record or not.
+   */
   records: Uint8Array[];
   /** Close the stream with (after) this append. */
   close: boolean;
@@ -126,7 +146,7 @@ export type AppendResult =
   | { status: "stale-epoch"; epoch: number }
   | { status: "bad-producer"; reason: string }
   | { status: "seq-gap"; expected: number; received: number }
-  | { status: "full"; reason: string };
+  | Full;
 
 /** Records read from a position, with the stream's state at that moment. */
 export type ReadResult =
@@ -135,7 +155,10 @@ export type ReadResult =
   | {
     status: "ok";
     info: StreamInfo;
-    /** For `bytes` streams, byte pieces; for `messages`, one per message. */
+    /**
+     * The data from the position on, as in {@linkcode AppendRequest.records}:
+     * bytes, or JSON texts each ending with a line feed.
+     */
     records: Uint8Array[];
     /** The position after the last record returned. */
     next: number;
@@ -148,7 +171,7 @@ export type DeleteResult = "deleted" | "missing" | "gone";
  * Where streams live. Every method is one async call, so a shared store
  * (Redis, a database) can do each atomically: `append` checks closure,
  * content type, `Stream-Seq`, the producer's epoch and sequence and the
- * size limit, then appends, in one step (a script or transaction).
+ * size limits, then appends, in one step (a script or transaction).
  */
 export interface StreamStore {
   /** Creates a stream (or a fork), or compares with the existing one. */
@@ -157,7 +180,7 @@ export interface StreamStore {
   append(path: string, request: AppendRequest): Promise<AppendResult>;
   /**
    * Reads records from `position`, about `maxBytes` at most (at least one
-   * record when there is any). `touch` resets a sliding TTL.
+   * message, or byte, when there is any). `touch` resets a sliding TTL.
    */
   read(path: string, position: number, maxBytes: number, touch: boolean): Promise<ReadResult>;
   /** The stream's metadata, without resetting its TTL. */
@@ -172,28 +195,183 @@ export interface StreamStore {
   waitForData(path: string, position: number, signal: AbortSignal): Promise<void>;
 }
 
+/**
+ * One stored piece of a stream: part or all of one append's data, at most
+ * {@linkcode PIECE_BYTES} long (a longer single message stays whole), so
+ * that a store keeps an append of any number of messages as a few pieces
+ * and a read from any position touches little more than it returns. The
+ * stores share this layout and {@linkcode toPieces} and
+ * {@linkcode readPieces}, so they cut and count alike.
+ */
+export interface Piece {
+  /** The position after the piece. */
+  end: number;
+  /** Bytes, or JSON messages each ending with a line feed. */
+  data: Uint8Array;
+  /** Where the append the piece came with ends: a fork's sub-offset stops there. */
+  batchEnd: number;
+}
+
+/** The most bytes of one {@linkcode Piece}, but for a single longer message. */
+export const PIECE_BYTES = 64 * 1024;
+
+/**
+ * What a stored piece counts for against the size limits besides its data:
+ * the bookkeeping every piece costs a store, so that a flood of one-byte
+ * appends is not free.
+ */
+export const PIECE_COST = 128;
+
+/** What a producer's state counts for against a store's size limit, besides its id. */
+export const PRODUCER_COST = 64;
+
+const LINE_FEED = 0x0a;
+
+/** How many messages (line feeds) `data` holds. */
+function messageCount(data: Uint8Array): number {
+  let count = 0;
+  for (let at = data.indexOf(LINE_FEED); at !== -1; at = data.indexOf(LINE_FEED, at + 1)) count++;
+  return count;
+}
+
+/** How many positions a piece's data spans. */
+function span(data: Uint8Array, framing: Framing): number {
+  return framing === "bytes" ? data.length : messageCount(data);
+}
+
+/** Where the first `count` positions of `data` end, in bytes. */
+function offsetOf(data: Uint8Array, count: number, framing: Framing): number {
+  if (framing === "bytes") return count;
+  let at = 0;
+  for (let i = 0; i < count; i++) at = data.indexOf(LINE_FEED, at) + 1;
+  return at;
+}
+
+/**
+ * What pieces count for against the size limits: their data, and
+ * {@linkcode PIECE_COST} each.
+ *
+ * @param pieces The pieces.
+ * @returns Their cost in bytes.
+ */
+export function costOf(pieces: readonly Piece[]): number {
+  let cost = 0;
+  for (const piece of pieces) cost += piece.data.length + PIECE_COST;
+  return cost;
+}
+
+/**
+ * Cuts one append's records into {@linkcode Piece}s that follow `tail`:
+ * bytes at {@linkcode PIECE_BYTES}, messages at the last line feed within
+ * it. Empty records add nothing.
+ *
+ * @param records The append's data, as in {@linkcode AppendRequest.records}.
+ * @param framing How the stream counts positions.
+ * @param tail The stream's tail before the append.
+ * @returns The pieces, in order, each with the append's end as `batchEnd`.
+ */
+export function toPieces(records: readonly Uint8Array[], framing: Framing, tail: number): Piece[] {
+  const pieces: Piece[] = [];
+  let end = tail;
+  for (const record of records) {
+    let from = 0;
+    while (from < record.length) {
+      let to = Math.min(from + PIECE_BYTES, record.length);
+      if (framing === "messages" && to < record.length) {
+        const last = record.lastIndexOf(LINE_FEED, to - 1);
+        to = last >= from ? last + 1 : record.indexOf(LINE_FEED, to) + 1 || record.length;
+      }
+      const data = record.subarray(from, to);
+      end += span(data, framing);
+      pieces.push({ end, data, batchEnd: 0 });
+      from = to;
+    }
+  }
+  for (const piece of pieces) piece.batchEnd = end;
+  return pieces;
+}
+
+/**
+ * Reads from `position` in a run of pieces: the data from there on, cut at
+ * message boundaries, until it counts for about `maxBytes` as the size
+ * limits count (its bytes, and {@linkcode PIECE_COST} per piece, so a read
+ * of many small pieces stops early), but at least one message (or byte)
+ * when there is any.
+ *
+ * @param pieces The stream's pieces in order, from the one that holds
+ *   `position` on (earlier ones are skipped).
+ * @param framing How the stream counts positions.
+ * @param position Where to read from.
+ * @param maxBytes About how much to read.
+ * @returns The records, and the position after them.
+ */
+export function readPieces(
+  pieces: Iterable<Piece>,
+  framing: Framing,
+  position: number,
+  maxBytes: number,
+): { records: Uint8Array[]; next: number } {
+  const records: Uint8Array[] = [];
+  let next = position;
+  let size = 0;
+  for (const piece of pieces) {
+    if (piece.end <= next) continue;
+    if (records.length > 0 && size >= maxBytes) break;
+    // Pieces follow each other: only the first may start before `next`.
+    const start = records.length > 0 ? next : piece.end - span(piece.data, framing);
+    let data = piece.data.subarray(offsetOf(piece.data, next - start, framing));
+    const room = maxBytes - size - PIECE_COST;
+    if (records.length > 0 && data.length > room) {
+      // What the allowance has room for: bytes up to it, whole messages within it.
+      if (room <= 0) break;
+      data = framing === "bytes"
+        ? data.subarray(0, room)
+        : data.subarray(0, data.lastIndexOf(LINE_FEED, room - 1) + 1);
+      if (data.length === 0) break;
+    }
+    records.push(data);
+    size += data.length + PIECE_COST;
+    next = next === start && data.length === piece.data.length
+      ? piece.end
+      : next + span(data, framing);
+  }
+  return { records, next };
+}
+
 /** Limits of a {@linkcode MemoryStreamStore}. */
 export interface MemoryStreamStoreOptions {
   /** Streams held at most, soft-deleted ones included. Defaults to 10000. */
   maxStreams?: number;
-  /** Bytes one stream may hold, inherited data included. Defaults to 64 MiB. */
+  /**
+   * Bytes one stream may hold, inherited data included, each piece
+   * counting {@linkcode PIECE_COST} more. Defaults to 64 MiB.
+   */
   maxStreamBytes?: number;
-}
-
-interface Entry {
-  start: number;
-  end: number;
-  data: Uint8Array;
-  /** Where the append this record came with ends: sub-offsets stop there. */
-  batchEnd: number;
+  /**
+   * Bytes the whole store may hold: every stream's, as counted for
+   * `maxStreamBytes`, and each producer's state ({@linkcode PRODUCER_COST}
+   * and its id). Defaults to 256 MiB.
+   */
+  maxBytes?: number;
+  /**
+   * Idempotent producers remembered per stream; past it, the one unused
+   * longest is forgotten (it counts as new if it comes back). Defaults to
+   * 1000.
+   */
+  maxProducers?: number;
 }
 
 interface MemoryStream {
   info: StreamInfo;
-  entries: Entry[];
+  /** The data, inherited pieces first (shared with the source). */
+  pieces: Piece[];
+  /** What the stream counts for against the limits: its pieces. */
   bytes: number;
   lastSeq?: string;
+  /** Producers by id, the least recently used first. */
   producers: Map<string, { epoch: number; seq: number }>;
+  /** What the producers count for against the store's limit. */
+  producerBytes: number;
   closedBy?: ProducerClaim;
   /** Forks made from this stream and not yet deleted. */
   forks: number;
@@ -205,23 +383,44 @@ interface MemoryStream {
   waiters: Set<() => void>;
 }
 
+/** The index of the first piece that ends after `position` (`pieces.length` if none). */
+function pieceAfter(pieces: readonly Piece[], position: number): number {
+  let low = 0;
+  let high = pieces.length;
+  while (low < high) {
+    const middle = (low + high) >> 1;
+    if (pieces[middle].end <= position) low = middle + 1;
+    else high = middle;
+  }
+  return low;
+}
+
 /**
  * Streams in this process's memory: lost on restart, not shared between
  * processes. Each call checks and applies its change in one synchronous
  * step, so appends (producer checks included) are atomic and serialized per
- * stream. Forks share their source's record buffers. Expired streams are
- * removed when next touched and swept when the store is full. Producer
- * state lives as long as its stream.
+ * stream. Forks share their source's data. Expired streams are removed when
+ * next touched and swept when the store is full.
  */
 export class MemoryStreamStore implements StreamStore {
   #streams = new Map<string, MemoryStream>();
   #maxStreams: number;
   #maxStreamBytes: number;
+  #maxBytes: number;
+  #maxProducers: number;
+  /** What every stream and producer here counts for. */
+  #bytes = 0;
 
-  /** A store with the given limits. */
+  /**
+   * A store with the given limits.
+   *
+   * @param options See {@linkcode MemoryStreamStoreOptions}.
+   */
   constructor(options: MemoryStreamStoreOptions = {}) {
-    this.#maxStreams = options.maxStreams ?? 10_000;
-    this.#maxStreamBytes = options.maxStreamBytes ?? 64 * 1024 * 1024;
+    this.#maxStreams = count("maxStreams", options.maxStreams ?? 10_000);
+    this.#maxStreamBytes = count("maxStreamBytes", options.maxStreamBytes ?? 64 * 1024 * 1024);
+    this.#maxBytes = count("maxBytes", options.maxBytes ?? 256 * 1024 * 1024);
+    this.#maxProducers = count("maxProducers", options.maxProducers ?? 1000);
   }
 
   /** The live stream at `path`, after dropping it if it has expired. */
@@ -243,7 +442,10 @@ export class MemoryStreamStore implements StreamStore {
 
   /** Removes a stream's data and releases its source (cascading). */
   #remove(path: string, stream: MemoryStream): void {
-    if (this.#streams.get(path) === stream) this.#streams.delete(path);
+    if (this.#streams.get(path) === stream) {
+      this.#streams.delete(path);
+      this.#bytes -= stream.bytes + stream.producerBytes;
+    }
     this.#wake(stream);
     let child = stream;
     let parent = stream.source;
@@ -255,6 +457,7 @@ export class MemoryStreamStore implements StreamStore {
       if (this.#streams.get(parentPath) !== parent) break;
       if (!(parent.softDeleted && parent.forks <= 0)) break;
       this.#streams.delete(parentPath);
+      this.#bytes -= parent.bytes + parent.producerBytes;
       child = parent;
       parent = parent.source;
     }
@@ -271,20 +474,29 @@ export class MemoryStreamStore implements StreamStore {
     }
   }
 
-  #push(stream: MemoryStream, records: Uint8Array[]): void {
-    const { info } = stream;
-    let position = info.tail;
-    const added: Entry[] = [];
-    for (const data of records) {
-      const size = info.framing === "bytes" ? data.length : 1;
-      if (size === 0) continue;
-      added.push({ start: position, end: position + size, data, batchEnd: 0 });
-      position += size;
-      stream.bytes += data.length;
-    }
-    for (const entry of added) entry.batchEnd = position;
-    stream.entries.push(...added);
-    info.tail = position;
+  /** Whether `more` bytes fit in the store, after sweeping expired streams if they would not. */
+  #room(more: number): boolean {
+    if (this.#bytes + more > this.#maxBytes) this.#sweep();
+    return this.#bytes + more <= this.#maxBytes;
+  }
+
+  #storeFull(): Full {
+    return { status: "store-full", reason: `the store holds at most ${this.#maxBytes} bytes` };
+  }
+
+  #streamFull(): Full {
+    return {
+      status: "stream-full",
+      reason: `a stream holds at most ${this.#maxStreamBytes} bytes`,
+    };
+  }
+
+  /** Adds pieces (that follow its tail) to a stream and counts them. */
+  #push(stream: MemoryStream, pieces: readonly Piece[], cost: number): void {
+    for (const piece of pieces) stream.pieces.push(piece);
+    stream.info.tail = pieces.at(-1)?.end ?? stream.info.tail;
+    stream.bytes += cost;
+    this.#bytes += cost;
   }
 
   /** {@inheritDoc StreamStore.create} */
@@ -336,8 +548,11 @@ export class MemoryStreamStore implements StreamStore {
     if (source && mediaType(source.info.contentType) !== mediaType(contentType)) {
       return { status: "conflict", reason: "the content type differs from the source stream's" };
     }
-    const entries: Entry[] = [];
-    let bytes = 0;
+    if (source && source.info.framing !== request.framing && request.records.length > 0) {
+      // The records were cut for the request's framing, not the source's.
+      return { status: "conflict", reason: "the initial data is not of the source stream's type" };
+    }
+    const pieces: Piece[] = [];
     let tail = 0;
     let anchor: number | undefined;
     if (source && request.fork) {
@@ -347,7 +562,7 @@ export class MemoryStreamStore implements StreamStore {
         return { status: "bad-fork", reason: "the fork offset is past the source's tail" };
       }
       if (sub > 0) {
-        const at = source.entries.find((entry) => entry.start <= anchor! && anchor! < entry.end);
+        const at = source.pieces[pieceAfter(source.pieces, anchor)];
         if (!at || anchor + sub > at.batchEnd) {
           return {
             status: "bad-fork",
@@ -356,22 +571,32 @@ export class MemoryStreamStore implements StreamStore {
         }
       }
       tail = anchor + sub;
-      for (const entry of source.entries) {
-        if (entry.start >= tail) break;
-        const end = Math.min(entry.end, tail);
-        const data = end === entry.end ? entry.data : entry.data.subarray(0, end - entry.start);
-        entries.push({ start: entry.start, end, data, batchEnd: Math.min(entry.batchEnd, tail) });
-        bytes += data.length;
+      // The source's pieces up to the fork's tail, the last one cut there.
+      const from = source.info.framing;
+      for (const piece of source.pieces) {
+        const start = piece.end - span(piece.data, from);
+        if (start >= tail) break;
+        pieces.push(
+          piece.end <= tail ? piece : {
+            end: tail,
+            data: piece.data.subarray(0, offsetOf(piece.data, tail - start, from)),
+            batchEnd: Math.min(piece.batchEnd, tail),
+          },
+        );
       }
     }
-    const size = bytes + request.records.reduce((sum, record) => sum + record.length, 0);
-    if (size > this.#maxStreamBytes) {
-      return { status: "full", reason: `a stream holds at most ${this.#maxStreamBytes} bytes` };
-    }
+    const inherited = costOf(pieces);
+    const added = toPieces(request.records, framing, tail);
+    const cost = inherited + costOf(added);
+    if (cost > this.#maxStreamBytes) return this.#streamFull();
     if (this.#streams.size >= this.#maxStreams) this.#sweep();
     if (this.#streams.size >= this.#maxStreams) {
-      return { status: "full", reason: `the store holds at most ${this.#maxStreams} streams` };
+      return {
+        status: "store-full",
+        reason: `the store holds at most ${this.#maxStreams} streams`,
+      };
     }
+    if (!this.#room(cost)) return this.#storeFull();
     const stream: MemoryStream = {
       info: {
         contentType,
@@ -385,16 +610,17 @@ export class MemoryStreamStore implements StreamStore {
         forkAnchor: request.fork ? anchor : undefined,
         forkSubOffset: request.fork?.subOffset,
       },
-      entries,
-      bytes,
+      pieces: [],
+      bytes: 0,
       producers: new Map(),
+      producerBytes: 0,
       forks: 0,
       softDeleted: false,
       touched: Date.now(),
       waiters: new Set(),
       source,
     };
-    this.#push(stream, request.records);
+    this.#push(stream, [...pieces, ...added], cost);
     stream.info.closed = request.closed;
     if (source) source.forks++;
     this.#streams.set(path, stream);
@@ -414,7 +640,7 @@ export class MemoryStreamStore implements StreamStore {
     const { info } = stream;
     const producer = request.producer;
     const state = producer && stream.producers.get(producer.id);
-    const hasData = request.records.length > 0;
+    const hasData = request.records.some((record) => record.length > 0);
     if (producer && state && producer.epoch < state.epoch) {
       return { status: "stale-epoch", epoch: state.epoch };
     }
@@ -456,13 +682,14 @@ export class MemoryStreamStore implements StreamStore {
     ) {
       return { status: "seq-regression", reason: "Stream-Seq must increase" };
     }
-    const size = request.records.reduce((sum, record) => sum + record.length, 0);
-    if (stream.bytes + size > this.#maxStreamBytes) {
-      return { status: "full", reason: `a stream holds at most ${this.#maxStreamBytes} bytes` };
-    }
-    this.#push(stream, request.records);
+    const pieces = toPieces(request.records, info.framing, info.tail);
+    const cost = costOf(pieces);
+    if (stream.bytes + cost > this.#maxStreamBytes) return this.#streamFull();
+    const producerCost = producer && !state ? PRODUCER_COST + producer.id.length : 0;
+    if (!this.#room(cost + producerCost)) return this.#storeFull();
+    this.#push(stream, pieces, cost);
     if (request.seq !== undefined) stream.lastSeq = request.seq;
-    if (producer) stream.producers.set(producer.id, { epoch: producer.epoch, seq: producer.seq });
+    if (producer) this.#remember(stream, producer, producerCost);
     if (request.close) {
       info.closed = true;
       stream.closedBy = producer ? { ...producer } : undefined;
@@ -471,36 +698,36 @@ export class MemoryStreamStore implements StreamStore {
     return { status: "ok", info: { ...info }, appended: hasData, producerSeq: producer?.seq };
   }
 
+  /** Keeps a producer's state, the most recently used last, forgetting the oldest past the limit. */
+  #remember(stream: MemoryStream, producer: ProducerClaim, cost: number): void {
+    const { producers } = stream;
+    producers.delete(producer.id);
+    producers.set(producer.id, { epoch: producer.epoch, seq: producer.seq });
+    stream.producerBytes += cost;
+    this.#bytes += cost;
+    for (const id of producers.keys()) {
+      if (producers.size <= this.#maxProducers) break;
+      producers.delete(id);
+      stream.producerBytes -= PRODUCER_COST + id.length;
+      this.#bytes -= PRODUCER_COST + id.length;
+    }
+  }
+
   /** {@inheritDoc StreamStore.read} */
   read(path: string, position: number, maxBytes: number, touch: boolean): Promise<ReadResult> {
     const stream = this.#get(path);
     if (!stream) return Promise.resolve({ status: "missing" });
     if (stream.softDeleted) return Promise.resolve({ status: "gone" });
     if (touch) stream.touched = Date.now();
-    const { entries } = stream;
-    // The first entry that ends after the position.
-    let low = 0;
-    let high = entries.length;
-    while (low < high) {
-      const middle = (low + high) >> 1;
-      if (entries[middle].end <= position) low = middle + 1;
-      else high = middle;
-    }
-    const records: Uint8Array[] = [];
-    let next = position;
-    let size = 0;
-    for (let i = low; i < entries.length && (records.length === 0 || size < maxBytes); i++) {
-      const entry = entries[i];
-      let data = entry.data;
-      if (entry.start < next) data = data.subarray(next - entry.start);
-      if (stream.info.framing === "bytes" && records.length > 0 && size + data.length > maxBytes) {
-        data = data.subarray(0, maxBytes - size);
-      }
-      records.push(data);
-      size += data.length;
-      next = stream.info.framing === "bytes" ? next + data.length : entry.end;
-    }
-    return Promise.resolve({ status: "ok", info: { ...stream.info }, records, next });
+    const { pieces, info } = stream;
+    const from = pieceAfter(pieces, position);
+    const { records, next } = readPieces(
+      pieces.slice(from, from + 1 + Math.ceil(maxBytes / PIECE_COST)),
+      info.framing,
+      position,
+      maxBytes,
+    );
+    return Promise.resolve({ status: "ok", info: { ...info }, records, next });
   }
 
   /** {@inheritDoc StreamStore.info} */
@@ -546,6 +773,14 @@ export class MemoryStreamStore implements StreamStore {
   }
 }
 
+/** A count option: a non-negative safe integer. */
+function count(name: string, value: number): number {
+  if (!Number.isSafeInteger(value) || value < 0) {
+    throw new RangeError(`${name} must be a non-negative integer`);
+  }
+  return value;
+}
+
 // ---------------------------------------------------------------------------
 // HTTP
 // ---------------------------------------------------------------------------
@@ -556,13 +791,47 @@ export interface StreamsHandlerOptions {
   prefix?: string;
   /** Where streams live. Defaults to a new {@linkcode MemoryStreamStore}. */
   store?: StreamStore;
+  /**
+   * Who may do what, as for the broker: the {@linkcode Authorize} hook of
+   * `mod.ts`. Reading a stream (`GET`, `HEAD`) asks for `subscribe` and
+   * needs a `subscribe` grant that matches the stream's name (its path
+   * below `prefix`, as sent); writing (`PUT`, `POST`, `DELETE`) asks for
+   * `publish` and needs a `publish` grant for it; `true` allows all. A fork
+   * also reads its source: without the source's read grant it answers as
+   * for a missing source. Live reads end when the grants expire. Defaults
+   * to allowing everything.
+   */
+  authorize?: Authorize;
+  /**
+   * Called before each live read (long-poll or SSE) is held open; returns
+   * the function to call once it has ended, or `undefined` to refuse it
+   * with `503` and `Retry-After`, so that one budget can bound every
+   * response held open (`Broker.reserve` is one). Defaults to admitting
+   * every live read.
+   */
+  admit?: () => (() => void) | undefined;
+  /**
+   * The origin clients reach this server at, such as
+   * `https://streams.example.com`: a created stream's `Location` is that
+   * origin and the stream's path. Defaults to none: `Location` is the
+   * path alone (a request's own `Host` is never echoed).
+   */
+  origin?: string;
   /** Bytes one request body may have (413 beyond). Defaults to 8 MiB. */
   maxBodyBytes?: number;
-  /** Bytes one stream may hold, for the default store. Defaults to 64 MiB. */
+  /** Milliseconds one request body may take to arrive in full (408 beyond). Defaults to 10000. */
+  bodyTimeout?: number;
+  /** JSON messages one request may carry (413 beyond). Defaults to 100000. */
+  maxMessages?: number;
+  /** Bytes one stream may hold, for the default store (`MemoryStreamStoreOptions`). Defaults to 64 MiB. */
   maxStreamBytes?: number;
   /** Streams held at most, for the default store. Defaults to 10000. */
   maxStreams?: number;
-  /** Bytes of data one read response carries, about. Defaults to 1 MiB. */
+  /** Bytes the whole default store may hold. Defaults to 256 MiB. */
+  maxBytes?: number;
+  /** Idempotent producers remembered per stream, for the default store. Defaults to 1000. */
+  maxProducers?: number;
+  /** Bytes one read response carries, about (see `readPieces`). Defaults to 1 MiB. */
   maxReadBytes?: number;
   /** Milliseconds a long-poll read waits for data before 204. Defaults to 20000. */
   longPollTimeout?: number;
@@ -572,21 +841,15 @@ export interface StreamsHandlerOptions {
   cacheControl?: string;
   /**
    * Origins allowed to read responses: `*`, or a list (the request's
-   * `Origin` is echoed when listed). Defaults to `*`.
+   * `Origin` is echoed when it is exactly one of them). Defaults to `*`.
    */
-  allowOrigin?: string | string[];
+  allowOrigin?: "*" | readonly string[];
   /**
-   * Runs before every request but a CORS preflight, with what it does to
-   * which stream: `read` (`GET`, `HEAD`) or `write` (`PUT`, `POST`,
-   * `DELETE`), and the stream's name (its path below `prefix`, as sent).
-   * Returns a response to refuse the request with (a 401 or a 403), or
-   * `undefined` to serve it. Defaults to serving every request.
+   * Told, in one line, when the store fails (its requests answer `503`)
+   * and when it answers again; the line holds no request data. Defaults
+   * to none.
    */
-  guard?: (
-    request: Request,
-    action: "read" | "write",
-    name: string,
-  ) => Response | undefined | Promise<Response | undefined>;
+  logger?: (line: string) => void;
 }
 
 /** A fetch handler: a request in, a response out. Never rejects. */
@@ -598,6 +861,8 @@ const CURSOR_INTERVAL = 20_000;
 const ZERO = "0000000000000000";
 const OFFSET = /^(\d{16})_(\d{16})$/;
 const INTEGER = /^(0|[1-9]\d*)$/;
+// deno-lint-ignore no-control-regex -- control characters are what it refuses
+const PRODUCER_ID = /^[^\x00-\x1f\x7f]{1,256}$/;
 const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
 const EXPOSED = [
   "Stream-Next-Offset",
@@ -614,6 +879,7 @@ const EXPOSED = [
   "ETag",
   "Location",
   "Content-Type",
+  "Retry-After",
 ].join(", ");
 const ALLOWED_HEADERS = [
   "Content-Type",
@@ -633,11 +899,15 @@ const ALLOWED_HEADERS = [
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 const EMPTY = new Uint8Array(0);
-/** SSE frames kept for sharing between readers: enough for many streams' tails at once. */
+/** SSE data frames kept for sharing between readers, at most: how many, and their bytes. */
 const MAX_FRAMES = 256;
+const MAX_FRAME_BYTES = 8 * 1024 * 1024;
+/** Seconds a client waits before it retries a full store, or a live read refused for the budget. */
+const RETRY_FULL = "10";
+const RETRY_BUSY = "5";
 
 /** The media type alone, lower case: `Text/Plain; charset=x` is `text/plain`. */
-function mediaType(contentType: string): string {
+export function mediaType(contentType: string): string {
   return contentType.split(";")[0].trim().toLowerCase();
 }
 
@@ -665,47 +935,33 @@ function closedHeader(headers: Headers): boolean {
   return headers.get("stream-closed")?.toLowerCase() === "true";
 }
 
-/** A one-line reason with a status. */
-class HttpError extends Error {
-  status: number;
-  headers: Record<string, string>;
-  constructor(status: number, message: string, headers: Record<string, string> = {}) {
-    super(message);
-    this.status = status;
-    this.headers = headers;
+/**
+ * Checks a stream's name (its path below the prefix), for the stream a
+ * request names and for a fork's source alike.
+ */
+function checkName(name: string, path: string): void {
+  if (name === "") throw new HttpError(404, "no stream at this path");
+  if (name.split("/")[0] === "__ds") {
+    throw new HttpError(501, "the subscription APIs (__ds) are not implemented");
+  }
+  if (path.length > MAX_PATH) {
+    throw new HttpError(414, `a stream path has at most ${MAX_PATH} characters`);
+  }
+  if (name.split("/").some((segment) => segment === "." || segment === "..")) {
+    throw new HttpError(400, "a stream path has no . or .. segments");
   }
 }
 
-/** The request body, at most `limit` bytes (else 413). */
-async function readBody(request: Request, limit: number): Promise<Uint8Array> {
-  const declared = Number(request.headers.get("content-length") ?? NaN);
-  if (declared > limit) throw new HttpError(413, `the body is over ${limit} bytes`);
-  if (!request.body) return new Uint8Array(0);
-  const reader = request.body.getReader();
-  const parts: Uint8Array[] = [];
-  let size = 0;
-  while (true) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    size += value.length;
-    if (size > limit) {
-      await reader.cancel().catch(() => {});
-      throw new HttpError(413, `the body is over ${limit} bytes`);
-    }
-    parts.push(value);
-  }
-  if (parts.length === 1) return parts[0];
-  const body = new Uint8Array(size);
-  let at = 0;
-  for (const part of parts) {
-    body.set(part, at);
-    at += part.length;
-  }
-  return body;
+/** Whether what `authorize` allowed covers `action` on the stream `name`. */
+function permits(allowed: true | Grants, action: "subscribe" | "publish", name: string): boolean {
+  return allowed === true || selectorsMatch(allowed[action] ?? [], name);
 }
 
-/** A JSON body as records, one per message; arrays flatten one level. */
-function jsonRecords(body: Uint8Array, allowEmpty: boolean): Uint8Array[] {
+/**
+ * A JSON body as messages, each one line of JSON text ending with a line
+ * feed; an array is its elements (one level).
+ */
+function jsonRecords(body: Uint8Array, allowEmpty: boolean, maxMessages: number): Uint8Array[] {
   let value: unknown;
   try {
     value = JSON.parse(decoder.decode(body));
@@ -716,7 +972,13 @@ function jsonRecords(body: Uint8Array, allowEmpty: boolean): Uint8Array[] {
   if (messages.length === 0 && !allowEmpty) {
     throw new HttpError(400, "an empty JSON array appends nothing");
   }
-  return messages.map((message) => encoder.encode(JSON.stringify(message)));
+  if (messages.length > maxMessages) {
+    throw new HttpError(413, `a request carries at most ${maxMessages} JSON messages`);
+  }
+  // JSON.stringify writes no raw line feed: it is free to end each message.
+  let text = "";
+  for (const message of messages) text += JSON.stringify(message) + "\n";
+  return text === "" ? [] : [encoder.encode(text)];
 }
 
 /**
@@ -741,7 +1003,7 @@ function base64(bytes: Uint8Array): string {
   return btoa(binary);
 }
 
-function concat(records: Uint8Array[]): Uint8Array {
+function concat(records: readonly Uint8Array[]): Uint8Array {
   if (records.length === 1) return records[0];
   const size = records.reduce((sum, record) => sum + record.length, 0);
   const out = new Uint8Array(size);
@@ -753,10 +1015,24 @@ function concat(records: Uint8Array[]): Uint8Array {
   return out;
 }
 
-/** A read's body: bytes as they are, JSON messages as one array. */
-function bodyOf(info: StreamInfo, records: Uint8Array[]): Uint8Array {
+/**
+ * A read's body: bytes as they are, JSON messages as one array (each line
+ * feed that ends a message becomes the comma, or the bracket, after it).
+ */
+function bodyOf(info: StreamInfo, records: readonly Uint8Array[]): Uint8Array {
   if (info.framing === "bytes") return concat(records);
-  return encoder.encode(`[${records.map((record) => decoder.decode(record)).join(",")}]`);
+  const size = records.reduce((sum, record) => sum + record.length, 0);
+  if (size === 0) return encoder.encode("[]");
+  const out = new Uint8Array(size + 1);
+  out[0] = 0x5b; // [
+  let at = 1;
+  for (const record of records) {
+    out.set(record, at);
+    at += record.length;
+  }
+  for (let i = out.indexOf(0x0a, 1); i !== -1; i = out.indexOf(0x0a, i + 1)) out[i] = 0x2c; // ,
+  out[size] = 0x5d; // ]
+  return out;
 }
 
 /** The cursor for a live response: the current interval, past the client's. */
@@ -775,7 +1051,7 @@ function cursorFor(given: string | null): string {
 function deadline(parent: AbortSignal, ms: number): { signal: AbortSignal; dispose(): void } {
   const controller = new AbortController();
   const abort = () => controller.abort();
-  const timer = setTimeout(abort, ms);
+  const timer = setTimeout(abort, Math.max(0, ms));
   parent.addEventListener("abort", abort, { once: true });
   if (parent.aborted) abort();
   return {
@@ -788,7 +1064,7 @@ function deadline(parent: AbortSignal, ms: number): { signal: AbortSignal; dispo
   };
 }
 
-/** Producer headers: all three or none, non-negative safe integers. */
+/** Producer headers: all three or none; the id printable, the numbers non-negative safe integers. */
 function producerOf(headers: Headers): ProducerClaim | undefined {
   const id = headers.get("producer-id");
   const epoch = headers.get("producer-epoch");
@@ -797,7 +1073,9 @@ function producerOf(headers: Headers): ProducerClaim | undefined {
   if (id === null || epoch === null || seq === null) {
     throw new HttpError(400, "Producer-Id, Producer-Epoch and Producer-Seq go together");
   }
-  if (id === "") throw new HttpError(400, "Producer-Id must not be empty");
+  if (!PRODUCER_ID.test(id)) {
+    throw new HttpError(400, "Producer-Id must be 1 to 256 printable characters");
+  }
   const number = (text: string, name: string) => {
     const value = Number(text);
     if (!INTEGER.test(text) || !Number.isSafeInteger(value)) {
@@ -810,8 +1088,22 @@ function producerOf(headers: Headers): ProducerClaim | undefined {
 
 /**
  * A fetch handler serving every stream under `options.prefix` (404 for other
- * paths). It answers errors with a status and a one-line text reason, and
- * never throws: a failing store answers 500.
+ * paths). It answers errors with a status and `{"error": reason}`, and
+ * never throws: a failing store answers 503 with `Retry-After`.
+ *
+ * @example
+ * ```ts
+ * import { createStreamsHandler } from "./streams.ts";
+ *
+ * const handle = createStreamsHandler({ prefix: "/v1/stream/" });
+ * const url = "http://localhost/v1/stream/greetings";
+ * await handle(new Request(url, { method: "PUT", headers: { "content-type": "text/plain" } }));
+ * await handle(new Request(url, { method: "POST", headers: { "content-type": "text/plain" }, body: "hi" }));
+ * console.log(await (await handle(new Request(url + "?offset=-1"))).text()); // "hi"
+ * ```
+ *
+ * @param options See {@linkcode StreamsHandlerOptions}.
+ * @returns The handler.
  */
 export function createStreamsHandler(options: StreamsHandlerOptions = {}): StreamsHandler {
   const prefix = options.prefix ?? "/";
@@ -819,28 +1111,59 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     new MemoryStreamStore({
       maxStreams: options.maxStreams,
       maxStreamBytes: options.maxStreamBytes,
+      maxBytes: options.maxBytes,
+      maxProducers: options.maxProducers,
     });
-  const maxBodyBytes = options.maxBodyBytes ?? 8 * 1024 * 1024;
-  const maxReadBytes = options.maxReadBytes ?? 1024 * 1024;
-  const longPollTimeout = options.longPollTimeout ?? 20_000;
-  const sseMaxDuration = options.sseMaxDuration ?? 60_000;
+  const limits = {
+    maxBytes: count("maxBodyBytes", options.maxBodyBytes ?? 8 * 1024 * 1024),
+    timeout: count("bodyTimeout", options.bodyTimeout ?? 10_000),
+  };
+  const maxMessages = count("maxMessages", options.maxMessages ?? 100_000);
+  const maxReadBytes = count("maxReadBytes", options.maxReadBytes ?? 1024 * 1024);
+  const longPollTimeout = count("longPollTimeout", options.longPollTimeout ?? 20_000);
+  const sseMaxDuration = count("sseMaxDuration", options.sseMaxDuration ?? 60_000);
   const cacheControl = options.cacheControl ?? "private, max-age=60, stale-while-revalidate=300";
   const allowOrigin = options.allowOrigin ?? "*";
-  const guard = options.guard;
-  /** The SSE frames built last, shared by the readers at the same position (see `sse`). */
+  const listed = allowOrigin === "*" ? undefined : new Set(allowOrigin);
+  const authorize: Authorize = options.authorize ?? (() => true);
+  const admit = options.admit;
+  const origin = options.origin?.replace(/\/$/, "");
+  const logger = options.logger;
+  /**
+   * The SSE data frames built last, shared by the readers at the same
+   * position (see `sse`): keyed by what the data is, never by what a client
+   * sent, and bounded in count and bytes.
+   */
   const frames = new Map<string, { bytes: Uint8Array; carry: Uint8Array }>();
+  let frameBytes = 0;
+  let storeFailing = false;
+
+  /**
+   * A store call whose failure answers 503 with `Retry-After` and no
+   * detail; the logger hears of the first failure and of the recovery.
+   */
+  function stored<T>(call: Promise<T>): Promise<T> {
+    return call.then((value) => {
+      if (storeFailing) logger?.("stream store: answering again");
+      storeFailing = false;
+      return value;
+    }, (error) => {
+      if (!storeFailing) {
+        logger?.(`stream store failed: ${(error as Error)?.message ?? error}`);
+      }
+      storeFailing = true;
+      throw new HttpError(503, "the stream store is unavailable: try again", {
+        "retry-after": "1",
+      });
+    });
+  }
 
   function respond(
     status: number,
     body: BodyInit | Uint8Array | null,
     headers: Record<string, string | undefined> = {},
   ): Response {
-    // Browser safety and CORS on every response (the origin is added by the caller).
-    const all = new Headers({
-      "x-content-type-options": "nosniff",
-      "cross-origin-resource-policy": "cross-origin",
-      "access-control-expose-headers": EXPOSED,
-    });
+    const all = new Headers(SECURITY_HEADERS);
     for (const [name, value] of Object.entries(headers)) {
       if (value !== undefined) all.set(name, value);
     }
@@ -848,11 +1171,10 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
   }
 
   function fail(error: HttpError): Response {
-    return respond(error.status, `${error.message}\n`, {
-      "content-type": "text/plain; charset=utf-8",
-      "cache-control": "no-store",
-      ...error.headers,
-    });
+    const response = error.response();
+    for (const [name, value] of Object.entries(SECURITY_HEADERS)) response.headers.set(name, value);
+    response.headers.set("cache-control", "no-store");
+    return response;
   }
 
   function streamHeaders(info: StreamInfo): Record<string, string | undefined> {
@@ -861,6 +1183,11 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       "stream-next-offset": formatOffset(info.tail),
       "stream-closed": info.closed ? "true" : undefined,
     };
+  }
+
+  function full(result: Full): never {
+    if (result.status === "stream-full") throw new HttpError(413, result.reason);
+    throw new HttpError(503, result.reason, { "retry-after": RETRY_FULL });
   }
 
   async function create(request: Request, path: string): Promise<Response> {
@@ -903,26 +1230,30 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       if (forkSub !== null && (!INTEGER.test(forkSub) || !Number.isSafeInteger(Number(forkSub)))) {
         throw new HttpError(400, "Stream-Fork-Sub-Offset must be a non-negative integer");
       }
-      let from = forkedFrom;
+      let from: string;
       try {
         from = new URL(forkedFrom, request.url).pathname;
       } catch {
         throw new HttpError(400, "Stream-Forked-From is not a path");
       }
-      if (!from.startsWith(prefix)) throw new HttpError(404, "the source stream does not exist");
+      await checkSource(request, from);
       fork = { from, anchor, subOffset: Number(forkSub ?? 0) };
     }
     const given = headers.get("content-type");
     const contentType = given?.trim() || "application/octet-stream";
     const framing: Framing = mediaType(contentType) === "application/json" ? "messages" : "bytes";
     const closed = closedHeader(headers);
-    const body = await readBody(request, maxBodyBytes);
+    const body = await readBody(request, limits);
+    if (fork && body.length > 0 && !given?.trim()) {
+      // How to read the body depends on the type, which a fork would inherit.
+      throw new HttpError(400, "a fork created with a body needs a Content-Type");
+    }
     const records = body.length === 0
       ? []
       : framing === "messages"
-      ? jsonRecords(body, true)
+      ? jsonRecords(body, true, maxMessages)
       : [body];
-    const result = await store.create(path, {
+    const result = await stored(store.create(path, {
       contentType,
       framing,
       ttlSeconds,
@@ -931,13 +1262,13 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       records,
       fork,
       contentTypeGiven: given !== null && given.trim() !== "",
-    });
+    }));
     switch (result.status) {
       case "created":
       case "exists":
         return respond(result.status === "created" ? 201 : 200, null, {
           ...streamHeaders(result.info),
-          location: result.status === "created" ? new URL(request.url).origin + path : undefined,
+          location: result.status === "created" ? (origin ?? "") + path : undefined,
         });
       case "conflict":
       case "source-gone":
@@ -946,9 +1277,30 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
         throw new HttpError(404, result.reason);
       case "bad-fork":
         throw new HttpError(400, result.reason);
-      case "full":
-        throw new HttpError(507, result.reason);
+      default:
+        return full(result);
     }
+  }
+
+  /**
+   * A fork reads its source: the source must be a stream under the prefix
+   * that the request may read. A source it may not read answers exactly as
+   * a missing one, so that forking reveals nothing of streams it cannot see.
+   */
+  async function checkSource(request: Request, from: string): Promise<void> {
+    const hidden = new HttpError(404, "the source stream does not exist");
+    if (!from.startsWith(prefix)) throw hidden;
+    const name = from.slice(prefix.length);
+    try {
+      checkName(name, from);
+    } catch {
+      throw hidden;
+    }
+    const allowed = await access(authorize, request, "subscribe").catch((error) => {
+      if (error instanceof HttpError) return undefined;
+      throw error;
+    });
+    if (allowed === undefined || !permits(allowed, "subscribe", name)) throw hidden;
   }
 
   async function append(request: Request, path: string): Promise<Response> {
@@ -957,7 +1309,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     const close = closedHeader(headers);
     const seq = headers.get("stream-seq") ?? undefined;
     const contentType = headers.get("content-type") ?? undefined;
-    const body = await readBody(request, maxBodyBytes);
+    const body = await readBody(request, limits);
     if (body.length === 0 && !close) {
       throw new HttpError(400, "an append needs a body (or Stream-Closed: true)");
     }
@@ -965,9 +1317,11 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     if (body.length > 0) {
       if (contentType === undefined) throw new HttpError(400, "an append needs a Content-Type");
       // A JSON body goes to a JSON stream only: the store checks the type.
-      records = mediaType(contentType) === "application/json" ? jsonRecords(body, false) : [body];
+      records = mediaType(contentType) === "application/json"
+        ? jsonRecords(body, false, maxMessages)
+        : [body];
     }
-    const result = await store.append(path, { contentType, records, close, seq, producer });
+    const result = await stored(store.append(path, { contentType, records, close, seq, producer }));
     const producerHeaders = (producerSeq: number) =>
       producer
         ? { "producer-epoch": String(producer.epoch), "producer-seq": String(producerSeq) }
@@ -1008,13 +1362,13 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
           "producer-expected-seq": String(result.expected),
           "producer-received-seq": String(result.received),
         });
-      case "full":
-        throw new HttpError(507, result.reason);
+      default:
+        return full(result);
     }
   }
 
   async function head(path: string): Promise<Response> {
-    const info = await store.info(path);
+    const info = await stored(store.info(path));
     if (info === "missing") throw new HttpError(404, "no stream at this path");
     if (info === "gone") throw new HttpError(410, "the stream was deleted");
     return respond(200, null, {
@@ -1028,7 +1382,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
   }
 
   async function remove(path: string): Promise<Response> {
-    const result = await store.delete(path);
+    const result = await stored(store.delete(path));
     if (result === "missing") throw new HttpError(404, "no stream at this path");
     if (result === "gone") throw new HttpError(410, "the stream was deleted");
     return respond(204, null);
@@ -1070,7 +1424,20 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     return respond(200, bodyOf(info, result.records), headers);
   }
 
-  async function read(request: Request, path: string): Promise<Response> {
+  /**
+   * A place for a live read in the budget (`admit`), or 503; and how long
+   * it may stay open: `ms`, or less when its grants expire sooner.
+   */
+  function holdOpen(allowed: true | Grants, ms: number): { release(): void; ms: number } {
+    const release = admit === undefined ? () => {} : admit();
+    if (release === undefined) {
+      throw new HttpError(503, "too many open streams: try again", { "retry-after": RETRY_BUSY });
+    }
+    const expires = allowed === true ? undefined : allowed.expires;
+    return { release, ms: expires === undefined ? ms : Math.min(ms, expires - Date.now()) };
+  }
+
+  async function read(request: Request, path: string, allowed: true | Grants): Promise<Response> {
     const url = new URL(request.url);
     const offsets = url.searchParams.getAll("offset");
     const live = url.searchParams.get("live");
@@ -1089,14 +1456,15 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       if (position === undefined) throw new HttpError(400, "the offset is malformed");
     }
     const first = found(
-      await store.read(path, position ?? Number.MAX_SAFE_INTEGER, maxReadBytes, true),
+      await stored(store.read(path, position ?? Number.MAX_SAFE_INTEGER, maxReadBytes, true)),
     );
     const tail = first.info.tail;
     position ??= tail;
     if (position > tail) throw new HttpError(400, "the offset is past the stream's tail");
     const cursor = live === null ? undefined : cursorFor(url.searchParams.get("cursor"));
     if (live === "sse") {
-      return sse(request, path, position, first.info, url.searchParams.get("cursor"));
+      const { release, ms } = holdOpen(allowed, sseMaxDuration);
+      return sse(request, path, position, first.info, url.searchParams.get("cursor"), ms, release);
     }
     if (offset === "now" && (live === null || first.info.closed)) {
       const info = first.info;
@@ -1113,16 +1481,18 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       ? { ...first, records: [], next: tail }
       : first;
     if (live === "long-poll" && result.records.length === 0 && !result.info.closed) {
-      const { signal, dispose } = deadline(request.signal, longPollTimeout);
+      const { release, ms } = holdOpen(allowed, longPollTimeout);
+      const { signal, dispose } = deadline(request.signal, ms);
       try {
         while (!signal.aborted) {
-          await store.waitForData(path, position, signal);
+          await stored(store.waitForData(path, position, signal));
           if (request.signal.aborted) break;
-          result = found(await store.read(path, position, maxReadBytes, false));
+          result = found(await stored(store.read(path, position, maxReadBytes, false)));
           if (result.records.length > 0 || result.info.closed) break;
         }
       } finally {
         dispose();
+        release();
       }
     }
     if (live === "long-poll" && result.records.length === 0) {
@@ -1138,17 +1508,31 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     return dataResponse(request, result, position, cursor);
   }
 
+  /** Keeps a frame for other readers, dropping the oldest past the bounds. */
+  function keepFrame(key: string, bytes: Uint8Array, carry: Uint8Array): void {
+    if (bytes.length > MAX_FRAME_BYTES) return;
+    frames.set(key, { bytes, carry });
+    frameBytes += bytes.length;
+    for (const [old, frame] of frames) {
+      if (frames.size <= MAX_FRAMES && frameBytes <= MAX_FRAME_BYTES) break;
+      frames.delete(old);
+      frameBytes -= frame.bytes.length;
+    }
+  }
+
   function sse(
     request: Request,
     path: string,
     start: number,
     info: StreamInfo,
     givenCursor: string | null,
+    ms: number,
+    release: () => void,
   ): Response {
     const text = isTextual(info.contentType);
     /** The bytes of a character cut at the end of the last read, kept for the next one. */
     let carry: Uint8Array = EMPTY;
-    const { signal, dispose } = deadline(request.signal, sseMaxDuration);
+    const { signal, dispose } = deadline(request.signal, ms);
     let position = start;
     let announced = false;
     let finished = false;
@@ -1157,19 +1541,19 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       if (finished) return;
       finished = true;
       dispose();
+      release();
       try {
         output?.close();
       } catch { /* cancelled or already closed */ }
     };
     /**
-     * A data event and its control event, as bytes. Readers at the same
-     * position of a stream, with nothing carried, share them: built once
-     * per append for every reader, not once per reader.
+     * A data event, as bytes. Readers at the same position of a stream,
+     * with nothing carried, share it: built once per append for every
+     * reader, not once per reader.
      */
-    const frame = (info: StreamInfo, records: Uint8Array[], next: number): Uint8Array => {
-      const control = controlEvent(info, next);
+    const dataFrame = (info: StreamInfo, records: Uint8Array[], next: number): Uint8Array => {
       const key = carry.length === 0
-        ? `${info.incarnation} ${position} ${next} ${path}\n${control}`
+        ? `${info.incarnation} ${position} ${next} ${path}`
         : undefined;
       const shared = key === undefined ? undefined : frames.get(key);
       if (shared !== undefined) {
@@ -1188,23 +1572,19 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       }
       const lines = text ? payload.split(/\r\n|\r|\n/) : payload.match(/.{1,76}/g) ?? [""];
       const bytes = encoder.encode(
-        `event: data\n${lines.map((line) => `data:${line}`).join("\n")}\n\n${control}`,
+        `event: data\n${lines.map((line) => `data:${line}`).join("\n")}\n\n`,
       );
-      if (key !== undefined) {
-        frames.set(key, { bytes, carry: rest });
-        // Stryker disable next-line all: only bounds the memory of the frames kept
-        if (frames.size > MAX_FRAMES) frames.delete(frames.keys().next().value!);
-      }
+      if (key !== undefined) keepFrame(key, bytes, rest);
       carry = rest;
       return bytes;
     };
-    const controlEvent = (info: StreamInfo, next: number): string => {
+    const controlEvent = (info: StreamInfo, next: number): Uint8Array => {
       const atTail = next >= info.tail;
       const control: Record<string, unknown> = { streamNextOffset: formatOffset(next) };
       if (info.closed && atTail) control.streamClosed = true;
       else control.streamCursor = cursorFor(givenCursor);
       if (atTail) control.upToDate = true;
-      return `event: control\ndata:${JSON.stringify(control)}\n\n`;
+      return encoder.encode(`event: control\ndata:${JSON.stringify(control)}\n\n`);
     };
     const body = new ReadableStream<Uint8Array>({
       start(controller) {
@@ -1214,11 +1594,12 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
         try {
           while (!finished) {
             if (signal.aborted) return finish();
-            const result = await store.read(path, position, maxReadBytes, false);
+            const result = await stored(store.read(path, position, maxReadBytes, false));
             if (result.status !== "ok") return finish();
             const { info, records, next } = result;
             if (records.length > 0) {
-              controller.enqueue(frame(info, records, next)); // from `position`
+              controller.enqueue(dataFrame(info, records, next)); // from `position`
+              controller.enqueue(controlEvent(info, next));
               position = next;
               announced = true;
               if (info.closed && next >= info.tail) finish();
@@ -1226,14 +1607,14 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
             }
             if (!announced || info.closed) {
               announced = true;
-              controller.enqueue(encoder.encode(controlEvent(info, position)));
+              controller.enqueue(controlEvent(info, position));
               if (info.closed) finish();
               return;
             }
-            await store.waitForData(path, position, signal);
+            await stored(store.waitForData(path, position, signal));
           }
         } catch {
-          finish();
+          finish(); // the store failed: the client resumes from its last offset
         }
       },
       cancel() {
@@ -1243,7 +1624,9 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     signal.addEventListener("abort", () => finish(), { once: true });
     return respond(200, body, {
       "content-type": "text/event-stream",
-      "cache-control": "no-cache",
+      // no-cache, as the protocol asks; no-store and no-transform, as for the broker's streams.
+      "cache-control": "no-cache, no-store, no-transform",
+      "x-accel-buffering": "no",
       "stream-sse-data-encoding": text ? undefined : "base64",
     });
   }
@@ -1258,12 +1641,12 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
 
   /** The CORS origin header, for every response. */
   function withOrigin(request: Request, response: Response): Response {
-    const origin = request.headers.get("origin");
-    if (allowOrigin === "*") response.headers.set("access-control-allow-origin", "*");
+    const requestOrigin = request.headers.get("origin");
+    if (listed === undefined) response.headers.set("access-control-allow-origin", "*");
     else {
       response.headers.append("vary", "origin");
-      if (origin !== null && allowOrigin.includes(origin)) {
-        response.headers.set("access-control-allow-origin", origin);
+      if (requestOrigin !== null && listed.has(requestOrigin)) {
+        response.headers.set("access-control-allow-origin", requestOrigin);
       }
     }
     return response;
@@ -1274,30 +1657,24 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
   async function handle(request: Request): Promise<Response> {
     try {
       const path = new URL(request.url).pathname;
-      if (!path.startsWith(prefix) || path.length === prefix.length) {
-        throw new HttpError(404, "no stream at this path");
-      }
+      if (!path.startsWith(prefix)) throw new HttpError(404, "no stream at this path");
       const name = path.slice(prefix.length);
-      if (name.split("/")[0] === "__ds") {
-        throw new HttpError(501, "the subscription APIs (__ds) are not implemented");
-      }
-      if (path.length > MAX_PATH) {
-        throw new HttpError(414, `a stream path has at most ${MAX_PATH} characters`);
-      }
-      if (name.split("/").some((segment) => segment === "." || segment === "..")) {
-        throw new HttpError(400, "a stream path has no . or .. segments");
-      }
+      checkName(name, path);
       if (request.method === "OPTIONS") return preflight();
-      const action = request.method === "GET" || request.method === "HEAD" ? "read" : "write";
-      const refusal = await guard?.(request, action, name);
-      if (refusal !== undefined) return refusal;
+      const action = request.method === "GET" || request.method === "HEAD"
+        ? "subscribe"
+        : "publish";
+      const allowed = await access(authorize, request, action);
+      if (!permits(allowed, action, name)) {
+        throw new HttpError(403, `no ${action} grant for ${JSON.stringify(name)}`);
+      }
       switch (request.method) {
         case "PUT":
           return await create(request, path);
         case "POST":
           return await append(request, path);
         case "GET":
-          return await read(request, path);
+          return await read(request, path, allowed);
         case "HEAD":
           return await head(path);
         case "DELETE":
@@ -1309,7 +1686,20 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       }
     } catch (error) {
       if (error instanceof HttpError) return fail(error);
-      return fail(new HttpError(500, `internal error: ${(error as Error)?.message ?? error}`));
+      logger?.(`stream request failed: ${(error as Error)?.message ?? error}`);
+      return fail(new HttpError(500, "internal error"));
     }
   }
 }
+
+/**
+ * Headers on every response: browser safety (content is never sniffed,
+ * never run as a page of this origin even when a stream's type is HTML or
+ * SVG, never framed) and CORS exposure. The origin is added per request.
+ */
+const SECURITY_HEADERS: Readonly<Record<string, string>> = {
+  "x-content-type-options": "nosniff",
+  "content-security-policy": "default-src 'none'; frame-ancestors 'none'; sandbox",
+  "cross-origin-resource-policy": "cross-origin",
+  "access-control-expose-headers": EXPOSED,
+};

@@ -158,19 +158,19 @@ describe("signed tokens on the demo server", () => {
       // Another user's grants cover neither reading nor writing ann's stream.
       assert.deepEqual(await call("user/1/feed?offset=-1", "GET", bob), {
         status: 403,
-        text: 'no subscribe grant for "user/1/feed"\n',
+        text: '{"error":"no subscribe grant for \\"user/1/feed\\""}',
       });
       assert.deepEqual(await call("user/1/feed", "POST", bob, "spoof"), {
         status: 403,
-        text: 'no publish grant for "user/1/feed"\n',
+        text: '{"error":"no publish grant for \\"user/1/feed\\""}',
       });
       assert.equal((await call("user/1/feed", "DELETE", bob)).status, 403);
       assert.equal((await call("user/2/feed", "PUT", ann)).status, 403);
       // No token: 401, with the challenge; a preflight needs none.
       const anonymous = await fetch(url("user/1/feed?offset=-1"));
       assert.equal(anonymous.status, 401);
-      assert.equal(anonymous.headers.get("www-authenticate"), 'Bearer realm="streams"');
-      assert.equal(await anonymous.text(), "a valid token is required\n");
+      assert.equal(anonymous.headers.get("www-authenticate"), 'Bearer realm="sse"');
+      assert.deepEqual(await anonymous.json(), { error: "a valid token is required" });
       assert.equal((await call("user/1/feed", "OPTIONS")).status, 204);
       // What bob was refused changed nothing.
       assert.equal((await call("user/1/feed?offset=-1", "GET", ann)).text, "hello");

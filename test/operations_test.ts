@@ -242,20 +242,44 @@ describe(`operations of server.ts under ${RUNTIME}`, () => {
     },
   );
 
-  test("/probe needs what subscribing needs, and runs 8 at a time", async () => {
-    await withServer({ SUBSCRIBE_TOKEN: "probe-secret", HEARTBEAT_MS: "3000" }, async (server) => {
-      const probe = (query = "?token=probe-secret") => fetch(`${server.url}probe${query}`);
-      const refused = await probe("");
+  test("/probe needs what subscribing needs; one MAX_CLIENTS budget holds every open response", async () => {
+    const env = { SUBSCRIBE_TOKEN: "probe-secret", HEARTBEAT_MS: "3000", MAX_CLIENTS: "3" };
+    await withServer(env, async (server) => {
+      const token = "token=probe-secret";
+      const probe = () => fetch(`${server.url}probe?${token}`);
+      const refused = await fetch(`${server.url}probe`);
       assert.deepEqual([refused.status, await refused.json()], [401, {
         error: "a valid token is required",
       }]);
-      const open = await Promise.all(Array.from({ length: 8 }, () => probe()));
-      assert.deepEqual(open.map((response) => response.status), Array(8).fill(200));
-      const ninth = await probe();
-      assert.equal(ninth.status, 429);
-      assert.equal(ninth.headers.get("retry-after"), "5");
-      await ninth.body?.cancel();
-      await open[0].body!.cancel(); // one leaves: its place is free again
+      // A stream of the broker, a stream's SSE read and a path check fill the three places.
+      const created = await fetch(`${server.url}v1/stream/budget`, { method: "PUT" });
+      assert.equal(created.status, 201);
+      const events = await subscribe(`${server.url}events?${token}`);
+      const sse = await fetch(`${server.url}v1/stream/budget?offset=-1&live=sse&${token}`);
+      assert.equal(sse.status, 200);
+      const held = await probe();
+      assert.equal(held.status, 200);
+      await eventually(async () => (await stats(server.url)).reserved === 2, 5000, "2 reserved");
+      // Past the budget: a path check, a long-poll and an SSE read get 503, a subscriber is sent away.
+      for (
+        const url of [
+          `${server.url}probe?${token}`,
+          `${server.url}v1/stream/budget?offset=now&live=long-poll&${token}`,
+          `${server.url}v1/stream/budget?offset=-1&live=sse&${token}`,
+        ]
+      ) {
+        const response = await fetch(url);
+        assert.equal(response.status, 503, url);
+        assert.equal(response.headers.get("retry-after"), "5");
+        assert.deepEqual(await response.json(), { error: "too many open streams: try again" });
+      }
+      const away = await fetch(`${server.url}events?${token}`);
+      assert.equal(away.status, 200);
+      assert.match(await away.text(), /^: too many clients\nretry: \d+\n\n$/);
+      // A catch-up read holds nothing open, and is served.
+      assert.equal((await fetch(`${server.url}v1/stream/budget?offset=-1&${token}`)).status, 200);
+      // One leaves: its place is free again, for any kind of response.
+      await held.body!.cancel();
       await eventually(
         async () => {
           const again = await probe();
@@ -265,7 +289,9 @@ describe(`operations of server.ts under ${RUNTIME}`, () => {
         5000,
         "a free place",
       );
-      await Promise.all(open.slice(1).map((response) => response.body!.cancel()));
+      await sse.body!.cancel();
+      await events.cancel();
+      await eventually(async () => (await stats(server.url)).reserved === 0, 5000, "none held");
     });
   });
 
