@@ -78,7 +78,7 @@ const PAGE = `<!doctype html>
   button { font: inherit; font-weight: 600; padding: .45rem .9rem; border: 0; border-radius: .3rem;
            background: var(--accent); color: var(--bg); cursor: pointer; justify-self: start; }
   :focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
-  #publish-error { color: var(--bad); font-size: .875rem; margin: 0; }
+  #publish-error, #sign-in-error { color: var(--bad); font-size: .875rem; margin: 0; }
   .log { max-height: 60vh; overflow: auto; border: 1px solid var(--line); border-radius: .3rem; }
   table { width: 100%; border-collapse: collapse; font: .875rem/1.4 ui-monospace, monospace; }
   th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line);
@@ -116,6 +116,7 @@ const PAGE = `<!doctype html>
         <legend>Signed token</legend>
         <label>JWT <input name="jwt" type="password" autocomplete="off"></label>
         <button>Use token</button>
+        <p id="sign-in-error" role="alert"></p>
       </fieldset>
     </form>
 
@@ -429,10 +430,25 @@ $("token-field").hidden = !config.publishToken;
 // so does fetch on this origin, for publishing.
 $("sign-in").hidden = !config.jwtCookie;
 $("private-field").hidden = !config.jwtCookie;
-$("sign-in").addEventListener("submit", (submit) => {
+// The server sets the cookie (HttpOnly: no script of this page can read it)
+// once it has checked the token.
+$("sign-in").addEventListener("submit", async (submit) => {
   submit.preventDefault();
-  const value = new FormData(submit.target).get("jwt");
-  document.cookie = config.jwtCookie + "=" + encodeURIComponent(value) + "; path=/; SameSite=Strict";
+  const value = String(new FormData(submit.target).get("jwt")).trim();
+  $("sign-in-error").textContent = "";
+  try {
+    const response = await fetch("/session", {
+      method: "POST",
+      headers: { authorization: "Bearer " + value },
+    });
+    if (!response.ok) {
+      $("sign-in-error").textContent = (await response.json()).error;
+      return;
+    }
+  } catch {
+    $("sign-in-error").textContent = "The server cannot be reached.";
+    return;
+  }
   subscribe();
 });
 subscribe();

@@ -317,9 +317,21 @@ describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}
     try {
       const page = await context.newPage();
       await page.goto(server.url);
+      // A token the server refuses is said so, and sets nothing.
+      await page.getByLabel("JWT").fill("not.a.token");
+      await page.getByRole("button", { name: "Use token" }).click();
+      await page.locator("#sign-in-error", { hasText: "malformed token" }).waitFor();
       await page.getByLabel("JWT").fill(await token(1));
       await page.getByRole("button", { name: "Use token" }).click();
       await page.locator('#state[data-state="open"]').waitFor();
+      // The server set the cookie HttpOnly: no script of the page can read it.
+      const [cookie] = await context.cookies(server.url);
+      assert.deepEqual([cookie.name, cookie.httpOnly, cookie.sameSite], [
+        "sse_token",
+        true,
+        "Strict",
+      ]);
+      assert.equal(await page.evaluate(() => document.cookie), "");
       const other = await anonymous.newPage();
       await other.goto(server.url);
       await other.locator('#state[data-state="open"]').waitFor();
