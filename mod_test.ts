@@ -2594,6 +2594,41 @@ describe("jwtVerifier", () => {
     await refuses(verify(tampered), "bad signature");
   });
 
+  test("accepts each token in one spelling only: base64url without padding or stray bits", async () => {
+    const verify = await jwtVerifier({ secret: SECRET });
+    /** A token of these parts as they are, signed with HS256 by crypto.subtle directly. */
+    const signed = async (header: string, payload: string) => {
+      const key = await crypto.subtle.importKey(
+        "raw",
+        hs256,
+        { name: "HMAC", hash: "SHA-256" },
+        false,
+        ["sign"],
+      );
+      const input = `${header}.${payload}`;
+      const mac = await crypto.subtle.sign("HMAC", key, new TextEncoder().encode(input));
+      return `${input}.${jose.base64url.encode(new Uint8Array(mac))}`;
+    };
+    const good = await sign({ sub: "a" }, hs256, "HS256");
+    assert.deepEqual(await verify(good), { sub: "a" });
+    const [header, payload, signature] = good.split(".");
+    // A 32-byte signature is 43 characters: the last one carries 2 bits no byte needs.
+    const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const stray = alphabet[alphabet.indexOf(signature.at(-1)!) ^ 1];
+    // Standard base64 of a header whose JSON makes a "/" ("???" is "Pz8/").
+    const slashed = btoa('{"alg":"HS256","x":"???"}').replace(/=+$/, "");
+    assert.match(slashed, /\//);
+    for (
+      const token of [
+        `${good}=`, // padding
+        `${header}.${payload}.${signature.slice(0, -1)}${stray}`, // the same bytes, spelled otherwise
+        await signed(`${header}=`, payload),
+        await signed(header, `${payload}==`),
+        await signed(slashed, payload), // standard base64, not base64url
+      ]
+    ) await refuses(verify(token), "malformed token");
+  });
+
   test("checks exp and nbf with a small leeway, and aud and iss when configured", async () => {
     const verify = await jwtVerifier({ secret: SECRET, audience: "sse", issuer: "https://id" });
     const valid = { aud: "sse", iss: "https://id" };
