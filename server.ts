@@ -258,7 +258,14 @@ const routes: Record<string, Handler> = {
 let stopping: "draining" | "closing" | undefined;
 
 const handler: Handler = async (request, server) => {
-  const path = new URL(request.url).pathname;
+  let path: string;
+  try {
+    path = new URL(request.url).pathname;
+  } catch {
+    // A Host no URL can hold (Bun passes it on): said to the client only, as
+    // a log line per such request would let anyone flood the log.
+    return Response.json({ error: "malformed Host header or request target" }, { status: 400 });
+  }
   const route = routes[path];
   let response: Response;
   if (path.startsWith(streamsPath)) {

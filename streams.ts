@@ -1124,7 +1124,10 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
   const sseMaxDuration = count("sseMaxDuration", options.sseMaxDuration ?? 60_000);
   const cacheControl = options.cacheControl ?? "private, max-age=60, stale-while-revalidate=300";
   const allowOrigin = options.allowOrigin ?? "*";
-  const listed = allowOrigin === "*" ? undefined : new Set(allowOrigin);
+  // A lone origin given as a string (against the type) is one origin, not its characters.
+  const listed = allowOrigin === "*"
+    ? undefined
+    : new Set(typeof allowOrigin === "string" ? [allowOrigin] : allowOrigin);
   const authorize: Authorize = options.authorize ?? (() => true);
   const admit = options.admit;
   const origin = options.origin?.replace(/\/$/, "");
