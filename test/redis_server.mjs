@@ -2,6 +2,7 @@
 // data in a fresh temporary directory, for the cluster tests and the cluster
 // benchmark. Plain JavaScript, so Node, Deno and Bun all load it.
 import { spawn } from "node:child_process";
+import process from "node:process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -65,6 +66,17 @@ export class RedisServer {
       });
       this.#exited.then((code) => reject(new Error(`redis-server exited ${code}:\n${output}`)));
     });
+  }
+
+  /**
+   * Sends it a signal: `SIGSTOP` freezes it (it takes connections and
+   * commands, and answers nothing), `SIGCONT` lets it go on.
+   *
+   * @param {NodeJS.Signals} name
+   */
+  signal(name) {
+    // process.kill, not the child's kill: Deno's sends no signal after the first.
+    if (this.#child?.pid !== undefined) process.kill(this.#child.pid, name);
   }
 
   /** Kills it outright, as a crash would. */

@@ -1,0 +1,279 @@
+// What the security review found on Redis, against a real redis-server
+// (Debian's), started once for this file: no script holds Redis for long
+// whatever the request, a Redis that stops answering holds no request and a
+// retry is applied once, producers and idempotency keys are bounded, and a
+// Redis out of memory is a full store.
+import { after, before, describe, test, track } from "./harness.ts";
+import assert from "node:assert/strict";
+import type { ChildProcess } from "node:child_process";
+import { createClient } from "redis";
+import { RedisLog, RedisStreamStore } from "../redis.ts";
+import { createStreamsHandler, MemoryStreamStore, type StreamStore } from "../streams.ts";
+import { type EventReader, subscribe, withServer } from "./helpers.ts";
+import { RedisServer } from "./redis_server.mjs";
+
+let redis: RedisServer;
+let admin: ReturnType<typeof createClient>;
+const closers: (() => void)[] = [];
+
+before(async () => {
+  redis = await RedisServer.start({
+    appendfsync: "no",
+    onChild: (child: ChildProcess) => child.on("exit", track(() => child.kill("SIGKILL"))),
+  });
+  admin = createClient({ url: redis.url });
+  await admin.connect();
+});
+
+after(async () => {
+  for (const close of closers) close();
+  admin?.destroy();
+  await redis?.stop();
+});
+
+async function streamStore(options: { prefix: string; maxProducers?: number }) {
+  const store = await RedisStreamStore.connect({ url: redis.url, ...options });
+  closers.push(() => store.close());
+  return store;
+}
+
+const json = { "content-type": "application/json" };
+
+describe("no request holds Redis for long", () => {
+  test("a JSON append of any size is a few entries of at most 64 KiB, one short script", async () => {
+    const store = await streamStore({ prefix: "big:" });
+    const handle = createStreamsHandler({ prefix: "/", store, maxMessages: 1_000_000 });
+    const url = "http://redis.test/zeros";
+    assert.equal((await handle(new Request(url, { method: "PUT", headers: json }))).status, 201);
+    for (const count of [200_000, 500_000]) {
+      // 400 KB, then 1 MB, of [0,0,...]: before, one XADD per message in one
+      // script (about a second for 400 KB), and 500 for 1 MB.
+      const body = JSON.stringify(Array(count).fill(0));
+      const response = await handle(new Request(url, { method: "POST", headers: json, body }));
+      assert.equal(response.status, 204, String(count));
+    }
+    const entries = await admin.xLen("big:d:/zeros");
+    assert.ok(entries <= 2 + Math.ceil(1_400_000 / 65_536), `${entries} entries`);
+    const page = await handle(new Request(`${url}?offset=-1`));
+    const values = await page.json();
+    assert.ok(values.length > 100_000 && values.every((value: number) => value === 0));
+    // The default caps a request at 100,000 messages.
+    const capped = createStreamsHandler({ prefix: "/", store });
+    const over = await capped(
+      new Request(url, { method: "POST", headers: json, body: JSON.stringify(Array(100_001)) }),
+    );
+    assert.equal(over.status, 413);
+    await over.body?.cancel();
+  });
+
+  test("a fork of a long stream is copied a bounded run of entries per script, as the memory store forks", async () => {
+    const redisStore = await streamStore({ prefix: "fork:" });
+    const stores: StreamStore[] = [redisStore, new MemoryStreamStore()];
+    const encode = (text: string) => new TextEncoder().encode(text);
+    const text = { contentType: "text/plain", framing: "bytes" as const, closed: false };
+    for (const store of stores) {
+      await store.create("/long", { ...text, records: [], contentTypeGiven: true });
+      // 1,000 appends: 1,000 entries, four scripts' worth of copying.
+      for (let i = 0; i < 1000; i++) {
+        await store.append("/long", {
+          contentType: "text/plain",
+          records: [encode(`${i},`)],
+          close: false,
+        });
+      }
+    }
+    // At the tail, or 2000 bytes in and one more byte of the append that holds it.
+    const fork = (store: StreamStore, path: string, anchor?: number) =>
+      store.create(path, {
+        ...text,
+        records: [encode("+own")],
+        contentTypeGiven: true,
+        fork: { from: "/long", anchor, subOffset: anchor === undefined ? 0 : 1 },
+      });
+    const all = async (store: StreamStore, path: string) => {
+      const parts: Uint8Array[] = [];
+      for (let position = 0;;) {
+        const read = await store.read(path, position, 1 << 20, false);
+        assert.equal(read.status, "ok");
+        if (read.status !== "ok" || read.records.length === 0) break;
+        parts.push(...read.records);
+        position = read.next;
+      }
+      return new TextDecoder().decode(new Uint8Array(parts.flatMap((part) => [...part])));
+    };
+    const expected = Array.from({ length: 1000 }, (_, i) => `${i},`).join("");
+    for (const anchor of [undefined, 2000]) {
+      const path = `/copy-${anchor}`;
+      const [copied, shared] = await Promise.all(stores.map((store) => fork(store, path, anchor)));
+      assert.equal(copied.status, "created");
+      assert.deepEqual(
+        { ...copied, info: { ...(copied as { info: object }).info, incarnation: 0 } },
+        { ...shared, info: { ...(shared as { info: object }).info, incarnation: 0 } },
+      );
+      const inherited = anchor === undefined ? expected : expected.slice(0, anchor + 1);
+      assert.equal(await all(redisStore, path), `${inherited}+own`);
+      assert.equal(await all(stores[1], path), `${inherited}+own`);
+    }
+    // Nothing of the copy is left: the fork holds its own entries, no copy state.
+    const meta = await admin.hGetAll("fork:m:/copy-undefined");
+    assert.equal(meta.pending, undefined);
+    assert.equal(meta.cursor, undefined);
+    assert.equal(await admin.pTTL("fork:m:/copy-undefined"), -1, "no lease left");
+  });
+});
+
+describe("bounded state on Redis", () => {
+  test("at most maxProducers producers per stream, the least recently used forgotten, as in memory", async () => {
+    const stores: StreamStore[] = [
+      await streamStore({ prefix: "prod:", maxProducers: 2 }),
+      new MemoryStreamStore({ maxProducers: 2 }),
+    ];
+    const answers = [];
+    for (const store of stores) {
+      await store.create("/p", {
+        contentType: "text/plain",
+        framing: "bytes",
+        closed: false,
+        records: [],
+        contentTypeGiven: true,
+      });
+      const append = (id: string, seq: number) =>
+        store.append("/p", {
+          contentType: "text/plain",
+          records: [new Uint8Array([120])],
+          close: false,
+          producer: { id, epoch: 0, seq },
+        }).then((result) => result.status);
+      answers.push([
+        await append("a", 0),
+        await append("b", 0),
+        await append("c", 0),
+        await append("b", 1),
+        await append("a", 1), // forgotten: a new producer starts at 0
+        await append("c", 1),
+      ]);
+    }
+    assert.deepEqual(answers[0], ["ok", "ok", "ok", "ok", "seq-gap", "ok"]);
+    assert.deepEqual(answers[1], answers[0]);
+    assert.equal(await admin.hLen("prod:p:/p"), 2);
+  });
+
+  test("RedisLog remembers at most idempotencyKeys keys, forgetting the oldest", async () => {
+    const log = await RedisLog.connect({ url: redis.url, key: "keys", idempotencyKeys: 2 });
+    closers.push(() => log.close());
+    const append = (key: string) =>
+      log.append([{ topics: [], text: `data: ${key}\n\n` }], { idempotencyKey: key });
+    const first = await append("k1");
+    await append("k2");
+    assert.deepEqual(await append("k1"), { ids: first.ids, repeated: true });
+    await append("k3");
+    assert.equal((await append("k1")).repeated, false);
+    assert.equal((await append("k3")).repeated, true);
+    assert.equal((await append("k2")).repeated, false);
+    assert.equal(await admin.hLen("keys:idempotency"), 2);
+  });
+
+  test("Redis out of memory is a full store: 503 with Retry-After, and nothing is lost", async () => {
+    const store = await streamStore({ prefix: "oom:" });
+    const handle = createStreamsHandler({ prefix: "/", store });
+    const url = "http://redis.test/filling";
+    assert.equal((await handle(new Request(url, { method: "PUT" }))).status, 201);
+    const used = Number(/used_memory:(\d+)/.exec(await admin.info("memory"))![1]);
+    await admin.configSet({
+      maxmemory: String(used + 2_000_000),
+      "maxmemory-policy": "noeviction",
+    });
+    try {
+      const chunk = "x".repeat(100_000);
+      let appended = 0;
+      let response: Response;
+      for (;;) {
+        response = await handle(
+          new Request(url, {
+            method: "POST",
+            headers: { "content-type": "application/octet-stream" },
+            body: chunk,
+          }),
+        );
+        if (response.status !== 204) break;
+        appended++;
+        assert.ok(appended < 100, "Redis never refused");
+      }
+      assert.equal(response.status, 503);
+      assert.equal(response.headers.get("retry-after"), "10");
+      assert.deepEqual(await response.json(), { error: "Redis is out of memory" });
+      const head = await handle(new Request(url, { method: "HEAD" }));
+      assert.equal(
+        Number(head.headers.get("stream-next-offset")!.split("_")[1]),
+        appended * chunk.length,
+      );
+    } finally {
+      await admin.configSet({ maxmemory: "0" });
+    }
+  });
+});
+
+describe("a Redis that stops answering", () => {
+  test("publishes and appends answer 503 with Retry-After; a retry after it is back applies once", {
+    timeout: 30_000,
+  }, async () => {
+    const env = { REDIS_URL: redis.url, REDIS_TIMEOUT_MS: "300" };
+    await withServer(env, async (server) => {
+      const stream = `${server.url}v1/stream/frozen`;
+      assert.equal((await fetch(stream, { method: "PUT" })).status, 201);
+      const publish = () =>
+        fetch(`${server.url}publish`, {
+          method: "POST",
+          headers: { "idempotency-key": "once" },
+          body: "exactly once",
+        });
+      const append = () =>
+        fetch(stream, {
+          method: "POST",
+          headers: {
+            "content-type": "application/octet-stream",
+            "producer-id": "p",
+            "producer-epoch": "0",
+            "producer-seq": "0",
+          },
+          body: "appended once",
+        });
+      redis.signal("SIGSTOP");
+      let resumed = false;
+      const resume = track(() => redis.signal("SIGCONT"));
+      try {
+        const started = Date.now();
+        for (const response of [await publish(), await append()]) {
+          assert.equal(response.status, 503);
+          assert.equal(response.headers.get("retry-after"), "1");
+          await response.body?.cancel();
+        }
+        assert.ok(
+          Date.now() - started < 5000,
+          "answered at the deadline, not when Redis came back",
+        );
+      } finally {
+        redis.signal("SIGCONT");
+        resume();
+        resumed = true;
+      }
+      assert.ok(resumed);
+      // The retries: Redis ran the first tries once it was back; each is applied once.
+      const retried = await publish();
+      assert.equal(retried.status, 200);
+      const { id } = await retried.json();
+      const again = await append();
+      assert.ok(again.status === 200 || again.status === 204, String(again.status));
+      await again.body?.cancel();
+      const events: EventReader = await subscribe(`${server.url}events?lastEventId=earliest`);
+      const replayed = await events.until((event) => event.event === "replayed");
+      await events.cancel();
+      assert.deepEqual(
+        replayed.filter((event) => event.data === "exactly once").map((event) => event.lastEventId),
+        [id],
+      );
+      const read = await fetch(`${stream}?offset=-1`);
+      assert.equal(await read.text(), "appended once");
+    });
+  });
+});
