@@ -2850,7 +2850,8 @@ function selectorPattern(selectors: readonly string[]): RegExp {
   const alternatives = selectors.map((selector) =>
     selector.split("*").map((part) => part.replace(/[\\^$.|?*+()[\]{}]/g, "\\$&")).join(".*")
   );
-  return new RegExp(`^(?:${alternatives.join("|")})$`);
+  // "s": `*` runs over any character, line separators (U+2028, U+2029) too.
+  return new RegExp(`^(?:${alternatives.join("|")})$`, "s");
 }
 
 /** A count option: a non-negative safe integer, or `Infinity` (no limit) when `infinite`. */

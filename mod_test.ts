@@ -2724,6 +2724,9 @@ describe("private events and grants", () => {
     assert.equal(selectorsMatch(["user.42"], "user/42"), false, "`.` is no wildcard");
     assert.equal(selectorsMatch(["news"], "news/x"), false, "a selector matches whole topics");
     assert.equal(selectorsMatch([], "news"), false);
+    // Found by test/access_test.ts: `*` runs over line separators too.
+    assert.equal(selectorsMatch(["*"], "a\u2028b\u2029c"), true);
+    assert.equal(selectorsMatch(["user/*"], "user/\u2028"), true);
   });
 
   test("in one burst, clients with other grants get their own chunks", async () => {
