@@ -354,6 +354,29 @@ describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}
     }
   });
 
+  test("a stream of HTML opened as a page runs none of its script, and cannot read the cookie", async () => {
+    const admin = await token(1);
+    const stream = new URL("/v1/stream/user/1/page", server.url).href;
+    const html = "<title>inert</title><script>document.title = 'ran ' + document.cookie</script>";
+    const created = await fetch(stream, {
+      method: "PUT",
+      headers: { authorization: `Bearer ${admin}`, "content-type": "text/html" },
+      body: html,
+    });
+    assert.equal(created.status, 201);
+    const context = await browser.newContext();
+    try {
+      await context.addCookies([{ name: "sse_token", value: admin, url: server.url }]);
+      const page = await context.newPage();
+      const response = await page.goto(`${stream}?offset=-1`);
+      assert.equal(response?.status(), 200);
+      assert.equal(await response?.headerValue("content-type"), "text/html");
+      assert.equal(await page.title(), "inert", "the script did not run");
+    } finally {
+      await context.close();
+    }
+  });
+
   test("cross origin: withCredentials sends the cookie to a listed origin", async () => {
     const context = await browser.newContext();
     try {
