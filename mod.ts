@@ -965,8 +965,11 @@ export class Broker {
   #lastBatchSize = 0;
   /** The newest event handed to live clients; a catching-up client replays up to here. */
   #liveId: string | null;
-  /** Settles at the next flush, for publishes waiting for their event to go out. */
-  #flushed: { promise: Promise<void>; resolve: () => void } | undefined;
+  /**
+   * Settles at the next flush, for publishes waiting for their event to go
+   * out; or, `late`, after {@linkcode DELIVERY_WAIT_MS} without one.
+   */
+  #flushed: Flushed | undefined;
   /** The clients in state `waiting`, so a flush finds them without a scan. */
   readonly #waiting = new Set<Client>();
   #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
@@ -1242,10 +1245,14 @@ export class Broker {
     }
     const { ids, repeated } = appended;
     if (!repeated) this.#published += ids.length;
-    // The events come back through the log's listener, in the log's order.
+    // The events come back through the log's listener, in the log's order;
+    // a log slow to tell (a shared log's server stalled) holds the publish
+    // no longer than DELIVERY_WAIT_MS: the events are stored, and go out
+    // once the listener has them.
     while (this.#state !== "closed" && this.#isNewer(ids[ids.length - 1])) {
-      this.#flushed ??= Promise.withResolvers();
-      await this.#flushed.promise;
+      const flushed = this.#flushed ??= this.#nextFlush();
+      await flushed.promise;
+      if (flushed.late) break;
     }
     const seconds = (performance.now() - accepted) / 1000;
     // Stryker disable next-line EqualityOperator: a float on a bound exactly
@@ -1253,6 +1260,17 @@ export class Broker {
     this.#publishCounts[bucket === -1 ? PUBLISH_BUCKETS.length : bucket]++;
     this.#publishSeconds += seconds;
     return ids;
+  }
+
+  /** What publishes wait on until the next flush, late after DELIVERY_WAIT_MS. */
+  #nextFlush(): Flushed {
+    const flushed: Flushed = { ...Promise.withResolvers<void>(), late: false, timer: undefined };
+    flushed.timer = setTimeout(() => {
+      flushed.late = true;
+      if (this.#flushed === flushed) this.#flushed = undefined;
+      flushed.resolve();
+    }, DELIVERY_WAIT_MS);
+    return flushed;
   }
 
   /**
@@ -1419,6 +1437,7 @@ export class Broker {
     this.#state = "closed";
     this.#stopListening();
     this.#flush(); // accepted events go out before the streams end
+    clearTimeout(this.#flushed?.timer);
     this.#flushed?.resolve();
     for (const client of [...this.#clients]) this.#end(client);
   }
@@ -1589,6 +1608,7 @@ export class Broker {
     }
     const flushed = this.#flushed;
     this.#flushed = undefined;
+    clearTimeout(flushed?.timer);
     flushed?.resolve();
   }
 
@@ -1717,6 +1737,19 @@ export class Broker {
 }
 
 const HEARTBEAT = encodeMessage({ comment: "" });
+/** What publishes wait on for their events to go out: the next flush, or its deadline. */
+interface Flushed {
+  promise: Promise<void>;
+  resolve: () => void;
+  /** Whether it settled at the deadline, with no flush. */
+  late: boolean;
+  timer: ReturnType<typeof setTimeout> | undefined;
+}
+/**
+ * How long a publish waits for the event log to report its events before it
+ * resolves anyway: they are stored, and go out once the log reports them.
+ */
+const DELIVERY_WAIT_MS = 1000;
 /** One chunk of a flush, shared by the clients that want the same events. */
 interface Share {
   chunk: Uint8Array;

@@ -902,6 +902,33 @@ describe("operations: drain, health, counters, metrics", () => {
     assert.equal(await publishing, inner.lastId);
   });
 
+  test("a publish whose log never reports the event resolves with its id after a second", async () => {
+    const inner = new MemoryLog();
+    const silent: EventLog = { // stores, but never tells its listeners (a stalled server)
+      get lastId() {
+        return inner.lastId;
+      },
+      append: (events, options) => inner.append(events, options),
+      read: (afterId, limit) => inner.read(afterId, limit),
+      listen: () => () => {},
+    };
+    const broker = new Broker({ eventLog: silent });
+    const started = performance.now();
+    const [first, second] = await Promise.all([
+      broker.publish({ data: "x" }),
+      broker.publish({ data: "y" }),
+    ]);
+    const waited = performance.now() - started;
+    assert.deepEqual([first, second], inner.read(null, 2).events.map((event) => event.id));
+    assert.ok(waited >= 990 && waited < 3000, `waited ${waited} ms`);
+    // The next publish waits its own second, not the first's.
+    const again = performance.now();
+    await broker.publish({ data: "z" });
+    assert.ok(performance.now() - again >= 990);
+    assert.equal(broker.stats().publishSeconds.count, 3);
+    broker.close();
+  });
+
   test("metricsText is the Prometheus text format of the broker's counters", async () => {
     const broker = new Broker();
     const reader = open(broker);
