@@ -1,9 +1,9 @@
-// Fan-out of this checkout's server.ts against another revision's, on both
-// runtimes, interleaved in each round so drift on the machine hits both
+// Fan-out of this checkout's server.ts against another revision's, on each
+// runtime, interleaved in each round so drift on the machine hits both
 // alike: `npm run bench:compare -- <revision>` (default HEAD). For checking
-// that a refactor kept the speed. Writes bench/results/COMPARE.md.
+// that a change kept the speed. Writes bench/results/COMPARE.md.
 //
-// Environment: REPEAT (rounds, default 3).
+// Environment: REPEAT (rounds, default 3), RUNTIMES (default deno,bun,node).
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -27,7 +27,8 @@ const current = git("rev-parse", "--short", "HEAD") + (git("status", "--porcelai
 const other = mkdtempSync(join(tmpdir(), "sse-compare-"));
 git("worktree", "add", "--detach", other, commit);
 
-const SERVERS = ["deno", "bun"].flatMap((runtime) => [
+const RUNTIMES = (process.env.RUNTIMES ?? "deno,bun,node").split(",");
+const SERVERS = RUNTIMES.flatMap((runtime) => [
   { name: `this ${runtime}`, runtime, file: "server.ts" },
   { name: `${commit} ${runtime}`, runtime, file: join(other, "server.ts") },
 ]);
@@ -61,7 +62,8 @@ try {
     `# Fan-out: this checkout (${current}) against ${commit}`,
     "",
     `Written by \`npm run bench:compare -- ${revision}\` on ${machine.date.slice(0, 10)}, ` +
-    `${machine.cores} cores (${machine.cpu}); ${machine.deno}; Bun ${machine.bun}. Server on one ` +
+    `${machine.cores} cores (${machine.cpu}); ${machine.deno}; Bun ${machine.bun}; Node ` +
+    `${machine.node}. Server on one ` +
     `core, load generator on the other; deliveries per second, medians of ${REPEAT} interleaved ` +
     "rounds; no client lost an event.",
     "",
@@ -70,7 +72,7 @@ try {
     "|---|---|---:|---:|---:|---|",
   ];
   for (const scenario of SCENARIOS) {
-    for (const runtime of ["deno", "bun"]) {
+    for (const runtime of RUNTIMES) {
       const mine = runs[`${scenario.name}|this ${runtime}`];
       const theirs = runs[`${scenario.name}|${commit} ${runtime}`];
       lines.push(

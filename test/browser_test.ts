@@ -331,7 +331,7 @@ describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}
         true,
         "Strict",
       ]);
-      assert.equal(await page.evaluate(() => document.cookie), "");
+      assert.equal(await page.evaluate("document.cookie"), "");
       const other = await anonymous.newPage();
       await other.goto(server.url);
       await other.locator('#state[data-state="open"]').waitFor();
