@@ -2070,13 +2070,20 @@ function bearerToken(request: Request): string | null {
   return match[1];
 }
 
-/** One cookie's value; `null` when the request does not carry it. */
+/**
+ * One cookie's value; `null` when the request does not carry it. A cookie
+ * sent twice is refused: another host of the same site can set one with the
+ * same name that the browser sends first, to sign its visitor in as itself.
+ */
 function cookieValue(request: Request, name: string): string | null {
+  let value: string | null = null;
   for (const pair of String(request.headers.get("cookie")).split(";")) { // none reads as "null"
     const at = pair.indexOf("=");
-    if (at !== -1 && pair.slice(0, at).trim() === name) return pair.slice(at + 1).trim();
+    if (at === -1 || pair.slice(0, at).trim() !== name) continue;
+    if (value !== null) throw new TokenError("the token cookie is set twice");
+    value = pair.slice(at + 1).trim();
   }
-  return null;
+  return value;
 }
 
 /** Imports a PEM public key as the first algorithm it fits. */

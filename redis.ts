@@ -390,7 +390,7 @@ const [STORED, REPEATED, CONFLICT] = [0, 1, 2];
  * with ","}. Every step is bounded: at most 100 expired keys are forgotten
  * per append, and the batch's size is the broker's `maxBatch`.
  */
-const APPEND = `
+const APPEND = `#!lua
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local key = ARGV[5]
@@ -425,7 +425,11 @@ local joined = table.concat(ids, ',')
 local window, most = tonumber(ARGV[3]), tonumber(ARGV[4])
 if key ~= '' and window > 0 and most > 0 then
   redis.call('HSET', KEYS[2], key, redis.sha1hex(ARGV[6]) .. ' ' .. joined)
-  redis.call('ZADD', KEYS[3], now + window, key)
+  -- Deadlines in the order of the appends, so the oldest is forgotten first.
+  local newest = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')[2]
+  local deadline = now + window
+  if newest and tonumber(newest) >= deadline then deadline = tonumber(newest) + 0.001 end
+  redis.call('ZADD', KEYS[3], deadline, key)
   local over = redis.call('ZCARD', KEYS[3]) - most
   if over > 0 then
     local popped = redis.call('ZPOPMIN', KEYS[3], over) -- member, score, member, ...
@@ -552,8 +556,12 @@ type Reply = Buffer | number | null | Reply[];
 const utf8 = new TextDecoder();
 const text = (reply: Reply): string => utf8.decode(reply as Buffer);
 
-/** Entries a script copies at most into a fork per call, and how long a fork being copied is held. */
+/**
+ * What one script copies at most into a fork (entries, and bytes, at least
+ * one entry), and how long a fork being copied is held for its process.
+ */
 const COPY_ENTRIES = 256;
+const COPY_BYTES = 1024 * 1024;
 const COPY_LEASE_MS = 30_000;
 
 /**
@@ -690,6 +698,7 @@ export class RedisStreamStore implements StreamStore {
     const pieces = toPieces(request.records, request.framing, 0);
     const limits = [String(this.#maxStreamBytes), String(costOf(pieces))];
     const started = Date.now();
+    let attempt = 0;
     let reply: Reply[] | Full;
     for (;;) {
       reply = await this.#write(DS_CREATE, path, [
@@ -710,15 +719,21 @@ export class RedisStreamStore implements StreamStore {
       // Another process is copying a fork to this path: its outcome decides.
       if (!Array.isArray(reply) || text(reply[0]) !== "busy") break;
       if (Date.now() - started > this.#timeout) throw new Error("a fork is being copied here");
-      await new Promise((resolve) => setTimeout(resolve, 50));
+      await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** Math.min(attempt++, 5)));
     }
     // A fork's inherited data, copied a bounded run of entries per script.
-    while (Array.isArray(reply) && text(reply[0]) === "copying") {
-      const inc = text(reply[1]);
-      reply = await this.#write(DS_COPY, path, [inc, ...limits]);
-      if (Array.isArray(reply) && text(reply[0]) === "copied") {
-        reply = await this.#write(DS_FINISH, path, [inc, ...limits, ...pieceArguments(pieces)]);
+    const inc = Array.isArray(reply) && text(reply[0]) === "copying" ? text(reply[1]) : undefined;
+    try {
+      while (Array.isArray(reply) && text(reply[0]) === "copying") {
+        reply = await this.#write(DS_COPY, path, [inc!, ...limits]);
+        if (Array.isArray(reply) && text(reply[0]) === "copied") {
+          reply = await this.#write(DS_FINISH, path, [inc!, ...limits, ...pieceArguments(pieces)]);
+        }
       }
+    } catch (error) {
+      // Free the path at once rather than after the lease, if Redis lets us.
+      await this.#run(DS_ABORT, path, [inc!]).catch(() => {});
+      throw error;
     }
     if (!Array.isArray(reply)) return reply;
     const status = text(reply[0]);
@@ -798,7 +813,7 @@ export class RedisStreamStore implements StreamStore {
     if (status !== "ok") return { status: status as "missing" | "gone" };
     const info = infoOf(reply[1] as Reply[]);
     const pieces: Piece[] = [];
-    for (let i = 2; i < reply.length; i += 2) {
+    for (let i = 3; i < reply.length; i += 2) {
       // Copied: the reply's buffers may be views of the connection's.
       pieces.push({
         end: reply[i] as number,
@@ -806,7 +821,8 @@ export class RedisStreamStore implements StreamStore {
         batchEnd: 0,
       });
     }
-    return { status, info, ...readPieces(pieces, info.framing, position, maxBytes) };
+    const start = reply[2] as number;
+    return { status, info, ...readPieces(pieces, info.framing, start, position, maxBytes) };
   }
 
   /** {@inheritDoc StreamStore.info} */
@@ -929,6 +945,14 @@ function infoOf(flat: Reply[]): StreamInfo {
 }
 
 /**
+ * The first line of a script that adds data: refused whole, before it
+ * starts, when Redis is out of memory (a full store), never stopped half way.
+ */
+const WRITES = "#!lua\n";
+/** The first line of a script that reads or frees: it runs when Redis is out of memory too. */
+const FREES = "#!lua flags=allow-oom\n";
+
+/**
  * What every script starts with. ARGV[1] is the prefix, ARGV[2] the
  * stream's path; KEYS[1] its metadata (declared; the scripts also reach
  * its other keys and those of its source and forks). `get` is the memory
@@ -967,17 +991,6 @@ local function field(entry, name)
   for i = 1, #fields, 2 do
     if fields[i] == name then return fields[i + 1] end
   end
-end
-
--- How many positions a piece spans: its bytes, or its messages (line feeds).
-local function span(data, framing)
-  if framing == 'bytes' then return #data end
-  local count, at = 0, string.find(data, '\\n', 1, true)
-  while at do
-    count = count + 1
-    at = string.find(data, '\\n', at + 1, true)
-  end
-  return count
 end
 
 -- The first n positions of a piece's data.
@@ -1068,7 +1081,9 @@ local function keep(path, m)
   for _, kind in ipairs(KINDS) do redis.call('PEXPIREAT', key(kind, path), at) end
 end
 
+-- Only a sliding TTL needs the time of the last use.
 local function touch(path, m)
+  if not m.ttl then return end
   m.touched = num(NOW)
   redis.call('HSET', key('m', path), 'touched', m.touched)
   keep(path, m)
@@ -1093,29 +1108,34 @@ local function copy(m, maxBytes, cost)
   if not source then return {'source-missing', 'the source stream does not exist'} end
   if source.inc ~= m.srcinc then return {'source-missing', 'the source stream does not exist'} end
   if source.del == '1' then return {'source-gone', 'the source stream was deleted'} end
-  local tail = tonumber(m.tail)
-  local chunk = redis.call('XRANGE', key('d', m.from), m.cursor, '+', 'COUNT', ${COPY_ENTRIES})
-  local bytes = tonumber(m.bytes)
-  for _, entry in ipairs(chunk) do
-    local stop = tonumber(string.match(entry[1], '^%d+'))
-    local data = field(entry, 'd')
-    local start = stop - span(data, m.fr)
-    if start >= tail then
-      m.cursor = '+'
-      break
+  local tail, bytes = tonumber(m.tail), tonumber(m.bytes)
+  -- Each entry starts where the one before ends: the cursor's, or 0.
+  local start = tonumber(string.match(m.cursor, '%d+') or '0')
+  local copied, entries = 0, 0
+  while m.cursor ~= '+' and copied < ${COPY_BYTES} and entries < ${COPY_ENTRIES} do
+    local chunk = redis.call('XRANGE', key('d', m.from), m.cursor, '+', 'COUNT', 16)
+    if #chunk == 0 then m.cursor = '+' end
+    for _, entry in ipairs(chunk) do
+      if start >= tail then
+        m.cursor = '+'
+        break
+      end
+      local stop = tonumber(string.match(entry[1], '^%d+'))
+      local data = field(entry, 'd')
+      local cut = math.min(stop, tail)
+      if cut ~= stop then data = head(data, cut - start, m.fr) end
+      bytes = bytes + #data + PIECE_COST
+      if bytes + cost > maxBytes then
+        return {'stream-full', 'a stream holds at most ' .. num(maxBytes) .. ' bytes'}
+      end
+      redis.call('XADD', key('d', PATH), num(cut) .. '-0', 'd', data, 'b',
+        num(math.min(tonumber(field(entry, 'b')), tail)))
+      copied, entries = copied + #data, entries + 1
+      m.cursor, start = '(' .. entry[1], stop
+      if cut == tail then m.cursor = '+' end
+      if m.cursor == '+' or copied >= ${COPY_BYTES} or entries >= ${COPY_ENTRIES} then break end
     end
-    local cut = math.min(stop, tail)
-    if cut ~= stop then data = head(data, cut - start, m.fr) end
-    bytes = bytes + #data + PIECE_COST
-    if bytes + cost > maxBytes then
-      return {'stream-full', 'a stream holds at most ' .. num(maxBytes) .. ' bytes'}
-    end
-    redis.call('XADD', key('d', PATH), num(cut) .. '-0', 'd', data, 'b',
-      num(math.min(tonumber(field(entry, 'b')), tail)))
-    m.cursor = '(' .. entry[1]
-    if cut == tail then m.cursor = '+' end
   end
-  if #chunk < ${COPY_ENTRIES} then m.cursor = '+' end
   m.bytes = num(bytes)
   if m.cursor == '+' then return {'copied'} end
 end
@@ -1142,7 +1162,8 @@ local function finish(m, first, cost)
   -- A source deleted since the copy ended has no fork to keep.
   if source and source.inc == m.srcinc then
     redis.call('SADD', key('f', m.from), m.inc .. ' ' .. PATH)
-    keep(m.from, source)
+    -- A soft-deleted source keeps no deadline: it stays until its last fork goes.
+    if source.del ~= '1' then keep(m.from, source) end
   end
   keep(PATH, m)
   return {'created', flat(m)}
@@ -1163,7 +1184,7 @@ local maxBytes, cost = tonumber(ARGV[LIMIT]), tonumber(ARGV[LIMIT + 1])
  * while another process copies a fork to this path.
  */
 const DS_CREATE: Script = {
-  source: PRELUDE + "local LIMIT = 14" + LIMITS + `
+  source: WRITES + PRELUDE + "local LIMIT = 14" + LIMITS + `
 local ct, mt, framing, ttl, exp = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local closed, given, from, anchorArg = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 local sub, inc = tonumber(ARGV[12]), ARGV[13]
@@ -1243,7 +1264,7 @@ return {'copying', inc}
  * longer pending (its lease ran out).
  */
 const DS_COPY: Script = {
-  source: PRELUDE + "local LIMIT = 4" + LIMITS + `
+  source: WRITES + PRELUDE + "local LIMIT = 4" + LIMITS + `
 local m = load(PATH)
 if not m or not m.pending or m.inc ~= ARGV[3] then return {'interrupted'} end
 local copied = copy(m, maxBytes, cost)
@@ -1262,7 +1283,7 @@ return copied or {'copying', ARGV[3]}
  * {'created', meta}, or {'interrupted'}.
  */
 const DS_FINISH: Script = {
-  source: PRELUDE + "local LIMIT = 4" + LIMITS + `
+  source: WRITES + PRELUDE + "local LIMIT = 4" + LIMITS + `
 local m = load(PATH)
 if not m or not m.pending or m.inc ~= ARGV[3] or m.cursor ~= '+' then return {'interrupted'} end
 return finish(m, 6, cost)
@@ -1276,7 +1297,7 @@ return finish(m, 6, cost)
  * request's media type, which must be the stream's to be added). Answers {status, ...} as the memory store decides, in its order.
  */
 const DS_APPEND: Script = {
-  source: PRELUDE + `
+  source: WRITES + PRELUDE + `
 local mt, close = ARGV[3], ARGV[4] == '1'
 local hasSeq, seq = ARGV[5] == '1', ARGV[6]
 local producer, id, epoch, pseq = ARGV[7] == '1', ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -1380,19 +1401,21 @@ return {'ok', flat(m), hasData and 1 or 0, -1}
 
 /**
  * ARGV[3..]: position, about how many bytes, touch. Answers {status, meta,
- * then end and data of each piece}: from the first piece that ends after
+ * where the first piece starts, then end and data of each piece}: from the first piece that ends after
  * the position, until the pieces after the first count for `maxBytes`
  * (their bytes and PIECE_COST each), so the caller can cut them with
  * `readPieces` as the memory store does.
  */
 const DS_READ: Script = {
-  source: PRELUDE + `
+  source: FREES + PRELUDE + `
 local maxBytes = tonumber(ARGV[4])
 local m = get(PATH)
 if not m then return {'missing'} end
 if m.del == '1' then return {'gone'} end
 if ARGV[5] == '1' then touch(PATH, m) end
-local out = {'ok', flat(m)}
+-- Where the first piece returned starts: the end of the one before it.
+local before = redis.call('XREVRANGE', key('d', PATH), ARGV[3] .. '-0', '-', 'COUNT', 1)[1]
+local out = {'ok', flat(m), before and tonumber(string.match(before[1], '^%d+')) or 0}
 local cursor, count, size, first = '(' .. ARGV[3] .. '-0', 16, 0, nil
 while true do
   local chunk = redis.call('XRANGE', key('d', PATH), cursor, '+', 'COUNT', count)
@@ -1414,7 +1437,7 @@ return out
 
 /** Answers {status, meta}. */
 const DS_INFO: Script = {
-  source: PRELUDE + `
+  source: FREES + PRELUDE + `
 local m = get(PATH)
 if not m then return {'missing'} end
 if m.del == '1' then return {'gone'} end
@@ -1427,7 +1450,7 @@ return {'ok', flat(m)}
  * expiry) to answer 410 and hold the path; the data goes, forks have their own.
  */
 const DS_DELETE: Script = {
-  source: PRELUDE + `
+  source: FREES + PRELUDE + `
 local m = get(PATH)
 if not m then return {'missing'} end
 if m.del == '1' then return {'gone'} end
@@ -1445,4 +1468,13 @@ return {'deleted'}
 `,
 };
 
-const SCRIPTS = [DS_CREATE, DS_COPY, DS_FINISH, DS_APPEND, DS_READ, DS_INFO, DS_DELETE];
+/** ARGV[3]: a fork's incarnation. Drops the fork if it is still being copied. */
+const DS_ABORT: Script = {
+  source: FREES + PRELUDE + `
+local m = load(PATH)
+if m and m.pending and m.inc == ARGV[3] then drop(PATH) end
+return {'ok'}
+`,
+};
+
+const SCRIPTS = [DS_CREATE, DS_COPY, DS_FINISH, DS_ABORT, DS_APPEND, DS_READ, DS_INFO, DS_DELETE];

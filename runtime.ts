@@ -9,8 +9,17 @@
  */
 import type { FetchServer } from "./mod.ts";
 
+/**
+ * What a handler learns of the server besides the request: Bun's server
+ * itself, and the same two methods on Deno and Node.
+ */
+export interface Server extends FetchServer {
+  /** The address the request came from (the last hop: a proxy's, behind one). */
+  requestIP?(request: Request): { address: string } | null;
+}
+
 /** A fetch handler; Bun passes its server as the second argument. */
-export type Handler = (request: Request, server?: FetchServer) => Response | Promise<Response>;
+export type Handler = (request: Request, server?: Server) => Response | Promise<Response>;
 
 /** Where to listen; `reusePort` lets several processes share the port (Linux). */
 export interface Address {
@@ -111,7 +120,8 @@ function detectRuntime(): Runtime {
         listening(address, () =>
           Deno.serve(
             { ...address, onListen() {}, onError: internalError },
-            (request) => handler(request),
+            (request, info) =>
+              handler(request, { requestIP: () => ({ address: info.remoteAddr.hostname }) }),
           )).then((server) => ({ port: server.addr.port, stop: () => server.shutdown() })),
       onSignal: (signal, listener) => Deno.addSignalListener(signal, listener),
       exit: (code) => Deno.exit(code),
@@ -173,7 +183,8 @@ async function serveNode(handler: Handler, address: Address): Promise<Listener> 
         signal: aborted.signal,
         duplex: "half", // a streamed request body needs it
       };
-      response = await handler(new Request(url, init));
+      const remote = { address: incoming.socket.remoteAddress ?? "" };
+      response = await handler(new Request(url, init), { requestIP: () => remote });
     } catch (error) {
       response = internalError(error);
     }

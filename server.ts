@@ -213,13 +213,19 @@ async function session(request: Request, cookie: string): Promise<Response> {
   });
 }
 
+/** The client addresses with a path check under way, and how many may run at once. */
+const probing = new Set<string>();
+const MAX_PROBES = 8;
+
 /** The demo's own routes, by path: each answers GET (and HEAD, which runtimes strip). */
 const routes: Record<string, Handler> = {
   "/": () => new Response(page, { headers: { "content-type": "text/html; charset=utf-8" } }),
   "/health": () => Response.json({ status: "alive" }),
   "/ready": async () => {
     const { ready, eventLogUp, reason } = await broker.health();
-    return Response.json({ ready, eventLogUp, reason }, { status: ready ? 200 : 503 });
+    // The log's own error may name hosts or users: said in the log, not here.
+    const said = eventLogUp ? reason : "the event log did not answer";
+    return Response.json({ ready, eventLogUp, reason: said }, { status: ready ? 200 : 503 });
   },
   "/metrics": async (request) => {
     if (!(await metricsAuth(request, "publish"))) {
@@ -244,13 +250,24 @@ const routes: Record<string, Handler> = {
       broker.countRejection("auth");
       return error.response();
     }
+    // A few at a time, one per client address, each a place in MAX_CLIENTS.
+    const address = server?.requestIP?.(request)?.address ?? "";
+    if (probing.size >= MAX_PROBES || probing.has(address)) {
+      return new HttpError(429, "a path check is under way: try again shortly", {
+        "retry-after": "5",
+      }).response();
+    }
     const release = broker.reserve();
     if (release === undefined) {
       return new HttpError(503, "too many open streams: try again", { "retry-after": "5" })
         .response();
     }
+    probing.add(address);
     server?.timeout?.(request, 0); // silent on purpose: Bun would close it after 10 s
-    return probeResponse(2 * heartbeatMs, request.signal, release);
+    return probeResponse(2 * heartbeatMs, request.signal, () => {
+      probing.delete(address);
+      release();
+    });
   },
 };
 

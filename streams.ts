@@ -281,7 +281,8 @@ export function toPieces(records: readonly Uint8Array[], framing: Framing, tail:
         const last = record.lastIndexOf(LINE_FEED, to - 1);
         to = last >= from ? last + 1 : record.indexOf(LINE_FEED, to) + 1 || record.length;
       }
-      const data = record.subarray(from, to);
+      // A piece owns its bytes: a view would keep all of a larger buffer alive.
+      const data = to - from === record.buffer.byteLength ? record : record.slice(from, to);
       end += span(data, framing);
       pieces.push({ end, data, batchEnd: 0 });
       from = to;
@@ -301,6 +302,8 @@ export function toPieces(records: readonly Uint8Array[], framing: Framing, tail:
  * @param pieces The stream's pieces in order, from the one that holds
  *   `position` on (earlier ones are skipped).
  * @param framing How the stream counts positions.
+ * @param start Where the first of `pieces` starts: the end of the piece
+ *   before it, or 0.
  * @param position Where to read from.
  * @param maxBytes About how much to read.
  * @returns The records, and the position after them.
@@ -308,19 +311,25 @@ export function toPieces(records: readonly Uint8Array[], framing: Framing, tail:
 export function readPieces(
   pieces: Iterable<Piece>,
   framing: Framing,
+  start: number,
   position: number,
   maxBytes: number,
 ): { records: Uint8Array[]; next: number } {
   const records: Uint8Array[] = [];
   let next = position;
   let size = 0;
+  // Pieces follow each other: each starts where the one before ends.
+  let at = start;
   for (const piece of pieces) {
+    const from = at;
+    at = piece.end;
     if (piece.end <= next) continue;
     if (records.length > 0 && size >= maxBytes) break;
-    // Pieces follow each other: only the first may start before `next`.
-    const start = records.length > 0 ? next : piece.end - span(piece.data, framing);
-    let data = piece.data.subarray(offsetOf(piece.data, next - start, framing));
+    let data = from < next
+      ? piece.data.subarray(offsetOf(piece.data, next - from, framing))
+      : piece.data;
     const room = maxBytes - size - PIECE_COST;
+    let cut = false;
     if (records.length > 0 && data.length > room) {
       // What the allowance has room for: bytes up to it, whole messages within it.
       if (room <= 0) break;
@@ -328,12 +337,11 @@ export function readPieces(
         ? data.subarray(0, room)
         : data.subarray(0, data.lastIndexOf(LINE_FEED, room - 1) + 1);
       if (data.length === 0) break;
+      cut = true;
     }
     records.push(data);
     size += data.length + PIECE_COST;
-    next = next === start && data.length === piece.data.length
-      ? piece.end
-      : next + span(data, framing);
+    next = cut ? next + span(data, framing) : piece.end;
   }
   return { records, next };
 }
@@ -442,10 +450,8 @@ export class MemoryStreamStore implements StreamStore {
 
   /** Removes a stream's data and releases its source (cascading). */
   #remove(path: string, stream: MemoryStream): void {
-    if (this.#streams.get(path) === stream) {
-      this.#streams.delete(path);
-      this.#bytes -= stream.bytes + stream.producerBytes;
-    }
+    if (this.#streams.get(path) === stream) this.#streams.delete(path);
+    this.#release(stream);
     this.#wake(stream);
     let child = stream;
     let parent = stream.source;
@@ -457,10 +463,21 @@ export class MemoryStreamStore implements StreamStore {
       if (this.#streams.get(parentPath) !== parent) break;
       if (!(parent.softDeleted && parent.forks <= 0)) break;
       this.#streams.delete(parentPath);
-      this.#bytes -= parent.bytes + parent.producerBytes;
       child = parent;
       parent = parent.source;
     }
+  }
+
+  /**
+   * Lets go of a stream's data and producers, and stops counting them: a
+   * removed or soft-deleted stream serves no read, and its forks hold the
+   * pieces they inherited themselves.
+   */
+  #release(stream: MemoryStream): void {
+    this.#bytes -= stream.bytes + stream.producerBytes;
+    stream.bytes = stream.producerBytes = 0;
+    stream.pieces = [];
+    stream.producers.clear();
   }
 
   #wake(stream: MemoryStream): void {
@@ -468,15 +485,18 @@ export class MemoryStreamStore implements StreamStore {
     stream.waiters.clear();
   }
 
-  #sweep(): void {
+  /** Removes expired streams, but those the operation under way holds: they go when next touched. */
+  #sweep(held: readonly (MemoryStream | undefined)[]): void {
     for (const [path, stream] of this.#streams) {
-      if (!stream.softDeleted && this.#expired(stream)) this.#remove(path, stream);
+      if (!stream.softDeleted && !held.includes(stream) && this.#expired(stream)) {
+        this.#remove(path, stream);
+      }
     }
   }
 
   /** Whether `more` bytes fit in the store, after sweeping expired streams if they would not. */
-  #room(more: number): boolean {
-    if (this.#bytes + more > this.#maxBytes) this.#sweep();
+  #room(more: number, held: readonly (MemoryStream | undefined)[]): boolean {
+    if (this.#bytes + more > this.#maxBytes) this.#sweep(held);
     return this.#bytes + more <= this.#maxBytes;
   }
 
@@ -571,32 +591,33 @@ export class MemoryStreamStore implements StreamStore {
         }
       }
       tail = anchor + sub;
-      // The source's pieces up to the fork's tail, the last one cut there.
-      const from = source.info.framing;
-      for (const piece of source.pieces) {
-        const start = piece.end - span(piece.data, from);
-        if (start >= tail) break;
-        pieces.push(
-          piece.end <= tail ? piece : {
-            end: tail,
-            data: piece.data.subarray(0, offsetOf(piece.data, tail - start, from)),
-            batchEnd: Math.min(piece.batchEnd, tail),
-          },
-        );
+      // The source's pieces up to the fork's tail, the one across it cut
+      // there (a copy: it would keep the whole piece alive otherwise).
+      const cut = pieceAfter(source.pieces, tail);
+      pieces.push(...source.pieces.slice(0, cut));
+      const across = source.pieces[cut];
+      const start = source.pieces[cut - 1]?.end ?? 0;
+      if (across !== undefined && start < tail) {
+        const bytes = offsetOf(across.data, tail - start, source.info.framing);
+        pieces.push({
+          end: tail,
+          data: across.data.slice(0, bytes),
+          batchEnd: Math.min(across.batchEnd, tail),
+        });
       }
     }
     const inherited = costOf(pieces);
     const added = toPieces(request.records, framing, tail);
     const cost = inherited + costOf(added);
     if (cost > this.#maxStreamBytes) return this.#streamFull();
-    if (this.#streams.size >= this.#maxStreams) this.#sweep();
+    if (this.#streams.size >= this.#maxStreams) this.#sweep([source]);
     if (this.#streams.size >= this.#maxStreams) {
       return {
         status: "store-full",
         reason: `the store holds at most ${this.#maxStreams} streams`,
       };
     }
-    if (!this.#room(cost)) return this.#storeFull();
+    if (!this.#room(cost, [source])) return this.#storeFull();
     const stream: MemoryStream = {
       info: {
         contentType,
@@ -686,7 +707,7 @@ export class MemoryStreamStore implements StreamStore {
     const cost = costOf(pieces);
     if (stream.bytes + cost > this.#maxStreamBytes) return this.#streamFull();
     const producerCost = producer && !state ? PRODUCER_COST + producer.id.length : 0;
-    if (!this.#room(cost + producerCost)) return this.#storeFull();
+    if (!this.#room(cost + producerCost, [stream])) return this.#storeFull();
     this.#push(stream, pieces, cost);
     if (request.seq !== undefined) stream.lastSeq = request.seq;
     if (producer) this.#remember(stream, producer, producerCost);
@@ -724,6 +745,7 @@ export class MemoryStreamStore implements StreamStore {
     const { records, next } = readPieces(
       pieces.slice(from, from + 1 + Math.ceil(maxBytes / PIECE_COST)),
       info.framing,
+      pieces[from - 1]?.end ?? 0,
       position,
       maxBytes,
     );
@@ -745,6 +767,7 @@ export class MemoryStreamStore implements StreamStore {
     if (stream.softDeleted) return Promise.resolve("gone");
     if (stream.forks > 0) {
       stream.softDeleted = true;
+      this.#release(stream);
       this.#wake(stream);
     } else {
       this.#remove(path, stream);
@@ -957,28 +980,188 @@ function permits(allowed: true | Grants, action: "subscribe" | "publish", name: 
   return allowed === true || selectorsMatch(allowed[action] ?? [], name);
 }
 
+/** Nesting deeper than this is refused: readers' parsers would stop short of it. */
+const MAX_DEPTH = 1000;
+
+const [QUOTE, BACKSLASH, COMMA, COLON, LF] = [0x22, 0x5c, 0x2c, 0x3a, 0x0a];
+const [OPEN_ARRAY, CLOSE_ARRAY, OPEN_OBJECT, CLOSE_OBJECT] = [0x5b, 0x5d, 0x7b, 0x7d];
+const strictDecoder = new TextDecoder("utf-8", { fatal: true });
+
 /**
- * A JSON body as messages, each one line of JSON text ending with a line
- * feed; an array is its elements (one level).
+ * A JSON body as messages, without building its values: checked against
+ * the JSON grammar byte by byte, then each message (each element of an array
+ * body, else the body itself) copied without the whitespace between its
+ * tokens and ended with a line feed, which JSON text never holds otherwise.
+ * Memory is the body's size, whatever the body holds.
  */
-function jsonRecords(body: Uint8Array, allowEmpty: boolean, maxMessages: number): Uint8Array[] {
-  let value: unknown;
+function jsonMessages(body: Uint8Array, maxMessages: number): { data: Uint8Array; count: number } {
+  const invalid = () => new HttpError(400, "the body is not valid JSON");
   try {
-    value = JSON.parse(decoder.decode(body));
+    strictDecoder.decode(body);
   } catch {
-    throw new HttpError(400, "the body is not valid JSON");
+    throw invalid();
   }
-  const messages = Array.isArray(value) ? value : [value];
-  if (messages.length === 0 && !allowEmpty) {
-    throw new HttpError(400, "an empty JSON array appends nothing");
+  const out = new Uint8Array(body.length + 1);
+  let o = 0;
+  let i = 0;
+  const fail = (): never => {
+    throw invalid();
+  };
+  const space = () => {
+    while (i < body.length) {
+      const c = body[i];
+      if (c !== 0x20 && c !== 0x09 && c !== 0x0a && c !== 0x0d) break;
+      i++;
+    }
+  };
+  const copy = () => {
+    out[o++] = body[i++];
+  };
+  const expect = (byte: number) => {
+    if (body[i] !== byte) fail();
+    copy();
+  };
+  const string = () => {
+    expect(QUOTE);
+    for (;;) {
+      if (i >= body.length) fail();
+      const c = body[i];
+      if (c === QUOTE) return copy();
+      if (c < 0x20) fail();
+      if (c === BACKSLASH) {
+        copy();
+        const escaped = body[i];
+        if (escaped === 0x75) { // \uXXXX
+          copy();
+          for (let k = 0; k < 4; k++) {
+            if (!isHex(body[i])) fail();
+            copy();
+          }
+        } else if ('"\\/bfnrt'.includes(String.fromCharCode(escaped))) copy();
+        else fail();
+      } else copy();
+    }
+  };
+  const digits = () => {
+    if (!isDigit(body[i])) fail();
+    while (isDigit(body[i])) copy();
+  };
+  const number = () => {
+    if (body[i] === 0x2d) copy(); // -
+    if (body[i] === 0x30) copy(); // a leading 0 stands alone
+    else digits();
+    if (body[i] === 0x2e) { // .
+      copy();
+      digits();
+    }
+    if (body[i] === 0x65 || body[i] === 0x45) { // e, E
+      copy();
+      if (body[i] === 0x2b || body[i] === 0x2d) copy();
+      digits();
+    }
+  };
+  const literal = (word: string) => {
+    for (let k = 0; k < word.length; k++) {
+      if (body[i] !== word.charCodeAt(k)) fail();
+      copy();
+    }
+  };
+  /** One value, of any depth, without recursion: containers open are on `stack`. */
+  const value = () => {
+    const stack: number[] = [];
+    for (;;) {
+      space();
+      const c = body[i];
+      let opened = false;
+      if (c === OPEN_ARRAY || c === OPEN_OBJECT) {
+        if (stack.length >= MAX_DEPTH) {
+          throw new HttpError(400, `JSON nests at most ${MAX_DEPTH} levels deep`);
+        }
+        copy();
+        space();
+        const close = c === OPEN_ARRAY ? CLOSE_ARRAY : CLOSE_OBJECT;
+        if (body[i] === close) copy();
+        else {
+          stack.push(close);
+          if (c === OPEN_OBJECT) {
+            string();
+            space();
+            expect(COLON);
+          }
+          opened = true;
+        }
+      } else if (c === QUOTE) string();
+      else if (c === 0x2d || isDigit(c)) number();
+      else if (c === 0x74) literal("true");
+      else if (c === 0x66) literal("false");
+      else if (c === 0x6e) literal("null");
+      else fail();
+      if (opened) continue;
+      // After a value: the next one in its container, or the container's end.
+      for (;;) {
+        if (stack.length === 0) return;
+        space();
+        const close = stack[stack.length - 1];
+        if (body[i] === close) {
+          copy();
+          stack.pop();
+          continue;
+        }
+        expect(COMMA);
+        if (close === CLOSE_OBJECT) {
+          space();
+          string();
+          space();
+          expect(COLON);
+        }
+        break;
+      }
+    }
+  };
+  let count = 0;
+  space();
+  if (body[i] === OPEN_ARRAY) {
+    i++;
+    space();
+    if (body[i] === CLOSE_ARRAY) i++;
+    else {
+      for (;;) {
+        if (++count > maxMessages) {
+          throw new HttpError(413, `a request carries at most ${maxMessages} JSON messages`);
+        }
+        value();
+        out[o++] = LF;
+        space();
+        if (body[i] === COMMA) i++;
+        else if (body[i] === CLOSE_ARRAY) {
+          i++;
+          break;
+        } else fail();
+      }
+    }
+  } else {
+    value();
+    out[o++] = LF;
+    count = 1;
   }
-  if (messages.length > maxMessages) {
-    throw new HttpError(413, `a request carries at most ${maxMessages} JSON messages`);
-  }
-  // JSON.stringify writes no raw line feed: it is free to end each message.
-  let text = "";
-  for (const message of messages) text += JSON.stringify(message) + "\n";
-  return text === "" ? [] : [encoder.encode(text)];
+  space();
+  if (i !== body.length) fail();
+  return { data: out.subarray(0, o), count };
+}
+
+function isDigit(c: number): boolean {
+  return c >= 0x30 && c <= 0x39;
+}
+
+function isHex(c: number): boolean {
+  return isDigit(c) || (c >= 0x41 && c <= 0x46) || (c >= 0x61 && c <= 0x66);
+}
+
+/** A JSON body's records: its messages, each ending with a line feed. */
+function jsonRecords(body: Uint8Array, allowEmpty: boolean, maxMessages: number): Uint8Array[] {
+  const { data, count } = jsonMessages(body, maxMessages);
+  if (count === 0 && !allowEmpty) throw new HttpError(400, "an empty JSON array appends nothing");
+  return count === 0 ? [] : [data];
 }
 
 /**

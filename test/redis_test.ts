@@ -177,7 +177,11 @@ describe("bounded state on Redis", () => {
     const store = await streamStore({ prefix: "oom:" });
     const handle = createStreamsHandler({ prefix: "/", store });
     const url = "http://redis.test/filling";
-    assert.equal((await handle(new Request(url, { method: "PUT" }))).status, 201);
+    // A sliding TTL: each read writes the time it was used.
+    const created = await handle(
+      new Request(url, { method: "PUT", headers: { "stream-ttl": "3600" } }),
+    );
+    assert.equal(created.status, 201);
     const used = Number(/used_memory:(\d+)/.exec(await admin.info("memory"))![1]);
     await admin.configSet({
       maxmemory: String(used + 2_000_000),
@@ -207,6 +211,10 @@ describe("bounded state on Redis", () => {
         Number(head.headers.get("stream-next-offset")!.split("_")[1]),
         appended * chunk.length,
       );
+      // A full Redis refuses writes; reads go on.
+      const read = await handle(new Request(`${url}?offset=-1`));
+      assert.equal(read.status, 200);
+      assert.ok((await read.arrayBuffer()).byteLength >= chunk.length);
     } finally {
       await admin.configSet({ maxmemory: "0" });
     }

@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { connect } from "node:net";
 import * as jose from "jose";
 import { type Authorize, Broker, createHandler, jwtAuth, MemoryLog, TokenError } from "../mod.ts";
-import { createStreamsHandler, type StreamsHandler } from "../streams.ts";
+import { createStreamsHandler, MemoryStreamStore, type StreamsHandler } from "../streams.ts";
 import { startServer, withServer } from "./helpers.ts";
 
 const PREFIX = "/v1/stream/";
@@ -105,6 +105,37 @@ describe("what a stream counts for", () => {
     assert.deepEqual(await read.json(), Array(400).fill(0));
   });
 
+  test("JSON is checked as it is read, without building it: depth, UTF-8 and grammar", async () => {
+    const handle = createStreamsHandler({ prefix: PREFIX });
+    const json = { "content-type": "application/json" };
+    await call(handle, "j", "PUT", json);
+    const post = (body: BodyInit) => answer(call(handle, "j", "POST", json, body));
+    // The outer array holds the messages: one message nested `depth` deep.
+    const deep = (depth: number) => "[".repeat(depth + 1) + "]".repeat(depth + 1);
+    assert.equal((await post(deep(1000))).status, 204);
+    for (const depth of [1001, 100_000]) {
+      assert.deepEqual(await post(deep(depth)), {
+        status: 400,
+        body: { error: "JSON nests at most 1000 levels deep" },
+      });
+    }
+    const invalid = { status: 400, body: { error: "the body is not valid JSON" } };
+    for (
+      const body of [
+        new Uint8Array([0x22, 0xff, 0x22]), // a string of a byte that is no UTF-8
+        "[1,]",
+        "01",
+        '{"a" 1}',
+        '"tab\there"'.replace("\\t", "\t"),
+        "[1] [2]",
+      ]
+    ) assert.deepEqual(await post(body), invalid, String(body));
+    // Whitespace between tokens goes; what the messages say stays.
+    assert.equal((await post(' [ {"a" :\n [1, 2.50e3 ]} , "x\\ny" ] ')).status, 204);
+    const read = await call(handle, "j?offset=0000000000000000_0000000000000001", "GET");
+    assert.equal(await read.text(), '[{"a":[1,2.50e3]},"x\\ny"]');
+  });
+
   test("a store holds at most maxBytes in all: 503 with Retry-After, room again after a delete", async () => {
     // Two streams of 400 bytes (528 counted each) do not fit in 1000.
     const handle = createStreamsHandler({ prefix: PREFIX, maxBytes: 1000 });
@@ -169,6 +200,81 @@ describe("what a stream counts for", () => {
   });
 });
 
+describe("what a stream holds on to", () => {
+  test("each piece owns its bytes, so a fork of part of an append holds only that part", async () => {
+    const store = new MemoryStreamStore();
+    const text = { contentType: "text/plain", framing: "bytes" as const, closed: false };
+    const body = new Uint8Array(200_000).fill(0x61); // four pieces of one append
+    await store.create("/s", { ...text, records: [body], contentTypeGiven: true });
+    await store.create("/f", {
+      ...text,
+      records: [],
+      contentTypeGiven: true,
+      fork: { from: "/s", anchor: 70_000, subOffset: 0 },
+    });
+    for (const path of ["/s", "/f"]) {
+      for (let position = 0;;) {
+        const read = await store.read(path, position, 1 << 20, false);
+        assert.equal(read.status, "ok");
+        if (read.status !== "ok" || read.records.length === 0) break;
+        for (const record of read.records) {
+          assert.ok(
+            record.buffer.byteLength <= 65_536,
+            `${path}: a view of ${record.buffer.byteLength}`,
+          );
+        }
+        position = read.next;
+      }
+    }
+  });
+
+  test("an append racing its stream's expiry is kept or refused, never lost, and nothing leaks", async () => {
+    const realNow = Date.now;
+    const store = new MemoryStreamStore({ maxBytes: 2000 });
+    const T = realNow() + 60_000;
+    await store.create("/soon", {
+      contentType: "text/plain",
+      framing: "bytes",
+      closed: false,
+      records: [new Uint8Array(1000)],
+      expiresAt: T,
+      contentTypeGiven: true,
+    });
+    // The stream is alive when the append finds it, expired by the time the
+    // store looks for room (a sweep).
+    let calls = 0;
+    Date.now = () => ++calls <= 2 ? T - 1 : T + 1;
+    let result;
+    try {
+      result = await store.append("/soon", {
+        contentType: "text/plain",
+        records: [new Uint8Array(900)],
+        close: false,
+      });
+    } finally {
+      Date.now = realNow;
+    }
+    if (result.status === "ok") {
+      const read = await store.read("/soon", 0, 1 << 20, false);
+      assert.equal(read.status === "ok" && read.next, 1900, "acknowledged, so kept");
+    } else assert.ok(["missing", "store-full"].includes(result.status), result.status);
+    // Once it has expired, the whole store is free again.
+    Date.now = () => T + 10;
+    try {
+      const big = await store.create("/big", {
+        contentType: "text/plain",
+        framing: "bytes",
+        closed: false,
+        records: [new Uint8Array(2000 - 128)],
+        contentTypeGiven: true,
+      });
+      assert.equal(big.status, "created");
+    } finally {
+      Date.now = realNow;
+    }
+  });
+});
+
 describe("shared SSE frames", () => {
   test("readers at one position share one frame, whatever cursor they send", async () => {
     const handle = createStreamsHandler({ prefix: PREFIX });
@@ -216,6 +322,15 @@ describe("cross-site writes with the cookie", () => {
     assert.equal(broker.stats().published, 0);
     assert.equal((await post({ ...cookie, origin: "http://broker.test" })).status, 200);
     assert.equal((await post({ ...cookie, origin: "https://app.example" })).status, 200);
+    // A cookie of that name set twice (another host of the site can add one) is refused.
+    const twice = {
+      cookie: `sse_token=${writer}; sse_token=${writer}`,
+      origin: "http://broker.test",
+    };
+    assert.deepEqual(await post(twice), {
+      status: 401,
+      body: { error: "the token cookie is set twice" },
+    });
     // A bearer token is no ambient credential: any origin may send it.
     const bearer = { authorization: `Bearer ${writer}`, origin: "https://evil.example" };
     assert.equal((await post(bearer)).status, 200);
