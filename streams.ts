@@ -281,8 +281,11 @@ export function toPieces(records: readonly Uint8Array[], framing: Framing, tail:
         const last = record.lastIndexOf(LINE_FEED, to - 1);
         to = last >= from ? last + 1 : record.indexOf(LINE_FEED, to) + 1 || record.length;
       }
-      // A piece owns its bytes: a view would keep all of a larger buffer alive.
-      const data = to - from === record.buffer.byteLength ? record : record.slice(from, to);
+      // A piece owns its bytes, or most of its buffer: a small view would
+      // keep all of a larger buffer alive.
+      const data = (to - from) * 2 >= record.buffer.byteLength
+        ? record.subarray(from, to)
+        : record.slice(from, to);
       end += span(data, framing);
       pieces.push({ end, data, batchEnd: 0 });
       from = to;
@@ -985,7 +988,6 @@ const MAX_DEPTH = 1000;
 
 const [QUOTE, BACKSLASH, COMMA, COLON, LF] = [0x22, 0x5c, 0x2c, 0x3a, 0x0a];
 const [OPEN_ARRAY, CLOSE_ARRAY, OPEN_OBJECT, CLOSE_OBJECT] = [0x5b, 0x5d, 0x7b, 0x7d];
-const strictDecoder = new TextDecoder("utf-8", { fatal: true });
 
 /**
  * A JSON body as messages, without building its values: checked against
@@ -996,11 +998,6 @@ const strictDecoder = new TextDecoder("utf-8", { fatal: true });
  */
 function jsonMessages(body: Uint8Array, maxMessages: number): { data: Uint8Array; count: number } {
   const invalid = () => new HttpError(400, "the body is not valid JSON");
-  try {
-    strictDecoder.decode(body);
-  } catch {
-    throw invalid();
-  }
   const out = new Uint8Array(body.length + 1);
   let o = 0;
   let i = 0;
@@ -1021,6 +1018,37 @@ function jsonMessages(body: Uint8Array, maxMessages: number): { data: Uint8Array
     if (body[i] !== byte) fail();
     copy();
   };
+  /**
+   * One character of two to four UTF-8 bytes (text outside strings is
+   * ASCII): no overlong form, no surrogate, nothing past U+10FFFF.
+   */
+  const character = () => {
+    const c = body[i];
+    const size = c >= 0xc2 && c <= 0xdf
+      ? 2
+      : c >= 0xe0 && c <= 0xef
+      ? 3
+      : c >= 0xf0 && c <= 0xf4
+      ? 4
+      : 0;
+    if (size === 0) fail();
+    // The second byte's range depends on the first (RFC 3629, section 4).
+    const [low, high] = c === 0xe0
+      ? [0xa0, 0xbf]
+      : c === 0xed
+      ? [0x80, 0x9f]
+      : c === 0xf0
+      ? [0x90, 0xbf]
+      : c === 0xf4
+      ? [0x80, 0x8f]
+      : [0x80, 0xbf];
+    copy();
+    for (let k = 1; k < size; k++) {
+      const next = body[i];
+      if (!(k === 1 ? next >= low && next <= high : next >= 0x80 && next <= 0xbf)) fail();
+      copy();
+    }
+  };
   const string = () => {
     expect(QUOTE);
     for (;;) {
@@ -1028,7 +1056,8 @@ function jsonMessages(body: Uint8Array, maxMessages: number): { data: Uint8Array
       const c = body[i];
       if (c === QUOTE) return copy();
       if (c < 0x20) fail();
-      if (c === BACKSLASH) {
+      if (c >= 0x80) character();
+      else if (c === BACKSLASH) {
         copy();
         const escaped = body[i];
         if (escaped === 0x75) { // \uXXXX
