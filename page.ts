@@ -79,6 +79,7 @@ const PAGE = `<!doctype html>
            background: var(--accent); color: var(--bg); cursor: pointer; justify-self: start; }
   :focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
   #publish-error, #sign-in-error { color: var(--bad); font-size: .875rem; margin: 0; }
+  #sign-in-status { font-size: .875rem; margin: 0; }
   .log { max-height: 60vh; overflow: auto; border: 1px solid var(--line); border-radius: .3rem; }
   table { width: 100%; border-collapse: collapse; font: .875rem/1.4 ui-monospace, monospace; }
   th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line);
@@ -117,6 +118,7 @@ const PAGE = `<!doctype html>
         <label>JWT <input name="jwt" type="password" autocomplete="off"></label>
         <button>Use token</button>
         <p id="sign-in-error" role="alert"></p>
+        <p id="sign-in-status" role="status"></p>
       </fieldset>
     </form>
 
@@ -436,6 +438,7 @@ $("sign-in").addEventListener("submit", async (submit) => {
   submit.preventDefault();
   const value = String(new FormData(submit.target).get("jwt")).trim();
   $("sign-in-error").textContent = "";
+  $("sign-in-status").textContent = "";
   try {
     const response = await fetch("/session", {
       method: "POST",
@@ -450,6 +453,7 @@ $("sign-in").addEventListener("submit", async (submit) => {
     return;
   }
   subscribe();
+  $("sign-in-status").textContent = "Signed in: the stream carries the token.";
 });
 subscribe();
 setInterval(refreshClients, 2000);

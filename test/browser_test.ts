@@ -323,6 +323,8 @@ describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}
       await page.locator("#sign-in-error", { hasText: "malformed token" }).waitFor();
       await page.getByLabel("JWT").fill(await token(1));
       await page.getByRole("button", { name: "Use token" }).click();
+      // Said once the new stream, with the cookie, is on its way: then wait for it.
+      await page.locator("#sign-in-status", { hasText: "Signed in" }).waitFor();
       await page.locator('#state[data-state="open"]').waitFor();
       // The server set the cookie HttpOnly: no script of the page can read it.
       const [cookie] = await context.cookies(server.url);
