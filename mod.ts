@@ -379,7 +379,7 @@ export class MemoryLog implements EventLog {
     const seen = key === undefined ? undefined : this.#keys.get(key);
     // A key past its window is forgotten, even if the clock went back since.
     if (seen !== undefined && seen.until > now) {
-      if (seen.fingerprint !== fingerprintOf(events)) {
+      if (seen.fingerprint !== batchFingerprint(events)) {
         return Promise.reject(new IdempotencyKeyError());
       }
       return Promise.resolve({ ids: seen.ids, repeated: true });
@@ -404,7 +404,7 @@ export class MemoryLog implements EventLog {
     if (key !== undefined) {
       this.#keys.delete(key); // to the end of the map, which is in order of expiry
       this.#keys.set(key, {
-        fingerprint: fingerprintOf(events),
+        fingerprint: batchFingerprint(events),
         ids,
         until: now + this.#idempotencyWindow,
       });
@@ -557,8 +557,24 @@ export class IdempotencyKeyError extends Error {
   }
 }
 
-/** What identifies a batch of events, to tell a repeat from another batch under one key. */
-function fingerprintOf(events: readonly NewEvent[]): string {
+/**
+ * What identifies a batch of events under an idempotency key, for an
+ * {@linkcode EventLog} to tell a repeat from another batch: equal for the
+ * same topics, texts and privacy, in the same order.
+ *
+ * @example
+ * ```ts
+ * import { batchFingerprint } from "./mod.ts";
+ *
+ * const a = batchFingerprint([{ topics: ["t"], text: "data: 1\n\n" }]);
+ * const b = batchFingerprint([{ topics: ["t"], text: "data: 1\n\n", private: true }]);
+ * console.log(a === b); // false
+ * ```
+ *
+ * @param events The batch, in order.
+ * @returns A string, equal for equal batches.
+ */
+export function batchFingerprint(events: readonly NewEvent[]): string {
   // Stryker disable next-line EqualityOperator: inverted alike on both sides of the comparison
   return JSON.stringify(events.map(({ topics, text, private: p }) => [topics, text, p === true]));
 }
@@ -1023,11 +1039,9 @@ export class Broker {
     this.#streamStart = encodeMessage(retry === null ? { comment: "" } : { retry });
     this.#headers = new Headers({ "access-control-allow-origin": "*" });
     new Headers(options.headers).forEach((value, name) => this.#headers.set(name, value));
-    // Streams must reach the client unbuffered and untransformed. No
-    // `connection` or `transfer-encoding`: HTTP/2 forbids them.
-    this.#headers.set("content-type", "text/event-stream");
-    this.#headers.set("cache-control", "no-store, no-transform");
-    this.#headers.set("x-accel-buffering", "no");
+    for (const [name, value] of Object.entries(EVENT_STREAM_HEADERS)) {
+      this.#headers.set(name, value);
+    }
   }
 
   /**
@@ -1736,6 +1750,29 @@ export class Broker {
   }
 }
 
+/**
+ * The headers of every event stream this project sends (the broker's, a
+ * Durable Stream's SSE reads, the path check): its type, and what makes
+ * proxies pass it on at once and unchanged: no caching (`no-cache` as the
+ * Durable Streams protocol asks, `no-store`), no transformation, and no
+ * buffering (`X-Accel-Buffering`, which nginx honours). No `connection` or
+ * `transfer-encoding`: HTTP/2 forbids them.
+ *
+ * @example
+ * ```ts
+ * import { EVENT_STREAM_HEADERS } from "./mod.ts";
+ *
+ * const body = new ReadableStream();
+ * const response = new Response(body, { headers: EVENT_STREAM_HEADERS });
+ * console.log(response.headers.get("cache-control")); // "no-cache, no-store, no-transform"
+ * ```
+ */
+export const EVENT_STREAM_HEADERS: Readonly<Record<string, string>> = Object.freeze({
+  "content-type": "text/event-stream",
+  "cache-control": "no-cache, no-store, no-transform",
+  "x-accel-buffering": "no",
+});
+
 const HEARTBEAT = encodeMessage({ comment: "" });
 /** What publishes wait on for their events to go out: the next flush, or its deadline. */
 interface Flushed {
@@ -2061,8 +2098,23 @@ function fromOwnOrigin(request: Request, listed: ReadonlySet<string>): boolean {
   }
 }
 
-/** The token of an `Authorization: Bearer` header; `null` without the header. */
-function bearerToken(request: Request): string | null {
+/**
+ * The token of a request's `Authorization: Bearer` header, as every hook
+ * here reads it: `null` without the header, a {@linkcode TokenError} for a
+ * header that is not one bearer token.
+ *
+ * @example
+ * ```ts
+ * import { bearerToken } from "./mod.ts";
+ *
+ * const request = new Request("http://localhost/", { headers: { authorization: "Bearer abc" } });
+ * console.log(bearerToken(request)); // "abc"
+ * ```
+ *
+ * @param request The request.
+ * @returns The token, or `null`.
+ */
+export function bearerToken(request: Request): string | null {
   const header = request.headers.get("authorization");
   if (header === null) return null;
   const match = /^Bearer +(\S+) *$/i.exec(header);
@@ -2249,9 +2301,7 @@ export function tokenAuth(tokens: { publish?: string; subscribe?: string }): Aut
   return (request, action) => {
     const secret = expected[action];
     if (secret === undefined) return true;
-    // No header reads as "null", which is no Bearer token either.
-    const header = /^Bearer +(\S+) *$/i.exec(String(request.headers.get("authorization")));
-    const given = header?.[1] ??
+    const given = bearerToken(request) ??
       (action === "subscribe" ? new URL(request.url).searchParams.get("token") : null);
     return given !== null && timingSafeEqual(encoder.encode(given), secret);
   };
@@ -2556,7 +2606,7 @@ export async function readBody(request: Request, limits: BodyLimits): Promise<Ui
   } finally {
     clearTimeout(timer);
   }
-  return chunks.length === 1 ? chunks[0] : concat(chunks);
+  return concat(chunks);
 }
 
 /**
@@ -2843,8 +2893,24 @@ function compareIds(a: string, b: string): number {
   return a1 - b1 || a2 - b2;
 }
 
-/** Joins chunks into one new array. */
-function concat(chunks: readonly Uint8Array[]): Uint8Array {
+/**
+ * Joins byte chunks into one array: the chunk itself when there is one,
+ * else a new array. The broker joins a flush's events with it, once for all
+ * the clients that want them.
+ *
+ * @example
+ * ```ts
+ * import { concat } from "./mod.ts";
+ *
+ * const joined = concat([new Uint8Array([1, 2]), new Uint8Array([3])]);
+ * console.log(joined); // Uint8Array(3) [ 1, 2, 3 ]
+ * ```
+ *
+ * @param chunks The chunks, in order.
+ * @returns Their bytes, one after another.
+ */
+export function concat(chunks: readonly Uint8Array[]): Uint8Array {
+  if (chunks.length === 1) return chunks[0];
   const joined = new Uint8Array(chunks.reduce((size, chunk) => size + chunk.byteLength, 0));
   let offset = 0;
   for (const chunk of chunks) {

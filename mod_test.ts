@@ -2484,13 +2484,18 @@ describe("tokenAuth", () => {
     assert.equal(asks("subscribe", "Bearer sub-s3cret"), true);
   });
 
-  test("refuses a wrong, partial, longer or malformed token", () => {
+  test("refuses a wrong, partial or longer token, and a malformed header with its reason", () => {
     for (
       const header of [
         "Bearer pub-s3creT",
         "Bearer pub-s3cre",
         "Bearer pub-s3cret2",
         "Bearer sub-s3cret",
+      ]
+    ) assert.equal(asks("publish", header), false, header);
+    // The one bearer parser of mod.ts: a header that is no bearer token is refused as such.
+    for (
+      const header of [
         "xBearer pub-s3cret",
         "Bearer pub-s3cret junk",
         "Bearerpub-s3cret",
@@ -2498,7 +2503,15 @@ describe("tokenAuth", () => {
         "pub-s3cret",
         "Bearer ",
       ]
-    ) assert.equal(asks("publish", header), false, header);
+    ) {
+      assert.throws(() => asks("publish", header), {
+        name: "TokenError",
+        message: "malformed authorization header",
+      }, header);
+      assert.throws(() => asks("subscribe", header, "?token=sub-s3cret"), {
+        name: "TokenError",
+      }, "nor does ?token= stand in for it");
+    }
   });
 
   test("a subscriber may put it in ?token=, a publisher may not", () => {

@@ -13,6 +13,8 @@
  * @module
  */
 
+import { EVENT_STREAM_HEADERS } from "./mod.ts";
+
 /** Probes sent before the silence. */
 export const PROBE_COUNT = 8;
 /** Milliseconds between probes. */
@@ -61,11 +63,5 @@ export function probeResponse(idleMs: number, signal: AbortSignal, onEnd = () =>
     cancel: end,
   });
   signal.addEventListener("abort", end, { once: true });
-  return new Response(body, {
-    headers: {
-      "content-type": "text/event-stream",
-      "cache-control": "no-store, no-transform",
-      "x-accel-buffering": "no",
-    },
-  });
+  return new Response(body, { headers: EVENT_STREAM_HEADERS });
 }

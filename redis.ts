@@ -41,6 +41,7 @@ import { createClient, RESP_TYPES } from "redis";
 import {
   type Appended,
   type AppendOptions,
+  batchFingerprint,
   type EventLog,
   IdempotencyKeyError,
   type LogEvent,
@@ -246,7 +247,7 @@ export class RedisLog implements EventLog {
           String(this.#idempotencyWindow),
           String(this.#idempotencyKeys),
           key ?? "",
-          key === undefined ? "" : fingerprintOf(events),
+          key === undefined ? "" : batchFingerprint(events),
           ...fields,
         ],
       }),
@@ -441,11 +442,6 @@ if key ~= '' and window > 0 and most > 0 then
 end
 return {${STORED}, joined}
 `;
-
-/** What identifies a batch, to tell a repeat from another batch under one key. */
-function fingerprintOf(events: readonly NewEvent[]): string {
-  return JSON.stringify(events.map(({ topics, text, private: p }) => [topics, text, p === true]));
-}
 
 /**
  * A connection that fails at once while Redis is away: a publisher gets its

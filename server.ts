@@ -22,6 +22,7 @@
 import {
   access,
   type Authorize,
+  bearerToken,
   Broker,
   createHandler,
   HttpError,
@@ -194,14 +195,16 @@ async function session(request: Request, cookie: string): Promise<Response> {
       headers: { allow: "POST, DELETE" },
     });
   }
-  const token = /^Bearer +(\S+) *$/i.exec(request.headers.get("authorization") ?? "")?.[1];
-  if (token === undefined) {
-    return new HttpError(401, "send the token as Authorization: Bearer <token>", {
-      "www-authenticate": 'Bearer realm="sse"',
-    }).response();
-  }
+  let token: string | null;
   try {
+    // The same check as every request's; then the token it checked, from the header.
     await access(authorize, request, "subscribe");
+    token = bearerToken(request);
+    if (token === null) {
+      throw new HttpError(401, "send the token as Authorization: Bearer <token>", {
+        "www-authenticate": 'Bearer realm="sse"',
+      });
+    }
   } catch (error) {
     if (!(error instanceof HttpError)) throw error;
     broker.countRejection("auth");

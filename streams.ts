@@ -33,7 +33,16 @@
  *
  * @module
  */
-import { access, type Authorize, type Grants, HttpError, readBody, selectorsMatch } from "./mod.ts";
+import {
+  access,
+  type Authorize,
+  concat,
+  EVENT_STREAM_HEADERS,
+  type Grants,
+  HttpError,
+  readBody,
+  selectorsMatch,
+} from "./mod.ts";
 
 // ---------------------------------------------------------------------------
 // Storage
@@ -986,7 +995,7 @@ function permits(allowed: true | Grants, action: "subscribe" | "publish", name: 
 /** Nesting deeper than this is refused: readers' parsers would stop short of it. */
 const MAX_DEPTH = 1000;
 
-const [QUOTE, BACKSLASH, COMMA, COLON, LF] = [0x22, 0x5c, 0x2c, 0x3a, 0x0a];
+const [QUOTE, BACKSLASH, COMMA, COLON] = [0x22, 0x5c, 0x2c, 0x3a];
 const [OPEN_ARRAY, CLOSE_ARRAY, OPEN_OBJECT, CLOSE_OBJECT] = [0x5b, 0x5d, 0x7b, 0x7d];
 
 /**
@@ -1159,7 +1168,7 @@ function jsonMessages(body: Uint8Array, maxMessages: number): { data: Uint8Array
           throw new HttpError(413, `a request carries at most ${maxMessages} JSON messages`);
         }
         value();
-        out[o++] = LF;
+        out[o++] = LINE_FEED;
         space();
         if (body[i] === COMMA) i++;
         else if (body[i] === CLOSE_ARRAY) {
@@ -1170,7 +1179,7 @@ function jsonMessages(body: Uint8Array, maxMessages: number): { data: Uint8Array
     }
   } else {
     value();
-    out[o++] = LF;
+    out[o++] = LINE_FEED;
     count = 1;
   }
   space();
@@ -1213,18 +1222,6 @@ function base64(bytes: Uint8Array): string {
     binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
   }
   return btoa(binary);
-}
-
-function concat(records: readonly Uint8Array[]): Uint8Array {
-  if (records.length === 1) return records[0];
-  const size = records.reduce((sum, record) => sum + record.length, 0);
-  const out = new Uint8Array(size);
-  let at = 0;
-  for (const record of records) {
-    out.set(record, at);
-    at += record.length;
-  }
-  return out;
 }
 
 /**
@@ -1838,10 +1835,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     });
     signal.addEventListener("abort", () => finish(), { once: true });
     return respond(200, body, {
-      "content-type": "text/event-stream",
-      // no-cache, as the protocol asks; no-store and no-transform, as for the broker's streams.
-      "cache-control": "no-cache, no-store, no-transform",
-      "x-accel-buffering": "no",
+      ...EVENT_STREAM_HEADERS,
       "stream-sse-data-encoding": text ? undefined : "base64",
     });
   }

@@ -5,6 +5,7 @@
 import {
   type Appended,
   type AppendOptions,
+  batchFingerprint,
   type EventLog,
   IdempotencyKeyError,
   type LogEvent,
@@ -97,7 +98,7 @@ export class SqliteLog implements EventLog {
 
   #append(events: readonly NewEvent[], key: string | undefined): Appended {
     const now = Date.now();
-    const fingerprint = JSON.stringify(events.map((e) => [e.topics, e.text, e.private === true]));
+    const fingerprint = batchFingerprint(events);
     const appended = this.#storage.transactionSync(() => {
       this.#exec("DELETE FROM sse_keys WHERE until <= ?", now);
       const seen = key === undefined
