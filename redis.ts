@@ -89,12 +89,13 @@ export interface RedisLogOptions {
   url: string;
   /** The stream's key; processes that share it share the events. Defaults to `sse:events`. */
   key?: string;
-  /** About how many events the stream keeps for replay (`MAXLEN ~`). Defaults to 1000. */
+  /** How many of the newest events are kept for replay. Defaults to 1000. */
   history?: number;
+  /** Also cap the events kept for replay by their encoded size in bytes. Defaults to no cap. */
+  historyBytes?: number;
   /**
-   * Events older than this many milliseconds are no longer replayed, and
-   * are trimmed (`MINID ~`) at the next append; a client resuming from one
-   * gets the gap event. Defaults to no limit.
+   * Events older than this many milliseconds are no longer replayed; a
+   * client resuming from one gets the gap event. Defaults to no limit.
    */
   historyTtl?: number;
   /**
@@ -132,7 +133,13 @@ const ID = /^\d{1,15}-\d{1,15}$/;
 /**
  * An event log kept in one Redis stream. Events are entries with the
  * fields `t`, the topics one per line, `m`, the encoded message, and `p`
- * (`1`) on a private event.
+ * (`1`) on a private event. It replays exactly what a {@linkcode MemoryLog}
+ * with the same options would: the window of events kept for replay (the
+ * newest `history`, within `historyBytes` and `historyTtl`) is kept beside
+ * the stream in a hash (`<key>:window`: its oldest id, the newest id
+ * dropped, its count and bytes), moved by each append; the stream itself
+ * keeps 1000 events more (and a minute more), for processes whose reading
+ * of the newest events is under way.
  *
  * When Redis is lost while running, `append` rejects at once (the broker's
  * handler answers `503`), reads for resuming clients fail (they end, and
@@ -161,6 +168,7 @@ export class RedisLog implements EventLog {
   readonly #reader: Connection;
   readonly #key: string;
   readonly #history: number;
+  readonly #maxBytes: number;
   readonly #maxAge: number;
   readonly #idempotencyWindow: number;
   readonly #idempotencyKeys: number;
@@ -175,11 +183,9 @@ export class RedisLog implements EventLog {
 
   private constructor(options: RedisLogOptions) {
     this.#key = options.key ?? "sse:events";
-    this.#history = options.history ?? 1000;
-    if (!Number.isSafeInteger(this.#history) || this.#history < 1) {
-      throw new RangeError("history must be a positive integer");
-    }
-    this.#maxAge = count("historyTtl", options.historyTtl ?? 0);
+    this.#history = count("history", options.history ?? 1000);
+    this.#maxBytes = count("historyBytes", options.historyBytes ?? Infinity);
+    this.#maxAge = count("historyTtl", options.historyTtl ?? Infinity);
     this.#idempotencyWindow = count("idempotencyWindow", options.idempotencyWindow ?? 300_000);
     this.#idempotencyKeys = count("idempotencyKeys", options.idempotencyKeys ?? 10_000);
     this.#timeout = count("timeout", options.timeout ?? 2000);
@@ -240,14 +246,20 @@ export class RedisLog implements EventLog {
     ) => [event.topics.join("\n"), event.text, event.private ? "1" : ""]);
     const [outcome, ids] = await within(
       this.#writer.eval(APPEND, {
-        keys: [this.#key, `${this.#key}:idempotency`, `${this.#key}:idempotency:until`],
+        keys: [
+          this.#key,
+          `${this.#key}:idempotency`,
+          `${this.#key}:idempotency:until`,
+          `${this.#key}:window`,
+        ],
         arguments: [
           String(this.#history),
-          String(this.#maxAge),
+          asLimit(this.#maxAge),
           String(this.#idempotencyWindow),
           String(this.#idempotencyKeys),
           key ?? "",
           key === undefined ? "" : batchFingerprint(events),
+          asLimit(this.#maxBytes),
           ...fields,
         ],
       }),
@@ -258,34 +270,32 @@ export class RedisLog implements EventLog {
   }
 
   /**
-   * Reads up to `limit` events after `afterId`. The id is looked up first:
-   * one the stream no longer holds (trimmed, older than `historyTtl`, from a
-   * stream that Redis lost, malformed) is a gap, and the events then start
-   * at the oldest.
+   * Reads up to `limit` events of the replay window after `afterId`, in one
+   * script: an id the window holds, or the newest one it dropped, is placed;
+   * any other (dropped earlier, older than `historyTtl`, from a stream that
+   * Redis lost, malformed, ahead) is a gap, and the events then start at
+   * the window's oldest.
    *
    * @param afterId The id to read after; `null` reads from the oldest.
    * @param limit The most events to return.
    * @returns The events, and whether `afterId` could not be placed.
    */
   async read(afterId: string | null, limit: number): Promise<LogRead> {
-    // Entries older than the TTL may wait for the next append's trim: skip them.
-    const cutoff = this.#maxAge > 0 ? Date.now() - this.#maxAge : 0;
-    const oldest = cutoff > 0 ? `${cutoff}-0` : "-";
-    if (afterId !== null && ID.test(afterId) && Number(afterId.split("-")[0]) >= cutoff) {
-      const [found, after] = await within(
-        this.#writer.multi()
-          .xRange(this.#key, afterId, afterId)
-          .xRange(this.#key, "(" + afterId, "+", { COUNT: limit })
-          .exec(),
-        this.#timeout,
-      ) as unknown as [Entry[], Entry[]];
-      if (found.length > 0) return { events: after.map(toEvent), gap: false };
-    }
-    const entries = await within(
-      this.#writer.xRange(this.#key, oldest, "+", { COUNT: limit }),
+    const [gap, ...entries] = await within(
+      this.#writer.eval(READ, {
+        keys: [this.#key, `${this.#key}:window`],
+        arguments: [
+          afterId === null ? "" : ID.test(afterId) ? afterId : "x",
+          String(limit),
+          asLimit(this.#maxAge),
+        ],
+      }),
       this.#timeout,
-    ) as Entry[];
-    return { events: entries.map(toEvent), gap: afterId !== null };
+    ) as [number, ...[string, string[]][]];
+    return {
+      events: entries.map(([id, fields]) => toEvent({ id, message: fieldsOf(fields) })),
+      gap: gap === 1,
+    };
   }
 
   /**
@@ -383,17 +393,39 @@ export class RedisLog implements EventLog {
 const [STORED, REPEATED, CONFLICT] = [0, 1, 2];
 
 /**
- * The append, atomic in Redis. KEYS: the stream, the idempotency hash (key
- * to "<fingerprint's SHA-1> <ids>") and its deadlines (a sorted set). ARGV:
- * the history, the TTL (0: none), the key's window (0: none), the most keys
- * kept, the key ("" for none), the batch's fingerprint, then three fields
- * per event (topics, text, "1" if private). Answers {outcome, ids joined
- * with ","}. Every step is bounded: at most 100 expired keys are forgotten
- * per append, and the batch's size is the broker's `maxBatch`.
+ * What the scripts of a {@linkcode RedisLog} share: the clock, and the
+ * replay window (KEYS[2] of READ, KEYS[4] of APPEND): `start`, its oldest
+ * id ("" when empty); `dropped`, the newest id it dropped; `count`; `bytes`,
+ * the size of its events on the wire (`id: <id>\n` and the text, as the
+ * broker sends them).
  */
-const APPEND = `#!lua
+const WINDOW = `
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+local function sizeOf(id, fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'm' then return #('id: ' .. id .. '\\n' .. fields[i + 1]) end
+  end
+  return 0
+end
+
+local function msOf(id) return tonumber(string.match(id, '^%d+')) end
+`;
+
+/**
+ * The append, atomic in Redis. KEYS: the stream, the idempotency hash (key
+ * to "<fingerprint's SHA-1> <ids>"), its deadlines (a sorted set), the
+ * replay window. ARGV: the history, the TTL ("": none), the key's window (0:
+ * none), the most keys kept, the key ("" for none), the batch's
+ * fingerprint, the history's bytes ("": no cap), then three fields per
+ * event (topics, text, "1" if private). Answers {outcome, ids joined with
+ * ","}. Every step is bounded: at most 100 expired keys are forgotten per
+ * append, the window moves past as many events as it takes in, and the
+ * batch's size is the broker's `maxBatch`.
+ */
+const APPEND = `#!lua
+` + WINDOW + `
 local key = ARGV[5]
 if key ~= '' then
   local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)
@@ -408,27 +440,46 @@ if key ~= '' then
     return {${REPEATED}, string.sub(seen, space + 1)}
   end
 end
+local window = redis.call('HMGET', KEYS[4], 'start', 'dropped', 'count', 'bytes')
+local start, dropped = window[1] or '', window[2] or ''
+local count, bytes = tonumber(window[3] or '0'), tonumber(window[4] or '0')
 local ids = {}
-for i = 7, #ARGV, 3 do
+for i = 8, #ARGV, 3 do
+  local id
   if ARGV[i + 2] == '1' then
-    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'm', ARGV[i + 1], 'p', '1')
+    id = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'm', ARGV[i + 1], 'p', '1')
   else
-    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'm', ARGV[i + 1])
+    id = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'm', ARGV[i + 1])
   end
+  ids[#ids + 1] = id
+  if start == '' then start = id end
+  count = count + 1
+  bytes = bytes + #('id: ' .. id .. '\\n' .. ARGV[i + 1])
 end
--- Trimmed once, after the whole batch: a batch longer than the history
--- must still reach every process's listener.
-redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', math.max(tonumber(ARGV[1]), #ids))
-if ARGV[2] ~= '0' then
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(now - tonumber(ARGV[2])))
+-- The window keeps the newest history events within the bytes: the oldest go.
+local history, maxBytes = tonumber(ARGV[1]), tonumber(ARGV[7])
+while start ~= '' and (count > history or (maxBytes and bytes > maxBytes)) do
+  local oldest = redis.call('XRANGE', KEYS[1], start, start)[1]
+  if oldest then bytes = bytes - sizeOf(start, oldest[2]) end
+  count, dropped = count - 1, start
+  local following = redis.call('XRANGE', KEYS[1], '(' .. start, '+', 'COUNT', 1)[1]
+  start = following and following[1] or ''
+end
+if start == '' then count, bytes = 0, 0 end
+redis.call('HSET', KEYS[4], 'start', start, 'dropped', dropped, 'count', count, 'bytes', bytes)
+-- The stream keeps more than the window, for processes still reading the
+-- newest events: 1000 events, and a minute past the TTL.
+redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', math.max(history, #ids) + 1000)
+if ARGV[2] ~= '' then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(now - tonumber(ARGV[2]) - 60000))
 end
 local joined = table.concat(ids, ',')
-local window, most = tonumber(ARGV[3]), tonumber(ARGV[4])
-if key ~= '' and window > 0 and most > 0 then
+local keyWindow, most = tonumber(ARGV[3]), tonumber(ARGV[4])
+if key ~= '' and keyWindow > 0 and most > 0 then
   redis.call('HSET', KEYS[2], key, redis.sha1hex(ARGV[6]) .. ' ' .. joined)
   -- Deadlines in the order of the appends, so the oldest is forgotten first.
   local newest = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')[2]
-  local deadline = now + window
+  local deadline = now + keyWindow
   if newest and tonumber(newest) >= deadline then deadline = tonumber(newest) + 0.001 end
   redis.call('ZADD', KEYS[3], deadline, key)
   local over = redis.call('ZCARD', KEYS[3]) - most
@@ -437,10 +488,47 @@ if key ~= '' and window > 0 and most > 0 then
     for i = 1, #popped, 2 do redis.call('HDEL', KEYS[2], popped[i]) end
   end
   -- Both go when no key was set for a whole window.
-  redis.call('PEXPIRE', KEYS[2], window)
-  redis.call('PEXPIRE', KEYS[3], window)
+  redis.call('PEXPIRE', KEYS[2], keyWindow)
+  redis.call('PEXPIRE', KEYS[3], keyWindow)
 end
 return {${STORED}, joined}
+`;
+
+/**
+ * A read of the replay window, atomic in Redis. KEYS: the stream, the
+ * window. ARGV: the id to read after ("": none; "x": malformed), the most
+ * events, the TTL ("": none). Answers {gap (1 or 0), then each entry}.
+ * Events older than the TTL leave the window as it is read: its start moves
+ * past them and the newest of them is the one dropped.
+ */
+const READ = `#!lua flags=no-writes
+` + WINDOW + `
+local window = redis.call('HMGET', KEYS[2], 'start', 'dropped')
+local start, dropped = window[1] or '', window[2] or ''
+if start ~= '' and ARGV[3] ~= '' and msOf(start) < now - tonumber(ARGV[3]) then
+  local cutoff = tostring(now - tonumber(ARGV[3])) .. '-0'
+  local older = redis.call('XREVRANGE', KEYS[1], '(' .. cutoff, start, 'COUNT', 1)[1]
+  if older then dropped = older[1] end
+  local first = redis.call('XRANGE', KEYS[1], cutoff, '+', 'COUNT', 1)[1]
+  start = first and first[1] or ''
+end
+local after, gap = ARGV[1], 0
+local from = start
+if after ~= '' and after ~= dropped then
+  -- Placed: an event the stream holds, not before the window's start.
+  local known = after ~= 'x' and start ~= '' and redis.call('XRANGE', KEYS[1], after, after)[1]
+  if known and redis.call('XRANGE', KEYS[1], start, after, 'COUNT', 1)[1] then
+    from = '(' .. after
+  else
+    gap = 1
+  end
+end
+local out = {gap}
+if start == '' then return out end
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', tonumber(ARGV[2]))) do
+  out[#out + 1] = entry
+end
+return out
 `;
 
 /**
@@ -478,12 +566,24 @@ function within<T>(call: Promise<T>, ms: number): Promise<T> {
   return Promise.race([call, late]).finally(() => clearTimeout(timer));
 }
 
-/** A count option: a non-negative safe integer, or a RangeError that names it. */
+/** A count option: a non-negative safe integer (or `Infinity`, no limit), or a RangeError that names it. */
 function count(name: string, value: number): number {
-  if (!Number.isSafeInteger(value) || value < 0) {
+  if (!(value >= 0) || (value !== Infinity && !Number.isSafeInteger(value))) {
     throw new RangeError(`${name} must be a non-negative integer`);
   }
   return value;
+}
+
+/** A limit as a script argument: "" for none. */
+function asLimit(value: number): string {
+  return value === Infinity ? "" : String(value);
+}
+
+/** An entry's fields from the flat list a script answers with. */
+function fieldsOf(flat: string[]): Record<string, string> {
+  const fields: Record<string, string> = {};
+  for (let i = 0; i < flat.length; i += 2) fields[flat[i]] = flat[i + 1];
+  return fields;
 }
 
 function toEvent({ id, message }: Entry): LogEvent {

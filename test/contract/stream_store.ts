@@ -1,0 +1,310 @@
+// What every StreamStore promises (streams.ts's interface), as plain cases:
+// node:test runs them against MemoryStreamStore and RedisStreamStore
+// (test/stream_store_test.ts), each with the same limits.
+import assert from "node:assert/strict";
+import {
+  type AppendRequest,
+  type CreateRequest,
+  PIECE_COST,
+  type ReadResult,
+  type StreamStore,
+} from "../../streams.ts";
+
+/** Limits every store takes, with the same meaning in each. */
+export interface StoreOptions {
+  maxStreamBytes?: number;
+  maxProducers?: number;
+}
+
+/** A fresh, empty store, and how to let it go. */
+export interface StoreSubject {
+  store: StreamStore;
+  close(): void | Promise<void>;
+}
+
+export type MakeStore = (options?: StoreOptions) => Promise<StoreSubject>;
+
+export interface StoreCase {
+  name: string;
+  run(make: MakeStore): Promise<void>;
+}
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+const TEXT = "text/plain";
+const JSON_TYPE = "application/json";
+
+function creating(extra: Partial<CreateRequest> = {}): CreateRequest {
+  const contentType = extra.contentType ?? TEXT;
+  return {
+    contentType,
+    framing: contentType === JSON_TYPE ? "messages" : "bytes",
+    closed: false,
+    records: [],
+    contentTypeGiven: true,
+    ...extra,
+  };
+}
+
+function appending(data: string | undefined, extra: Partial<AppendRequest> = {}): AppendRequest {
+  return {
+    contentType: TEXT,
+    records: data === undefined ? [] : [encoder.encode(data)],
+    close: false,
+    ...extra,
+  };
+}
+
+/** Everything a stream holds from `position`, read `maxBytes` at a time, as text. */
+async function all(store: StreamStore, path: string, position = 0, maxBytes = 1 << 20) {
+  let text = "";
+  let reads = 0;
+  for (;;) {
+    const result = await store.read(path, position, maxBytes, false);
+    assert.equal(result.status, "ok", `read ${path} at ${position}`);
+    const { records, next } = result as Extract<ReadResult, { status: "ok" }>;
+    if (records.length === 0) return { text, reads, next: position };
+    text += records.map((record) => decoder.decode(record)).join("");
+    assert.ok(next > position, "a read that returns data moves on");
+    position = next;
+    reads++;
+  }
+}
+
+async function using(
+  make: MakeStore,
+  options: StoreOptions,
+  body: (store: StreamStore) => Promise<void>,
+): Promise<void> {
+  const { store, close } = await make(options);
+  try {
+    await body(store);
+  } finally {
+    await close();
+  }
+}
+
+const status = (result: { status: string }) => result.status;
+
+export const streamStoreContract: StoreCase[] = [
+  {
+    name: "create: a new stream, the same again (exists), another configuration (conflict)",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        const created = await store.create("/s", creating({ records: [encoder.encode("ab")] }));
+        assert.equal(created.status, "created");
+        const info = (created as { info: { tail: number; closed: boolean; framing: string } }).info;
+        assert.deepEqual([info.tail, info.closed, info.framing], [2, false, "bytes"]);
+        assert.equal(status(await store.create("/s", creating())), "exists");
+        assert.equal(
+          status(await store.create("/s", creating({ contentType: "text/html" }))),
+          "conflict",
+        );
+        assert.equal(status(await store.create("/s", creating({ ttlSeconds: 60 }))), "conflict");
+        assert.equal(status(await store.create("/s", creating({ closed: true }))), "conflict");
+        assert.equal((await all(store, "/s")).text, "ab");
+      }),
+  },
+  {
+    name: "append and read: positions in bytes, reads from any position, `next` after the last",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        await store.create("/b", creating());
+        for (const piece of ["hello ", "wide ", "world"]) {
+          assert.equal(status(await store.append("/b", appending(piece))), "ok");
+        }
+        assert.equal((await all(store, "/b")).text, "hello wide world");
+        assert.equal((await all(store, "/b", 8)).text, "de world");
+        const small = await all(store, "/b", 0, 1);
+        assert.equal(small.text, "hello wide world");
+        assert.ok(small.reads >= 3, "a small allowance takes several reads");
+        const info = await store.info("/b");
+        assert.equal(typeof info === "object" && info.tail, 16);
+      }),
+  },
+  {
+    name: "JSON streams count messages; an append of many is read back whole and from any message",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        await store.create("/j", creating({ contentType: JSON_TYPE }));
+        const messages = Array.from({ length: 30_000 }, (_, n) => `{"n":${n}}\n`).join("");
+        const result = await store.append("/j", {
+          contentType: JSON_TYPE,
+          records: [encoder.encode(messages)],
+          close: false,
+        });
+        assert.equal(result.status, "ok");
+        assert.equal((result as { info: { tail: number } }).info.tail, 30_000);
+        const { text } = await all(store, "/j", 0, 64 * 1024);
+        assert.equal(text, messages);
+        assert.equal((await all(store, "/j", 29_998)).text, '{"n":29998}\n{"n":29999}\n');
+      }),
+  },
+  {
+    name: "closed streams refuse appends; a close alone is idempotent",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        await store.create("/c", creating());
+        assert.equal(status(await store.append("/c", appending("x", { close: true }))), "ok");
+        assert.equal(status(await store.append("/c", appending("y"))), "closed");
+        const again = await store.append("/c", appending(undefined, { close: true }));
+        assert.deepEqual([again.status, (again as { appended?: boolean }).appended], ["ok", false]);
+        assert.equal((await all(store, "/c")).text, "x");
+      }),
+  },
+  {
+    name: "an append of another content type is refused; Stream-Seq must increase",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        await store.create("/t", creating());
+        assert.equal(
+          status(await store.append("/t", appending("x", { contentType: JSON_TYPE }))),
+          "content-type",
+        );
+        assert.equal(status(await store.append("/t", appending("a", { seq: "b" }))), "ok");
+        assert.equal(
+          status(await store.append("/t", appending("a", { seq: "a" }))),
+          "seq-regression",
+        );
+        assert.equal(
+          status(await store.append("/t", appending("a", { seq: "b" }))),
+          "seq-regression",
+        );
+        assert.equal(status(await store.append("/t", appending("c", { seq: "ba" }))), "ok");
+        assert.equal((await all(store, "/t")).text, "ac");
+      }),
+  },
+  {
+    name:
+      "producers: each sequence once, gaps and old epochs refused, the least recently used forgotten",
+    run: (make) =>
+      using(make, { maxProducers: 2 }, async (store) => {
+        await store.create("/p", creating());
+        const as = (id: string, epoch: number, seq: number, data = "x") =>
+          store.append("/p", appending(data, { producer: { id, epoch, seq } })).then(status);
+        assert.equal(await as("a", 0, 0), "ok");
+        assert.equal(await as("a", 0, 0), "duplicate");
+        assert.equal(await as("a", 0, 2), "seq-gap");
+        assert.equal(await as("a", 1, 0), "ok");
+        assert.equal(await as("a", 0, 1), "stale-epoch");
+        assert.equal(await as("a", 2, 1), "bad-producer");
+        assert.equal(await as("b", 0, 5), "seq-gap");
+        assert.equal(await as("b", 0, 0), "ok");
+        assert.equal(await as("c", 0, 0), "ok"); // a, unused longest, is forgotten
+        assert.equal(await as("a", 1, 1), "seq-gap");
+        assert.equal(await as("b", 0, 1), "ok");
+        assert.equal((await all(store, "/p")).text, "xxxxx");
+      }),
+  },
+  {
+    name: "maxStreamBytes counts data and PIECE_COST per piece; a full stream keeps what it has",
+    run: (make) =>
+      using(make, { maxStreamBytes: 2 * (10 + PIECE_COST) }, async (store) => {
+        await store.create("/f", creating());
+        assert.equal(status(await store.append("/f", appending("0123456789"))), "ok");
+        assert.equal(status(await store.append("/f", appending("0123456789"))), "ok");
+        assert.equal(status(await store.append("/f", appending("x"))), "stream-full");
+        const big = await store.create(
+          "/g",
+          creating({ records: [encoder.encode("y".repeat(300))] }),
+        );
+        assert.equal(big.status, "stream-full");
+        assert.equal(await store.info("/g"), "missing");
+        assert.equal((await all(store, "/f")).text, "01234567890123456789");
+      }),
+  },
+  {
+    name: "delete: missing, deleted, and a source with forks soft-deleted (gone, path held)",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        assert.equal(await store.delete("/none"), "missing");
+        await store.create("/src", creating({ records: [encoder.encode("abc")] }));
+        const fork = await store.create(
+          "/fork",
+          creating({ fork: { from: "/src", subOffset: 0 } }),
+        );
+        assert.equal(fork.status, "created");
+        assert.equal(await store.delete("/src"), "deleted");
+        assert.equal(await store.info("/src"), "gone");
+        assert.equal(status(await store.read("/src", 0, 100, false)), "gone");
+        assert.equal(status(await store.append("/src", appending("x"))), "gone");
+        assert.equal(await store.delete("/src"), "gone");
+        assert.equal(status(await store.create("/src", creating())), "conflict");
+        assert.equal((await all(store, "/fork")).text, "abc", "the fork reads on");
+        assert.equal(await store.delete("/fork"), "deleted");
+        assert.equal(await store.info("/src"), "missing", "its last fork gone, the source goes");
+        assert.equal(status(await store.create("/src", creating())), "created");
+      }),
+  },
+  {
+    name:
+      "forks: inherited data up to the offset and sub-offset, then their own; bad offsets refused",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        await store.create("/s", creating({ records: [encoder.encode("abcd")] }));
+        await store.append("/s", appending("efgh"));
+        const fork = (path: string, anchor: number | undefined, subOffset = 0, from = "/s") =>
+          store.create(
+            path,
+            creating({ fork: { from, anchor, subOffset }, records: [encoder.encode("+")] }),
+          );
+        assert.equal(status(await fork("/f1", undefined)), "created");
+        assert.equal((await all(store, "/f1")).text, "abcdefgh+");
+        assert.equal(status(await fork("/f2", 4, 2)), "created");
+        assert.equal((await all(store, "/f2")).text, "abcdef+");
+        assert.equal(status(await fork("/f3", 9)), "bad-fork");
+        assert.equal(status(await fork("/f4", 4, 5)), "bad-fork");
+        assert.equal(status(await fork("/f5", 0, 0, "/missing")), "source-missing");
+        assert.equal(status(await fork("/f1", undefined)), "exists");
+        await store.append("/s", appending("ijk"));
+        assert.equal((await all(store, "/f2")).text, "abcdef+", "later appends stay the source's");
+        assert.equal(
+          status(
+            await store.create(
+              "/f6",
+              creating({ contentType: "text/html", fork: { from: "/s", subOffset: 0 } }),
+            ),
+          ),
+          "conflict",
+        );
+      }),
+  },
+  {
+    name: "a stream past its expiry is missing; a sliding TTL is renewed by use",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        await store.create("/e", creating({ expiresAt: Date.now() + 300 }));
+        await store.create("/ttl", creating({ ttlSeconds: 1 }));
+        await new Promise((resolve) => setTimeout(resolve, 600));
+        await store.read("/ttl", 0, 10, true); // touched: a second more
+        await new Promise((resolve) => setTimeout(resolve, 600));
+        assert.equal(await store.info("/e"), "missing");
+        assert.equal(typeof (await store.info("/ttl")), "object");
+        assert.equal(status(await store.create("/e", creating())), "created");
+      }),
+  },
+  {
+    name:
+      "waitForData wakes on an append, a close and a delete, and on abort; at once if data is there",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        await store.create("/w", creating({ records: [encoder.encode("a")] }));
+        const controller = new AbortController();
+        await store.waitForData("/w", 0, controller.signal); // data past 0: at once
+        const appended = store.waitForData("/w", 1, controller.signal);
+        await store.append("/w", appending("b"));
+        await appended;
+        const closed = store.waitForData("/w", 2, controller.signal);
+        await store.append("/w", appending(undefined, { close: true }));
+        await closed;
+        await store.create("/w2", creating());
+        const deleted = store.waitForData("/w2", 0, controller.signal);
+        await store.delete("/w2");
+        await deleted;
+        await store.create("/w3", creating());
+        const aborted = store.waitForData("/w3", 0, controller.signal);
+        controller.abort();
+        await aborted;
+      }),
+  },
+];
