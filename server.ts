@@ -116,6 +116,7 @@ const redis = redisUrl
     url: redisUrl,
     history,
     logger: (line) => log("error", line),
+    historyBytes,
     historyTtl,
     idempotencyWindow,
     timeout: redisTimeout,
@@ -124,7 +125,6 @@ const redis = redisUrl
   : undefined;
 
 const broker = new Broker({
-  // Redis trims its stream to about HISTORY events itself, not by size.
   eventLog: redis ?? new MemoryLog({ history, historyBytes, historyTtl, idempotencyWindow }),
   heartbeat: heartbeatMs,
   retry: retryMs,
