@@ -10,6 +10,7 @@ import { IdempotencyKeyError } from "../../mod.ts";
 /** The options every log takes, with the same meaning in each. */
 export interface LogOptions {
   history?: number;
+  historyBytes?: number;
   historyTtl?: number;
   idempotencyWindow?: number;
   idempotencyKeys?: number;
@@ -219,7 +220,7 @@ export const eventLogContract: Case[] = [
         const next = heard(log);
         const ids = await fill(log, 2);
         assert.deepEqual(data(await next), ["1"]);
-        assert.equal(log.lastId === null || ascending([ids[0], log.lastId]), true);
+        assert.ok(ids.includes(log.lastId!), "the listener has been told: lastId is one of them");
         assert.deepEqual(await read(log, null), { events: [], gap: false });
         assert.deepEqual(await read(log, ids[1]), { events: [], gap: false });
         assert.equal((await read(log, ids[0])).gap, true);
