@@ -8,6 +8,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type EventReader, eventually, ROOT, RUNTIME, subscribe } from "./helpers.ts";
+import { eventLogContract } from "./contract/event_log.ts";
 
 const EXAMPLE = join(ROOT, "examples", "workers");
 
@@ -295,5 +296,42 @@ describe(`the Workers example in wrangler dev (test run by ${RUNTIME})`, () => {
     } finally {
       await reader.cancel();
     }
+  });
+});
+
+describe(`the EventLog contract against SqliteLog in workerd (test run by ${RUNTIME})`, () => {
+  let dir: string;
+  let workerd: Workerd;
+
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), "sse-contract-"));
+    const built = spawnSync(
+      join(ROOT, "node_modules", ".bin", "esbuild"),
+      [
+        "--bundle",
+        "--format=esm",
+        "--log-level=warning",
+        "--external:node:*",
+        join(ROOT, "test", "workers", "contract_worker.ts"),
+        `--outfile=${join(dir, "contract.js")}`,
+      ],
+      { encoding: "utf8" },
+    );
+    assert.equal(built.status, 0, built.stderr);
+    copyFileSync(join(ROOT, "test", "workers", "config.capnp"), join(dir, "config.capnp"));
+    mkdirSync(join(dir, "storage"));
+    workerd = await startWorkerd(dir);
+  });
+
+  after(async () => {
+    await workerd?.kill();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  eventLogContract.forEach(({ name }, index) => {
+    test(name, async () => {
+      const answer = await (await fetch(`${workerd.url}/?case=${index}`)).json();
+      assert.ok(answer.ok, answer.message);
+    });
   });
 });

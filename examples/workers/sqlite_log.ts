@@ -23,12 +23,18 @@ export interface SqlStorageLike {
   transactionSync<T>(body: () => T): T;
 }
 
-/** Options for a {@linkcode SqliteLog}. */
+/** Options for a {@linkcode SqliteLog}: those of `MemoryLog`, with the same meaning. */
 export interface SqliteLogOptions {
   /** How many of the newest events to keep for replay. Defaults to 1000. */
   history?: number;
+  /** Also cap the kept events by their encoded size in bytes. Defaults to no cap. */
+  historyBytes?: number;
+  /** Also drop events older than this many milliseconds. Defaults to no limit. */
+  historyTtl?: number;
   /** How long an idempotency key holds, in milliseconds. Defaults to 300000. */
   idempotencyWindow?: number;
+  /** How many idempotency keys are remembered at most, the oldest forgotten first. Defaults to 10000. */
+  idempotencyKeys?: number;
 }
 
 type Row = Record<string, string | number | null>;
@@ -40,21 +46,27 @@ const ID = /^(\d{1,15})-(\d{1,15})$/;
 export class SqliteLog implements EventLog {
   readonly #storage: SqlStorageLike;
   readonly #history: number;
+  readonly #maxBytes: number;
+  readonly #maxAge: number;
   readonly #window: number;
+  readonly #keys: number;
   readonly #listeners = new Set<(events: readonly LogEvent[]) => void>();
 
   constructor(storage: SqlStorageLike, options: SqliteLogOptions = {}) {
     this.#storage = storage;
-    this.#history = options.history ?? 1000;
-    this.#window = options.idempotencyWindow ?? 300_000;
-    for (const [name, value] of [["history", this.#history], ["idempotencyWindow", this.#window]]) {
-      if (!Number.isSafeInteger(value) || (value as number) < 0) {
-        throw new RangeError(`${name} must be a non-negative integer, got ${value}`);
-      }
-    }
+    this.#history = count("history", options.history ?? 1000);
+    this.#maxBytes = count("historyBytes", options.historyBytes ?? Infinity);
+    this.#maxAge = count("historyTtl", options.historyTtl ?? Infinity);
+    this.#window = count("idempotencyWindow", options.idempotencyWindow ?? 300_000);
+    this.#keys = count("idempotencyKeys", options.idempotencyKeys ?? 10_000);
     this.#exec(`CREATE TABLE IF NOT EXISTS sse_events (
       row INTEGER PRIMARY KEY, ms INTEGER NOT NULL, topics TEXT NOT NULL,
       text TEXT NOT NULL, private INTEGER NOT NULL)`);
+    // Each event's size on the wire, for historyBytes (a column added later: kept tables gain it).
+    const columns = this.#exec("SELECT name FROM pragma_table_info('sse_events')");
+    if (!columns.some((column) => column.name === "size")) {
+      this.#exec("ALTER TABLE sse_events ADD COLUMN size INTEGER NOT NULL DEFAULT 0");
+    }
     // "last": the newest id ever appended; "dropped": the newest id trimmed.
     this.#exec("CREATE TABLE IF NOT EXISTS sse_ids (name TEXT PRIMARY KEY, id TEXT NOT NULL)");
     this.#exec(`CREATE TABLE IF NOT EXISTS sse_keys (
@@ -74,6 +86,7 @@ export class SqliteLog implements EventLog {
   }
 
   read(afterId: string | null, limit: number): LogRead {
+    this.#storage.transactionSync(() => this.#drop(Date.now()));
     let after = 0;
     let gap = false;
     if (afterId !== null && afterId !== this.#named("dropped")) {
@@ -119,20 +132,15 @@ export class SqliteLog implements EventLog {
           text,
           isPrivate ? 1 : 0,
         );
+        const size = encoder.encode(`id: ${ms}-${row}\n${text}`).byteLength;
+        this.#exec("UPDATE sse_events SET size = ? WHERE row = ?", size, row);
         added.push(
           eventOf({ row, ms, topics: JSON.stringify(topics), text, private: isPrivate ? 1 : 0 }),
         );
       }
       const ids = added.map((event) => event.id);
       if (ids.length > 0) this.#setNamed("last", ids[ids.length - 1]);
-      const [newestDropped] = this.#exec(
-        "SELECT row, ms FROM sse_events ORDER BY row DESC LIMIT 1 OFFSET ?",
-        this.#history,
-      );
-      if (newestDropped) {
-        this.#exec("DELETE FROM sse_events WHERE row <= ?", newestDropped.row);
-        this.#setNamed("dropped", `${newestDropped.ms}-${newestDropped.row}`);
-      }
+      this.#drop(now);
       if (key !== undefined) {
         this.#exec(
           "INSERT INTO sse_keys (key, fingerprint, ids, until) VALUES (?, ?, ?, ?)",
@@ -141,6 +149,11 @@ export class SqliteLog implements EventLog {
           JSON.stringify(ids),
           now + this.#window,
         );
+        // The newest keys are the ones inserted last.
+        this.#exec(
+          "DELETE FROM sse_keys WHERE rowid NOT IN (SELECT rowid FROM sse_keys ORDER BY rowid DESC LIMIT ?)",
+          this.#keys,
+        );
       }
       return { ids, repeated: false, events: added };
     });
@@ -148,6 +161,31 @@ export class SqliteLog implements EventLog {
       for (const listener of this.#listeners) listener(appended.events);
     }
     return { ids: appended.ids, repeated: appended.repeated };
+  }
+
+  /**
+   * Drops the events past the limits, as `MemoryLog` does: beyond the newest
+   * `history`, beyond `historyBytes` counted from the newest, and older than
+   * `historyTtl`; the newest of them is remembered as dropped.
+   */
+  #drop(now: number): void {
+    const past = [
+      this.#exec("SELECT row FROM sse_events ORDER BY row DESC LIMIT 1 OFFSET ?", this.#history),
+      this.#maxBytes === Infinity ? [] : this.#exec(
+        `SELECT row FROM (SELECT row, SUM(size) OVER (ORDER BY row DESC) AS total FROM sse_events)
+         WHERE total > ? ORDER BY row DESC LIMIT 1`,
+        this.#maxBytes,
+      ),
+      this.#maxAge === Infinity ? [] : this.#exec(
+        "SELECT row FROM sse_events WHERE ms < ? ORDER BY row DESC LIMIT 1",
+        now - this.#maxAge,
+      ),
+    ].flat();
+    if (past.length === 0) return;
+    const newest = Math.max(...past.map((found) => found.row as number));
+    const [dropped] = this.#exec("SELECT row, ms FROM sse_events WHERE row = ?", newest);
+    this.#exec("DELETE FROM sse_events WHERE row <= ?", newest);
+    this.#setNamed("dropped", `${dropped.ms}-${dropped.row}`);
   }
 
   #exec(query: string, ...bindings: (string | number | null)[]): Row[] {
@@ -161,6 +199,16 @@ export class SqliteLog implements EventLog {
   #setNamed(name: string, id: string): void {
     this.#exec("INSERT OR REPLACE INTO sse_ids (name, id) VALUES (?, ?)", name, id);
   }
+}
+
+const encoder = new TextEncoder();
+
+/** A count option: a non-negative safe integer, or `Infinity` (no limit). */
+function count(name: string, value: number): number {
+  if (!(value >= 0) || (value !== Infinity && !Number.isSafeInteger(value))) {
+    throw new RangeError(`${name} must be a non-negative integer`);
+  }
+  return value;
 }
 
 function eventOf(row: Row): LogEvent {
