@@ -122,18 +122,24 @@ export class SqliteLog implements EventLog {
         return { ids: JSON.parse(seen.ids as string) as string[], repeated: true, events: [] };
       }
       // The clock, or the last append's time if the clock went back.
-      const ms = Math.max(now, Number(ID.exec(this.lastId ?? "0-0")![1]));
+      const [, lastMs, lastRow] = ID.exec(this.lastId ?? "0-0")!;
+      const ms = Math.max(now, Number(lastMs));
       const added: LogEvent[] = [];
+      // Rows count on from the newest id ever given: SQLite would reuse the
+      // numbers of rows dropped, and give an id twice.
+      let row = Number(lastRow);
       for (const { topics, text, private: isPrivate } of events) {
-        const [{ row }] = this.#exec(
-          "INSERT INTO sse_events (ms, topics, text, private) VALUES (?, ?, ?, ?) RETURNING row",
+        row++;
+        const size = encoder.encode(`id: ${ms}-${row}\n${text}`).byteLength;
+        this.#exec(
+          "INSERT INTO sse_events (row, ms, topics, text, private, size) VALUES (?, ?, ?, ?, ?, ?)",
+          row,
           ms,
           JSON.stringify(topics),
           text,
           isPrivate ? 1 : 0,
+          size,
         );
-        const size = encoder.encode(`id: ${ms}-${row}\n${text}`).byteLength;
-        this.#exec("UPDATE sse_events SET size = ? WHERE row = ?", size, row);
         added.push(
           eventOf({ row, ms, topics: JSON.stringify(topics), text, private: isPrivate ? 1 : 0 }),
         );
