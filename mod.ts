@@ -956,7 +956,7 @@ export class Broker {
   readonly #streamStart: Uint8Array<ArrayBuffer>;
   readonly #clients = new Set<Client>();
   readonly #clientCallbacks: ClientCallbacks = {
-    pull: (client) => this.#replay(client),
+    pull: (client) => this.#catchUp.pull(client),
     cancel: (client) => this.#remove(client),
     abort: (client) => this.#end(client),
   };
@@ -986,8 +986,8 @@ export class Broker {
    * out; or, `late`, after {@linkcode DELIVERY_WAIT_MS} without one.
    */
   #flushed: Flushed | undefined;
-  /** The clients in state `waiting`, so a flush finds them without a scan. */
-  readonly #waiting = new Set<Client>();
+  /** Resuming clients, until they are live. */
+  readonly #catchUp: CatchUp;
   #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
   /**
    * `open` takes subscribers; `draining` sends new ones away while
@@ -1000,7 +1000,6 @@ export class Broker {
   #connections = 0;
   #published = 0;
   #delivered = 0;
-  #replayed = 0;
   #slowDisconnects = 0;
   readonly #rejected: Record<RejectionReason, number> = {
     auth: 0,
@@ -1023,6 +1022,15 @@ export class Broker {
     this.#stopListening = this.#eventLog.listen((events) => this.#receive(events));
     this.#heartbeatMs = checkCount("heartbeat", options.heartbeat ?? 15_000);
     this.#maxQueueBytes = checkCount("maxQueueBytes", options.maxQueueBytes ?? 1 << 20);
+    this.#catchUp = new CatchUp(this.#eventLog, this.#maxQueueBytes, {
+      liveId: () => this.#liveId,
+      cut: (client) => this.#cut(client),
+      fail: (client, error) => {
+        // It reconnects after `retry` and resumes from its last event.
+        this.#logger?.(`client ended: reading the event log failed: ${error?.message ?? error}`);
+        this.#end(client);
+      },
+    });
     this.#maxClients = checkCount("maxClients", options.maxClients ?? Infinity);
     this.#maxTopics = checkCount("maxTopics", options.maxTopics ?? 32);
     this.#maxBatch = checkCount("maxBatch", options.maxBatch ?? 1000);
@@ -1263,7 +1271,7 @@ export class Broker {
     // a log slow to tell (a shared log's server stalled) holds the publish
     // no longer than DELIVERY_WAIT_MS: the events are stored, and go out
     // once the listener has them.
-    while (this.#state !== "closed" && this.#isNewer(ids[ids.length - 1])) {
+    while (this.#state !== "closed" && isNewer(ids[ids.length - 1], this.#liveId)) {
       const flushed = this.#flushed ??= this.#nextFlush();
       await flushed.promise;
       if (flushed.late) break;
@@ -1485,7 +1493,7 @@ export class Broker {
       ),
       published: this.#published,
       delivered: this.#delivered,
-      replayed: this.#replayed,
+      replayed: this.#catchUp.replayed,
       slowDisconnects: this.#slowDisconnects,
       rejected: { ...this.#rejected },
       publishSeconds: { buckets, sum: this.#publishSeconds, count },
@@ -1506,14 +1514,7 @@ export class Broker {
       }
     }
     this.#logger?.(`client connected (${this.#clients.size} open)`);
-    if (resumes) {
-      // The log places the id as the replay's first read, which starts now.
-      // Events published meanwhile are in the log after it: the seam has no gap.
-      client.state = "placing";
-      client.cursor = cursor;
-      this.#read(client);
-      this.#replay(client);
-    }
+    if (resumes) this.#catchUp.start(client, cursor);
     if (this.#heartbeatTimer === undefined && this.#heartbeatMs > 0) {
       this.#heartbeatTimer = setInterval(() => this.#heartbeat(), this.#heartbeatMs);
     }
@@ -1523,7 +1524,7 @@ export class Broker {
   #remove(client: Client): void {
     if (client.state === "gone") return;
     clearTimeout(client.expiry);
-    this.#waiting.delete(client);
+    this.#catchUp.forget(client);
     client.state = "gone";
     this.#clients.delete(client);
     this.#logger?.(`client disconnected (${this.#clients.size} open)`);
@@ -1566,14 +1567,16 @@ export class Broker {
   /** Takes new events from the log, to hand out together once this turn's publishes are in. */
   #receive(events: readonly LogEvent[]): void {
     for (const event of events) this.#batch.push(event);
-    // Stryker disable all: when the flush runs, not what it sends: a flush
+    // Which turn the flush runs in changes when, not what, it sends: a flush
     // scheduled twice finds its batch sent, and either turn sends the same
     // events. Which turn is sooner is measured (bench/profile.mjs), not asserted.
+    // Stryker disable next-line all: when, not what (above)
     if (this.#flushScheduled) return;
+    // Stryker disable next-line all: when, not what (above)
     this.#flushScheduled = true;
-    if (this.#lastBatchSize > 1) setTimeout(() => this.#flush(), 0);
-    else endOfTurn(() => this.#flush());
-    // Stryker restore all
+    // Stryker disable next-line all: when, not what (above)
+    const schedule = this.#lastBatchSize > 1 ? afterTimer : endOfTurn;
+    schedule(() => this.#flush());
   }
 
   /** Hands the batch to live clients: one chunk each, shared by all that want the same events. */
@@ -1613,13 +1616,7 @@ export class Broker {
       this.#send(client, privateEvents.length === 0 ? all ??= shareOf(client) : shareOf(client));
     }
     this.#flushTopics(batch, shareOf);
-    // A waiting client reads the log again: it finds its event among these,
-    // or that it is still ahead.
-    for (const client of this.#waiting) {
-      this.#waiting.delete(client);
-      client.state = "replaying";
-      this.#replay(client);
-    }
+    this.#catchUp.flushed();
     const flushed = this.#flushed;
     this.#flushed = undefined;
     clearTimeout(flushed?.timer);
@@ -1658,33 +1655,103 @@ export class Broker {
     if (queuedBytes(client) > this.#maxQueueBytes) this.#cut(client);
   }
 
+  #heartbeat(): void {
+    for (const client of this.#clients) {
+      // Not while replaying: the replayed events are on their way.
+      const idle = !client.active && (client.state === "live" || client.state === "waiting");
+      if (idle) this.#queue(client, HEARTBEAT);
+      client.active = false;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Catching up: from a Last-Event-ID to the live events
+// ---------------------------------------------------------------------------
+
+/** What a {@linkcode CatchUp} needs of its broker. */
+interface CatchUpHost {
+  /** The newest event handed to live clients, or `null` before any. */
+  liveId(): string | null;
+  /** Cuts a client that fell behind what the log keeps: it resumes with a gap. */
+  cut(client: Client): void;
+  /** Ends a client whose read of the log failed: it reconnects and resumes. */
+  fail(client: Client, error: Error | undefined): void;
+}
+
+/**
+ * Brings resuming clients up to the live events, one broker's worth: reads
+ * the event log after each one's cursor a page at a time while its queue
+ * has room, places its `Last-Event-ID` (or reports a gap), and joins it to
+ * live delivery at the seam with nothing lost or repeated; a client that
+ * resumed from an event this broker has not handed out yet (another process
+ * of a shared log was faster) waits for it. It drives each client's state
+ * from `placing` through `replaying` and `reading` to `waiting` or `live`
+ * (see {@linkcode ClientState}).
+ */
+class CatchUp {
+  readonly #eventLog: EventLog;
+  readonly #maxQueueBytes: number;
+  readonly #host: CatchUpHost;
+  /** The clients in state `waiting`, so a flush finds them without a scan. */
+  readonly #waiting = new Set<Client>();
+  /** Events resent from the log, to every client. */
+  replayed = 0;
+
+  constructor(eventLog: EventLog, maxQueueBytes: number, host: CatchUpHost) {
+    this.#eventLog = eventLog;
+    this.#maxQueueBytes = maxQueueBytes;
+    this.#host = host;
+  }
+
+  /** Starts a client's catching up after `cursor` (`null`: from the oldest retained event). */
+  start(client: Client, cursor: string | null): void {
+    // The log places the id as the replay's first read, which starts now.
+    // Events published meanwhile are in the log after it: the seam has no gap.
+    client.state = "placing";
+    client.cursor = cursor;
+    this.#read(client);
+    this.pull(client);
+  }
+
   /**
    * Feeds a replaying client from the log while its queue has room, up to
    * the newest event handed to live clients, then makes it live. Replay
    * stops once it has filled half the queue, leaving the rest for live
    * events once it catches up; the stream's next `pull` goes on.
    */
-  #replay(client: Client): void {
+  pull(client: Client): void {
     while (client.state === "replaying" && queuedBytes(client) < this.#maxQueueBytes / 2) {
       this.#read(client);
     }
   }
 
+  /** After a flush: a waiting client reads the log again, and finds its event or is still ahead. */
+  flushed(): void {
+    for (const client of this.#waiting) {
+      this.#waiting.delete(client);
+      client.state = "replaying";
+      this.pull(client);
+    }
+  }
+
+  /** Forgets a client that is gone. */
+  forget(client: Client): void {
+    this.#waiting.delete(client);
+  }
+
   /** Reads the next page of the log after the client's cursor, and sends what it finds. */
   #read(client: Client): void {
-    const liveAtRead = this.#liveId;
+    const liveAtRead = this.#host.liveId();
     const read = this.#eventLog.read(client.cursor, REPLAY_PAGE);
     if (!("then" in read)) return this.#sendRead(client, read, liveAtRead);
     if (client.state === "replaying") client.state = "reading";
     read.then((result) => {
       if (client.state !== "placing" && client.state !== "reading") return; // gone meanwhile
       this.#sendRead(client, result, liveAtRead);
-      this.#replay(client);
+      this.pull(client);
     }, (error) => {
-      if (client.state === "gone") return;
-      // It reconnects after `retry` and resumes from its last event.
-      this.#logger?.(`client ended: reading the event log failed: ${error?.message ?? error}`);
-      this.#end(client);
+      if (client.state !== "gone") this.#host.fail(client, error);
     });
   }
 
@@ -1695,7 +1762,7 @@ export class Broker {
       if (client.state !== "placing") {
         // The log dropped events that this client, reading slower than
         // others publish, had not read yet.
-        return this.#cut(client);
+        return this.#host.cut(client);
       }
       const oldestId = events[0]?.id ?? null;
       client.controller.enqueue(
@@ -1704,25 +1771,21 @@ export class Broker {
       client.cursor = null;
     }
     client.state = "replaying";
+    const liveId = this.#host.liveId();
     for (const event of events) {
       // Events past the live ones reach this client live, as it is now current.
-      if (this.#isNewer(event.id)) return this.#goLive(client);
+      if (isNewer(event.id, liveId)) return this.#goLive(client);
       if (queuedBytes(client) >= this.#maxQueueBytes / 2) return;
       client.cursor = event.id;
       if (client.wants(event) && parseId(event.id)![0] > client.since) {
         client.controller.enqueue(bytesOf(event));
         client.replayed++;
-        this.#replayed++;
+        this.replayed++;
       }
     }
     // The log holds nothing more up to the live events (it keeps none, say),
     // unless some arrived while it was read.
-    if (events.length < REPLAY_PAGE && liveAtRead === this.#liveId) this.#goLive(client);
-  }
-
-  /** Whether event `id` is newer than every event handed to live clients. */
-  #isNewer(id: string): boolean {
-    return this.#liveId === null || compareIds(id, this.#liveId) > 0;
+    if (events.length < REPLAY_PAGE && liveAtRead === liveId) this.#goLive(client);
   }
 
   /**
@@ -1731,7 +1794,7 @@ export class Broker {
    * waits for it, so it gets nothing twice.
    */
   #goLive(client: Client): void {
-    if (client.cursor !== null && this.#isNewer(client.cursor)) {
+    if (client.cursor !== null && isNewer(client.cursor, this.#host.liveId())) {
       client.state = "waiting";
       this.#waiting.add(client);
       return;
@@ -1739,15 +1802,19 @@ export class Broker {
     client.state = "live";
     client.controller.enqueue(replayedMessage(client.replayed));
   }
+}
 
-  #heartbeat(): void {
-    for (const client of this.#clients) {
-      // Not while replaying: the replayed events are on their way.
-      const idle = !client.active && (client.state === "live" || client.state === "waiting");
-      if (idle) this.#queue(client, HEARTBEAT);
-      client.active = false;
-    }
-  }
+/** Events per read of the log during a replay. */
+const REPLAY_PAGE = 512;
+
+/** Tells a resuming client that it has caught up, and how many events it missed. */
+function replayedMessage(count: number): Uint8Array {
+  return encodeMessage({ event: "replayed", data: JSON.stringify({ count }) });
+}
+
+/** Whether event `id` is newer than `liveId`, the newest event handed to live clients. */
+function isNewer(id: string, liveId: string | null): boolean {
+  return liveId === null || compareIds(id, liveId) > 0;
 }
 
 /**
@@ -1787,6 +1854,11 @@ interface Flushed {
  * resolves anyway: they are stored, and go out once the log reports them.
  */
 const DELIVERY_WAIT_MS = 1000;
+/** Which of `events` (private ones) `client` is granted, as a key. */
+function grantedOf(client: Client, events: readonly LogEvent[]): string {
+  return events.map((event) => event.topics.some((topic) => client.grants.test(topic))).join();
+}
+
 /** One chunk of a flush, shared by the clients that want the same events. */
 interface Share {
   chunk: Uint8Array;
@@ -1802,13 +1874,14 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
  * callbacks already due: `setImmediate` where the runtime has it (Deno, Bun,
  * Node), else a timer turn.
  */
-// Stryker disable all: the fallback is for runtimes without setImmediate, and every test runtime has it
 const endOfTurn: (callback: () => void) => void =
+  // Stryker disable next-line all: the fallback is for runtimes without setImmediate, and every test runtime has it
   (globalThis as { setImmediate?: (callback: () => void) => void }).setImmediate ??
+    // Stryker disable next-line all: as above
     ((callback) => setTimeout(callback, 0));
-// Stryker restore all
-/** Events per read of the log during a replay. */
-const REPLAY_PAGE = 512;
+/** Runs a callback after a timer turn, when the publishes in flight have joined the batch. */
+// Stryker disable next-line all: when, not what (see Broker's #receive)
+const afterTimer = (callback: () => void) => setTimeout(callback, 0);
 /** Upper bounds, in seconds, of the buckets of {@linkcode BrokerStats.publishSeconds}. */
 const PUBLISH_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
 /** How often a drain ends the streams that are due. */
@@ -1832,11 +1905,6 @@ const BYTE_QUEUING: QueuingStrategy<Uint8Array> = {
 /** Bytes queued for a client that the runtime has not taken yet. */
 function queuedBytes(client: Client): number {
   return -(client.controller.desiredSize ?? 0);
-}
-
-/** Tells a resuming client that it has caught up, and how many events it missed. */
-function replayedMessage(count: number): Uint8Array {
-  return encodeMessage({ event: "replayed", data: JSON.stringify({ count }) });
 }
 
 // ---------------------------------------------------------------------------
@@ -2242,6 +2310,36 @@ export interface Grants {
    * opened with it ends then. Defaults to never.
    */
   expires?: number;
+}
+
+/**
+ * Whether one of `selectors` (of {@linkcode Grants}: a topic, or a pattern
+ * in which `*` matches any run of characters) matches `topic`, for an app
+ * that checks grants against names of its own, such as stream paths.
+ *
+ * @example
+ * ```ts
+ * import { selectorsMatch } from "./mod.ts";
+ *
+ * console.log(selectorsMatch(["user/42/*"], "user/42/feed")); // true
+ * console.log(selectorsMatch(["user/42/*"], "user/7/feed")); // false
+ * ```
+ */
+export function selectorsMatch(selectors: readonly string[], topic: string): boolean {
+  return selectorPattern(selectors).test(topic);
+}
+
+/**
+ * One pattern for topic selectors: a topic, or `*` for any run of
+ * characters. No selectors match no topic (only the empty string, which no
+ * topic is).
+ */
+function selectorPattern(selectors: readonly string[]): RegExp {
+  const alternatives = selectors.map((selector) =>
+    selector.split("*").map((part) => part.replace(/[\\^$.|?*+()[\]{}]/g, "\\$&")).join(".*")
+  );
+  // "s": `*` runs over any character, line separators (U+2028, U+2029) too.
+  return new RegExp(`^(?:${alternatives.join("|")})$`, "s");
 }
 
 /**
@@ -2923,41 +3021,6 @@ export function concat(chunks: readonly Uint8Array[]): Uint8Array {
 function isTopic(topic: unknown): boolean {
   // deno-lint-ignore no-control-regex -- control characters are what it refuses
   return typeof topic === "string" && /^[^\x00-\x1f\x7f]{1,256}$/.test(topic);
-}
-
-/** Which of `events` (private ones) `client` is granted, as a key. */
-function grantedOf(client: Client, events: readonly LogEvent[]): string {
-  return events.map((event) => event.topics.some((topic) => client.grants.test(topic))).join();
-}
-
-/**
- * Whether one of `selectors` (of {@linkcode Grants}: a topic, or a pattern
- * in which `*` matches any run of characters) matches `topic`, for an app
- * that checks grants against names of its own, such as stream paths.
- *
- * @example
- * ```ts
- * import { selectorsMatch } from "./mod.ts";
- *
- * console.log(selectorsMatch(["user/42/*"], "user/42/feed")); // true
- * console.log(selectorsMatch(["user/42/*"], "user/7/feed")); // false
- * ```
- */
-export function selectorsMatch(selectors: readonly string[], topic: string): boolean {
-  return selectorPattern(selectors).test(topic);
-}
-
-/**
- * One pattern for topic selectors: a topic, or `*` for any run of
- * characters. No selectors match no topic (only the empty string, which no
- * topic is).
- */
-function selectorPattern(selectors: readonly string[]): RegExp {
-  const alternatives = selectors.map((selector) =>
-    selector.split("*").map((part) => part.replace(/[\\^$.|?*+()[\]{}]/g, "\\$&")).join(".*")
-  );
-  // "s": `*` runs over any character, line separators (U+2028, U+2029) too.
-  return new RegExp(`^(?:${alternatives.join("|")})$`, "s");
 }
 
 /** A count option: a non-negative safe integer, or `Infinity` (no limit) when `infinite`. */
