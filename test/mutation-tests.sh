@@ -1,6 +1,34 @@
 #!/usr/bin/env bash
-# The fast tests that `npm run mutation` runs against each mutant of the
-# library: in-process only, on Bun. Exits non-zero when a test fails.
+# The fast tests that `npm run mutation` runs against each mutant of one file
+# (test/mutation.mjs): in process where the file allows it, with a short
+# limit per test. Exits non-zero when a test fails.
+#   bash test/mutation-tests.sh <file>
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TEST_TIMEOUT_MS=2000 exec node_modules/.bin/bun test --bail ./mod_test.ts
+export TEST_TIMEOUT_MS=${TEST_TIMEOUT_MS:-4000}
+bin=node_modules/.bin
+# The in-process describes of security_test.ts: its "server.ts" ones start processes.
+in_process='^(?!server\.ts)'
+case "${1:-}" in
+  mod.ts)
+    exec "$bin/bun" test --bail ./mod_test.ts ./test/event_log_test.ts ./test/security_test.ts \
+      -t "$in_process" ;;
+  streams.ts)
+    exec "$bin/bun" test --bail ./test/streams_test.ts ./test/stream_store_test.ts \
+      ./test/security_test.ts -t "$in_process" ;;
+  redis.ts)
+    exec "$bin/bun" test --bail ./test/redis_test.ts ;;
+  probe.ts)
+    exec "$bin/bun" test --bail ./test/probe_test.ts ;;
+  runtime.ts)
+    # Each runtime takes its own branch of runtime.ts.
+    "$bin/node" --test --test-force-exit test/runtime_test.ts >/dev/null
+    "$bin/bun" test --bail ./test/runtime_test.ts >/dev/null 2>&1
+    exec "$bin/deno" test --allow-all --quiet test/runtime_test.ts >/dev/null ;;
+  server.ts)
+    exec "$bin/bun" test --bail ./test/server_test.ts ./test/security_test.ts \
+      ./test/access_test.ts ./test/hardening_test.ts ;;
+  *)
+    echo "usage: $0 <mod.ts|streams.ts|redis.ts|runtime.ts|probe.ts|server.ts>" >&2
+    exit 2 ;;
+esac

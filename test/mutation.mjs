@@ -1,0 +1,128 @@
+// `npm run mutation [file ...]`: StrykerJS mutates each library and server
+// file in turn and runs that file's fast tests against each mutant
+// (test/mutation-tests.sh <file>), incrementally: a mutant whose code and
+// tests did not change since the last run keeps its result
+// (reports/mutation/<file>.incremental.json), so a run after a small change
+// takes minutes. Then it writes bench/results/MUTATION.md, a row per file,
+// and fails when a file scores under 90% or has more than 5% of its mutants
+// excluded by `// Stryker disable` comments.
+import { execFileSync } from "node:child_process";
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+
+export const FILES = ["mod.ts", "streams.ts", "redis.ts", "runtime.ts", "probe.ts", "server.ts"];
+const MIN_SCORE = 90;
+const MAX_EXCLUDED = 5;
+
+const only = process.argv.slice(2);
+const unknown = only.filter((file) => !FILES.includes(file));
+if (unknown.length > 0) {
+  console.error(`error: not a mutated file: ${unknown.join(", ")} (one of ${FILES.join(", ")})`);
+  process.exit(2);
+}
+mkdirSync("reports/mutation", { recursive: true });
+const base = JSON.parse(readFileSync("stryker.config.json", "utf8"));
+delete base.$schema;
+for (const file of only.length > 0 ? only : FILES) {
+  const name = file.replace(/\.ts$/, "");
+  const config = {
+    ...base,
+    mutate: [file],
+    commandRunner: { command: `bash test/mutation-tests.sh ${file}` },
+    incremental: true,
+    incrementalFile: `reports/mutation/${name}.incremental.json`,
+    jsonReporter: { fileName: `reports/mutation/${name}.json` },
+    htmlReporter: { fileName: `reports/mutation/${name}.html` },
+  };
+  const path = `reports/mutation/${name}.config.json`;
+  writeFileSync(path, JSON.stringify(config, null, 2));
+  const started = Date.now();
+  console.log(`mutating ${file}`);
+  execFileSync("node_modules/.bin/stryker", ["run", path], { stdio: "inherit" });
+  const seconds = Math.round((Date.now() - started) / 1000);
+  const times = existsSync("reports/mutation/times.json")
+    ? JSON.parse(readFileSync("reports/mutation/times.json", "utf8"))
+    : {};
+  times[file] = seconds;
+  writeFileSync("reports/mutation/times.json", JSON.stringify(times, null, 2));
+}
+
+// The summary of the last run of every file.
+const rows = [];
+const undetected = [];
+const failures = [];
+const times = existsSync("reports/mutation/times.json")
+  ? JSON.parse(readFileSync("reports/mutation/times.json", "utf8"))
+  : {};
+for (const file of FILES) {
+  const path = `reports/mutation/${file.replace(/\.ts$/, "")}.json`;
+  if (!existsSync(path)) {
+    failures.push(`${file}: not mutated yet`);
+    continue;
+  }
+  const report = JSON.parse(readFileSync(path, "utf8"));
+  const { source, mutants } = report.files[file];
+  const lines = source.split("\n");
+  const counts = {};
+  for (const mutant of mutants) {
+    counts[mutant.status] = (counts[mutant.status] ?? 0) + 1;
+    if (mutant.status === "Survived" || mutant.status === "NoCoverage") {
+      const { line, column } = mutant.location.start;
+      undetected.push(
+        `| ${file}:${line}:${column} | ${mutant.mutatorName} | \`${
+          lines[line - 1].trim().replaceAll("|", "\\|")
+        }\` | \`${(mutant.replacement ?? "").replaceAll("|", "\\|").replaceAll("\n", " ")}\` |`,
+      );
+    }
+  }
+  const n = (status) => counts[status] ?? 0;
+  const detected = n("Killed") + n("Timeout");
+  const total = detected + n("Survived") + n("NoCoverage");
+  const score = 100 * detected / total;
+  const excluded = 100 * n("Ignored") / (total + n("Ignored"));
+  if (score < MIN_SCORE) failures.push(`${file}: score ${score.toFixed(1)}% under ${MIN_SCORE}%`);
+  if (excluded > MAX_EXCLUDED) {
+    failures.push(
+      `${file}: ${excluded.toFixed(1)}% of its mutants excluded, over ${MAX_EXCLUDED}%`,
+    );
+  }
+  rows.push(
+    `| ${file} | **${score.toFixed(1)}%** | ${total + n("Ignored")} | ${n("Killed")} | ` +
+      `${n("Timeout")} | ${n("Survived")} | ${n("NoCoverage")} | ${n("Ignored")} (${
+        excluded.toFixed(1)
+      }%) | ${times[file] === undefined ? "-" : `${times[file]} s`} |`,
+  );
+}
+const stryker = JSON.parse(
+  readFileSync("node_modules/@stryker-mutator/core/package.json", "utf8"),
+).version;
+writeFileSync(
+  "bench/results/MUTATION.md",
+  [
+    "# Mutation score of every file",
+    "",
+    `Written by \`npm run mutation\` on ${new Date().toISOString().slice(0, 10)}: StrykerJS ` +
+    `${stryker} mutates each file in turn and runs its fast tests against each mutant ` +
+    "(`test/mutation-tests.sh <file>`). A score is the share of mutants detected (killed, or timed " +
+    "out: a test hung on it); excluded mutants are those marked in the code as equivalent (they " +
+    "change memory, timing or unreachable code, not behaviour), each with its reason. The time is " +
+    "the file's last run, which is incremental: only mutants whose code or tests changed run again.",
+    "",
+    "| file | score | mutants | killed | timed out | survived | no coverage | excluded | time |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ...rows,
+    "",
+    "## Not detected",
+    "",
+    ...(undetected.length === 0 ? ["Every mutant was detected."] : [
+      "| where | mutator | line | replaced by |",
+      "|---|---|---|---|",
+      ...undetected,
+    ]),
+    "",
+  ].join("\n"),
+);
+console.log("written to bench/results/MUTATION.md");
+if (failures.length > 0) {
+  for (const failure of failures) console.error(`error: ${failure}`);
+  process.exit(1);
+}
