@@ -477,7 +477,7 @@ export class MemoryLog implements EventLog {
     while (
       this.#start < events.length &&
       (events.length - this.#start > this.#maxEvents || this.#bytes > this.#maxBytes ||
-        parseId(events[this.#start].id)![0] < now - this.#maxAge)
+        parseEventId(events[this.#start].id)![0] < now - this.#maxAge)
     ) {
       this.#bytes -= bytesOf(events[this.#start]).byteLength;
       this.#droppedId = events[this.#start++].id;
@@ -492,7 +492,7 @@ export class MemoryLog implements EventLog {
 
   /** Where event `id` is in `#events` (a binary search: ids increase), or -1. */
   #indexOf(id: string): number {
-    if (parseId(id) === undefined) return -1;
+    if (parseEventId(id) === undefined) return -1;
     let low = this.#start;
     let high = this.#events.length - 1;
     while (low <= high) {
@@ -1777,7 +1777,7 @@ class CatchUp {
       if (isNewer(event.id, liveId)) return this.#goLive(client);
       if (queuedBytes(client) >= this.#maxQueueBytes / 2) return;
       client.cursor = event.id;
-      if (client.wants(event) && parseId(event.id)![0] > client.since) {
+      if (client.wants(event) && parseEventId(event.id)![0] > client.since) {
         client.controller.enqueue(bytesOf(event));
         client.replayed++;
         this.replayed++;
@@ -2975,8 +2975,23 @@ function bytesOf(event: LogEvent): Uint8Array {
   return bytes;
 }
 
-/** The two integers of an event id, `<integer>-<integer>`; `undefined` for anything else. */
-function parseId(id: string): [number, number] | undefined {
+/**
+ * The two integers of an event id as {@linkcode EventLog} requires it
+ * (`<ms>-<seq>`, each of at most 15 digits, so that Redis and JavaScript
+ * read them alike), for an event log to place an id it is given; `undefined`
+ * for anything else.
+ *
+ * @example
+ * ```ts
+ * import { parseEventId } from "./mod.ts";
+ *
+ * console.log(parseEventId("1700000000000-3"), parseEventId("abc")); // [1700000000000, 3] undefined
+ * ```
+ *
+ * @param id What a client sent as an event id.
+ * @returns The time and the sequence, or `undefined`.
+ */
+export function parseEventId(id: string): [ms: number, seq: number] | undefined {
   const match = /^(\d{1,15})-(\d{1,15})$/.exec(id);
   return match ? [Number(match[1]), Number(match[2])] : undefined;
 }
@@ -2986,8 +3001,8 @@ function parseId(id: string): [number, number] | undefined {
  * {@linkcode EventLog} requires): negative when `a` is older.
  */
 function compareIds(a: string, b: string): number {
-  const [a1, a2] = parseId(a)!;
-  const [b1, b2] = parseId(b)!;
+  const [a1, a2] = parseEventId(a)!;
+  const [b1, b2] = parseEventId(b)!;
   return a1 - b1 || a2 - b2;
 }
 

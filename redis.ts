@@ -47,6 +47,7 @@ import {
   type LogEvent,
   type LogRead,
   type NewEvent,
+  parseEventId,
 } from "./mod.ts";
 
 import {
@@ -126,9 +127,6 @@ interface Entry {
 }
 
 type Connection = ReturnType<typeof connection>;
-
-/** Ids the broker can compare, and small enough for Redis to parse. */
-const ID = /^\d{1,15}-\d{1,15}$/;
 
 /**
  * An event log kept in one Redis stream. Events are entries with the
@@ -285,7 +283,7 @@ export class RedisLog implements EventLog {
       this.#writer.eval(READ, {
         keys: [this.#key, `${this.#key}:window`],
         arguments: [
-          afterId === null ? "" : ID.test(afterId) ? afterId : "x",
+          afterId === null ? "" : parseEventId(afterId) ? afterId : "x",
           String(limit),
           asLimit(this.#maxAge),
         ],

@@ -11,6 +11,7 @@ import {
   type LogEvent,
   type LogRead,
   type NewEvent,
+  parseEventId,
 } from "../../mod.ts";
 
 /** The part of `ctx.storage` the log uses (a SQLite-backed namespace). */
@@ -39,8 +40,7 @@ export interface SqliteLogOptions {
 
 type Row = Record<string, string | number | null>;
 
-/** Ids are `<ms>-<row>`: the append's time (never going back) and its row number. */
-const ID = /^(\d{1,15})-(\d{1,15})$/;
+// Ids are `<ms>-<row>`: the append's time (never going back) and its row number.
 
 /** An {@linkcode EventLog} kept in a Durable Object's SQLite storage. */
 export class SqliteLog implements EventLog {
@@ -90,9 +90,9 @@ export class SqliteLog implements EventLog {
     let after = 0;
     let gap = false;
     if (afterId !== null && afterId !== this.#named("dropped")) {
-      const match = ID.exec(afterId);
-      const found = match &&
-        this.#exec("SELECT row FROM sse_events WHERE row = ? AND ms = ?", +match[2], +match[1])[0];
+      const [ms, row] = parseEventId(afterId) ?? [];
+      const found = row !== undefined &&
+        this.#exec("SELECT row FROM sse_events WHERE row = ? AND ms = ?", row, ms!)[0];
       if (found) after = found.row as number;
       else gap = true;
     }
@@ -122,12 +122,12 @@ export class SqliteLog implements EventLog {
         return { ids: JSON.parse(seen.ids as string) as string[], repeated: true, events: [] };
       }
       // The clock, or the last append's time if the clock went back.
-      const [, lastMs, lastRow] = ID.exec(this.lastId ?? "0-0")!;
-      const ms = Math.max(now, Number(lastMs));
+      const [lastMs, lastRow] = parseEventId(this.lastId ?? "0-0")!;
+      const ms = Math.max(now, lastMs);
       const added: LogEvent[] = [];
       // Rows count on from the newest id ever given: SQLite would reuse the
       // numbers of rows dropped, and give an id twice.
-      let row = Number(lastRow);
+      let row = lastRow;
       for (const { topics, text, private: isPrivate } of events) {
         row++;
         const size = encoder.encode(`id: ${ms}-${row}\n${text}`).byteLength;
