@@ -8,7 +8,7 @@
  * handler that mounts the broker on any server.
  *
  * @example Broadcast to every browser that opens /events
- * ```ts ignore
+ * ```ts
  * import { Broker, createHandler } from "./mod.ts";
  *
  * const broker = new Broker();
@@ -2101,7 +2101,7 @@ export interface JwtAuthOptions extends JwtOptions {
  * anonymous subscribers are allowed. A stream ends when its token expires.
  *
  * @example
- * ```ts ignore
+ * ```ts
  * import { Broker, createHandler, jwtAuth } from "./mod.ts";
  *
  * const authorize = await jwtAuth({ publicKey: Deno.env.get("JWT_PUBLIC_KEY"), audience: "sse" });
@@ -2417,9 +2417,10 @@ function timingSafeEqual(given: Uint8Array, secret: Uint8Array): boolean {
 }
 
 /**
- * The optional second argument of a fetch handler. Bun passes its server
- * there, and the handler calls `timeout(request, 0)` on each stream: Bun
- * otherwise closes a connection that is quiet for 10 seconds.
+ * What {@linkcode createHandler} uses of the second argument of a fetch
+ * handler. Bun passes its server there, and the handler calls
+ * `timeout(request, 0)` on each stream: Bun otherwise closes a connection
+ * that is quiet for 10 seconds.
  */
 export interface FetchServer {
   /** Sets the idle timeout of one request's connection; 0 disables it. */
@@ -2447,7 +2448,7 @@ export interface FetchServer {
  * gets `401` with `WWW-Authenticate`; `/stats` is open to all.
  *
  * @example
- * ```ts ignore
+ * ```ts
  * import { Broker, createHandler } from "./mod.ts";
  *
  * Deno.serve(createHandler(new Broker()));
@@ -2457,12 +2458,14 @@ export interface FetchServer {
  *
  * @param broker The broker to serve.
  * @param options See {@linkcode HandlerOptions}.
- * @returns A fetch handler.
+ * @returns A fetch handler. Its second argument is what the server passes
+ *   beside the request (Bun's server, Deno's connection info, or nothing);
+ *   it uses Bun's `timeout`.
  */
 export function createHandler(
   broker: Broker,
   options: HandlerOptions = {},
-): (request: Request, server?: FetchServer) => Promise<Response> {
+): (request: Request, server?: unknown) => Promise<Response> {
   const limits: BodyLimits = {
     maxBytes: checkCount("maxBodyBytes", options.maxBodyBytes ?? 64 * 1024),
     timeout: checkCount("bodyTimeout", options.bodyTimeout ?? 10_000),
@@ -2476,7 +2479,8 @@ export function createHandler(
       action: "subscribe",
       methods: {
         GET: (request, _url, server, grants) => {
-          server?.timeout?.(request, 0);
+          // Bun's server: any other second argument (Deno's info) has no timeout.
+          (server as FetchServer | undefined)?.timeout?.(request, 0);
           return broker.subscribe(request, { grants: grants?.subscribe, expires: grants?.expires });
         },
       },
@@ -2552,7 +2556,7 @@ export function createHandler(
     return response;
   };
 
-  const respond = async (request: Request, server?: FetchServer): Promise<Response> => {
+  const respond = async (request: Request, server?: unknown): Promise<Response> => {
     const url = new URL(request.url);
     const route = routes[url.pathname];
     if (route === undefined) return new HttpError(404, "not found").response();
@@ -2799,7 +2803,7 @@ interface Route {
 type RouteHandler = (
   request: Request,
   url: URL,
-  server: FetchServer | undefined,
+  server: unknown,
   grants: Grants | undefined,
 ) => Response | Promise<Response>;
 

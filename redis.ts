@@ -17,7 +17,7 @@
  * This module needs the npm package `redis`; `mod.ts` needs nothing.
  *
  * @example
- * ```ts ignore
+ * ```ts
  * import { Broker, createHandler } from "./mod.ts";
  * import { RedisLog } from "./redis.ts";
  *
@@ -26,7 +26,7 @@
  * ```
  *
  * @example
- * ```ts ignore
+ * ```ts
  * import { createStreamsHandler } from "./streams.ts";
  * import { RedisStreamStore } from "./redis.ts";
  *

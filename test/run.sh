@@ -35,7 +35,7 @@ fi
 deno fmt --check
 deno lint
 deno check mod.ts redis.ts server.ts runtime.ts probe.ts bench/servers/ bench/token_check.ts test/ mod_test.ts examples/
-deno check --doc mod.ts   # the JSDoc examples type-check
+deno check --doc mod.ts streams.ts redis.ts   # the JSDoc examples type-check
 deno doc --lint mod.ts redis.ts streams.ts
 
 # Every process the tests start carries this mark in its environment, so
