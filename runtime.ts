@@ -31,6 +31,8 @@ export interface Address {
 /** The runtime's services this project uses. */
 export interface Runtime {
   env(name: string): string | undefined;
+  /** The names of every variable of the environment. */
+  envNames(): string[];
   /** Listens; rejects with a {@linkcode ListenError} when it cannot. */
   serve(handler: Handler, address: Address): Promise<Listener>;
   onSignal(signal: "SIGINT" | "SIGTERM", listener: () => void): void;
@@ -99,6 +101,7 @@ function detectRuntime(): Runtime {
   if (Bun !== undefined && process !== undefined) {
     return {
       env: (name) => Bun.env[name],
+      envNames: () => Object.keys(Bun.env),
       // No `export default { fetch }` in the entry file: Bun would start a
       // second server from it. Bun.serve is called here, once.
       // An idle keep-alive connection is kept 65 s rather than Bun's 10 s (see serveNode).
@@ -116,13 +119,20 @@ function detectRuntime(): Runtime {
   if (typeof Deno !== "undefined") {
     return {
       env: (name) => Deno.env.get(name),
+      envNames: () => Object.keys(Deno.env.toObject()),
       serve: (handler, address) =>
-        listening(address, () =>
-          Deno.serve(
+        listening(address, () => {
+          // Deno ends the process (exit 70) on an unstable option without its flag:
+          // refuse first, with a reason. Its unstable network APIs exist only with the flag.
+          if (address.reusePort && !("listenDatagram" in Deno)) {
+            throw { message: "sharing the port on Deno needs --unstable-net" };
+          }
+          return Deno.serve(
             { ...address, onListen() {}, onError: internalError },
             (request, info) =>
               handler(request, { requestIP: () => ({ address: info.remoteAddr.hostname }) }),
-          )).then((server) => ({ port: server.addr.port, stop: () => server.shutdown() })),
+          );
+        }).then((server) => ({ port: server.addr.port, stop: () => server.shutdown() })),
       onSignal: (signal, listener) => Deno.addSignalListener(signal, listener),
       exit: (code) => Deno.exit(code),
       residentMemory: () => Deno.memoryUsage().rss,
@@ -131,6 +141,7 @@ function detectRuntime(): Runtime {
   if (process !== undefined) {
     return {
       env: (name) => process.env[name],
+      envNames: () => Object.keys(process.env),
       serve: serveNode,
       onSignal: (signal, listener) => process.on(signal, listener),
       exit: (code) => process.exit(code),
@@ -279,23 +290,23 @@ function internalError(error: unknown): Response {
 let logFormat: "text" | "json" = "text";
 
 /**
- * Writes one log line: readable text by default (`error: ` before errors),
+ * Writes one log line: readable text by default (`error: ` or `warning: ` before those),
  * or with `LOG_FORMAT=json` one JSON object (`time`, `level`, `message`,
- * then `fields`). Errors go to stderr, the rest to stdout. Callers never
+ * then `fields`). Errors and warnings go to stderr, the rest to stdout. Callers never
  * pass request data: no token, cookie or query string reaches the log.
  */
 export function log(
-  level: "info" | "error",
+  level: "info" | "warning" | "error",
   message: string,
   fields: Record<string, unknown> = {},
 ): void {
-  const write = level === "error" ? console.error : console.log;
+  const write = level === "info" ? console.log : console.error;
   if (logFormat === "json") {
     write(JSON.stringify({ time: new Date().toISOString(), level, message, ...fields }));
     return;
   }
   const details = Object.entries(fields).map(([name, value]) => ` ${name}=${value}`).join("");
-  write(`${level === "error" ? "error: " : ""}${message}${details}`);
+  write(`${level === "info" ? "" : `${level}: `}${message}${details}`);
 }
 
 /** Reads a non-negative integer setting, or stops with a one-line reason. */
@@ -308,4 +319,48 @@ export function integerSetting(runtime: Runtime, name: string, fallback: number)
     runtime.exit(1);
   }
   return value;
+}
+
+/**
+ * What a deployment likely meant by the variables this program does not
+ * read: one of `known` a typing slip away (at most two letters wrong), or
+ * with a known prefix (`JWT_`, `REDIS_`, ...). One line each, naming the
+ * likely one.
+ */
+export function unknownSettings(runtime: Runtime, known: ReadonlySet<string>): string[] {
+  const prefixes = new Set([...known].map((name) => name.split("_")[0] + "_"));
+  const lines: string[] = [];
+  for (const name of runtime.envNames().sort()) {
+    if (known.has(name)) continue;
+    let likely: string | undefined;
+    let nearest = Infinity;
+    for (const candidate of known) {
+      const distance = editDistance(name, candidate);
+      if (distance < nearest) [nearest, likely] = [distance, candidate];
+    }
+    const prefixed = name.includes("_") && prefixes.has(name.split("_")[0] + "_");
+    if (nearest <= 2 || prefixed) {
+      lines.push(
+        `${name} is not a setting of this server${nearest <= 2 ? `: did you mean ${likely}?` : ""}`,
+      );
+    }
+  }
+  return lines;
+}
+
+/** How many single-letter insertions, deletions and substitutions turn `a` into `b`. */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) {
+      current[j] = Math.min(
+        previous[j] + 1,
+        current[j - 1] + 1,
+        previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1),
+      );
+    }
+    previous = current;
+  }
+  return previous[b.length];
 }

@@ -42,9 +42,66 @@ import {
   type Listener,
   ListenError,
   log,
+  unknownSettings,
 } from "./runtime.ts";
 
-const runtime = currentRuntime();
+/** Every variable this server reads (docs/configuration.md): the others are checked for slips. */
+const SETTINGS = new Set([
+  "ALLOW_ANONYMOUS",
+  "BODY_TIMEOUT_MS",
+  "CORS_ORIGIN",
+  "DRAIN_MS",
+  "HEARTBEAT_MS",
+  "HISTORY",
+  "HISTORY_BYTES",
+  "HISTORY_TTL_MS",
+  "HOSTNAME",
+  "IDEMPOTENCY_WINDOW_MS",
+  "JWT_AUDIENCE",
+  "JWT_CLAIM",
+  "JWT_COOKIE",
+  "JWT_ISSUER",
+  "JWT_PUBLIC_KEY",
+  "JWT_SECRET",
+  "LOG_FORMAT",
+  "MAX_BATCH",
+  "MAX_BODY",
+  "MAX_CLIENTS",
+  "MAX_QUEUE_BYTES",
+  "MAX_TOPICS",
+  "METRICS_TOKEN",
+  "PORT",
+  "PUBLIC_URL",
+  "PUBLISH_TOKEN",
+  "REDIS_TIMEOUT_MS",
+  "REDIS_URL",
+  "RETRY_MS",
+  "REUSE_PORT",
+  "SHED_RETRY_MS",
+  "STREAMS_LONG_POLL_MS",
+  "STREAMS_MAX_BYTES",
+  "STREAMS_PATH",
+  "STRICT_ENV",
+  "SUBSCRIBE_TOKEN",
+  "TICK_MS",
+]);
+const system = currentRuntime();
+/** The runtime, reading only the variables of SETTINGS. */
+const runtime = {
+  ...system,
+  env(name: string): string | undefined {
+    if (!SETTINGS.has(name)) throw new Error(`${name} is read but not in SETTINGS`);
+    return system.env(name);
+  },
+};
+// A misspelled variable would be ignored, silently: JWT_SECERT would leave
+// the server open to everyone. Said at start; STRICT_ENV=1 stops it.
+for (const line of unknownSettings(system, SETTINGS)) {
+  log(runtime.env("STRICT_ENV") === "1" ? "error" : "warning", line);
+}
+if (runtime.env("STRICT_ENV") === "1" && unknownSettings(system, SETTINGS).length > 0) {
+  runtime.exit(1);
+}
 const port = integerSetting(runtime, "PORT", 8000);
 const hostname = runtime.env("HOSTNAME") || "127.0.0.1";
 const tickMs = integerSetting(runtime, "TICK_MS", 1000);
@@ -110,9 +167,17 @@ async function authorization(): Promise<Authorize> {
   );
 }
 
-// Loaded only when asked for, so the in-memory demo needs no npm package.
+/** redis.ts, loaded only when asked for, so the in-memory demo needs no npm package. */
+async function redisModule(): Promise<typeof import("./redis.ts")> {
+  try {
+    return await import("./redis.ts");
+  } catch (error) {
+    if (!/redis/.test(String((error as Error)?.message))) throw error;
+    return fail("REDIS_URL needs the npm package redis: run npm install redis");
+  }
+}
 const redis = redisUrl
-  ? await (await import("./redis.ts")).RedisLog.connect({
+  ? await (await redisModule()).RedisLog.connect({
     url: redisUrl,
     history,
     logger: (line) => log("error", line),
@@ -148,7 +213,7 @@ if (!/^\/[^/]/.test(streamsPath)) {
 }
 // With REDIS_URL, streams live in Redis too, so every process serves every stream.
 const streamStore = redisUrl
-  ? await (await import("./redis.ts")).RedisStreamStore.connect({
+  ? await (await redisModule()).RedisStreamStore.connect({
     url: redisUrl,
     logger: (line) => log("error", line),
     timeout: redisTimeout,
@@ -333,10 +398,6 @@ handleStreams = createStreamsHandler({
   origin: new URL(publicUrl ?? url).origin,
   logger: (line) => log("error", line),
 });
-// In text, the URL alone on the first line, for scripts that wait for it.
-if (runtime.env("LOG_FORMAT") === "json") log("info", "listening", { url });
-else console.log(url);
-
 // Each tick publishes the start of its interval. With Redis every process
 // tries, and the one that claims the interval first publishes it.
 let tickFailing = false;
@@ -377,3 +438,8 @@ async function shutdown(signal: string): Promise<void> {
 }
 runtime.onSignal("SIGINT", () => shutdown("SIGINT"));
 runtime.onSignal("SIGTERM", () => shutdown("SIGTERM"));
+
+// Last, once a signal would be handled: in text, the URL alone on the first
+// line of stdout, for scripts that wait for it (and may signal at once).
+if (runtime.env("LOG_FORMAT") === "json") log("info", "listening", { url });
+else console.log(url);

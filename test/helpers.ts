@@ -237,13 +237,16 @@ export function startServer(
       resolve(code);
     })
   );
+  let stdout = "";
   return new Promise((resolve, reject) => {
     const onData = (chunk: Buffer) => {
       output += chunk.toString();
-      const line = output.split("\n")[0];
-      // The URL alone, or with LOG_FORMAT=json in the first entry's `url`.
+      stdout += chunk.toString();
+      // The first line of stdout (warnings go to stderr): the URL alone, or
+      // with LOG_FORMAT=json in the first entry's `url`.
+      const line = stdout.split("\n")[0];
       const url = line.startsWith("{") ? JSON.parse(line).url ?? "" : line.trim();
-      if (output.includes("\n") && /^http:\/\//.test(url)) {
+      if (stdout.includes("\n") && /^http:\/\//.test(url)) {
         child.stdout!.off("data", onData);
         child.stdout!.on("data", (more: Buffer) => output += more.toString());
         resolve({

@@ -14,6 +14,7 @@ import {
   ListenError,
   log,
   type Runtime,
+  unknownSettings,
 } from "../runtime.ts";
 import { RUNTIME } from "./helpers.ts";
 
@@ -238,6 +239,7 @@ describe("runtime.ts's log and settings", () => {
   test("integerSetting: a non-negative integer, the fallback when unset or empty, else one line and exit 1", async () => {
     const fake = (value: string | undefined): Runtime => ({
       env: (name) => name === "N" ? value : undefined,
+      envNames: () => ["N"],
       serve: () => Promise.reject(new Error("unused")),
       onSignal: () => {},
       exit: (code) => {
@@ -258,4 +260,30 @@ describe("runtime.ts's log and settings", () => {
       ]);
     }
   });
+});
+
+test("unknownSettings names a variable a slip away from a known one, or with its prefix", () => {
+  const env = (names: string[]): Runtime => ({
+    env: () => undefined,
+    envNames: () => names,
+    serve: () => Promise.reject(new Error("unused")),
+    onSignal: () => {},
+    exit: () => {
+      throw new Error("unused");
+    },
+    residentMemory: () => 0,
+  });
+  const known = new Set(["JWT_SECRET", "PORT", "REDIS_URL"]);
+  assert.deepEqual(
+    unknownSettings(
+      env(["JWT_SECERT", "PROT", "PATH", "HOME", "REDIS_URI", "PORT", "JWT_TOKEN", "X"]),
+      known,
+    ),
+    [
+      "JWT_SECERT is not a setting of this server: did you mean JWT_SECRET?",
+      "JWT_TOKEN is not a setting of this server",
+      "PROT is not a setting of this server: did you mean PORT?",
+      "REDIS_URI is not a setting of this server: did you mean REDIS_URL?",
+    ],
+  );
 });

@@ -73,6 +73,30 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
   test("refuses an invalid setting with a one-line reason and exit 1", async () => {
     await assert.rejects(startServer({ PORT: "eighty" }), /PORT must be a non-negative integer/);
   });
+
+  test("names a variable a slip away from a setting; STRICT_ENV=1 stops on it", async () => {
+    const slip = { JWT_SECERT: "a secret of at least thirty-two bytes", REDIS_URI: "x" };
+    await withServer(slip, async (server) => {
+      const warnings = server.output().split("\n").filter((line) => line.startsWith("warning: "));
+      assert.deepEqual(warnings, [
+        "warning: JWT_SECERT is not a setting of this server: did you mean JWT_SECRET?",
+        "warning: REDIS_URI is not a setting of this server: did you mean REDIS_URL?",
+      ]);
+      assert.equal(server.output().includes("thirty-two"), false, "the value is not printed");
+    });
+    await assert.rejects(
+      startServer({ ...slip, STRICT_ENV: "1" }),
+      /exited \(1\)[^]*^error: JWT_SECERT is not a setting of this server: did you mean JWT_SECRET\?$/m,
+    );
+  });
+
+  test("REUSE_PORT=1 on Deno without --unstable-net: one line and exit 1, not Deno's exit 70", async () => {
+    // Bun and Node share ports as they are; Deno needs a flag (docs/cluster.md).
+    await assert.rejects(
+      startServer({ REUSE_PORT: "1" }, "deno"),
+      /^error: cannot listen on 127\.0\.0\.1:0: sharing the port on Deno needs --unstable-net$/m,
+    );
+  });
 });
 
 test("mod.ts imports by URL in Deno, with nothing else", async () => {
