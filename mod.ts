@@ -1286,7 +1286,10 @@ export class Broker {
 
   /** What publishes wait on until the next flush, late after DELIVERY_WAIT_MS. */
   #nextFlush(): Flushed {
-    const flushed: Flushed = { ...Promise.withResolvers<void>(), late: false, timer: undefined };
+    // Not Promise.withResolvers: Node 20 has none.
+    let resolve!: () => void;
+    const promise = new Promise<void>((settle) => resolve = settle);
+    const flushed: Flushed = { promise, resolve, late: false, timer: undefined };
     flushed.timer = setTimeout(() => {
       flushed.late = true;
       if (this.#flushed === flushed) this.#flushed = undefined;

@@ -39,6 +39,8 @@ export interface Runtime {
   exit(code: number): never;
   /** The process's resident memory, in bytes. */
   residentMemory(): number;
+  /** The id of the parent process: it changes when the parent is gone. */
+  parentPid(): number;
 }
 
 /** A server that listens: its port, and how to stop it (open responses first end). */
@@ -81,6 +83,7 @@ interface ProcessGlobal {
   on(signal: string, listener: () => void): void;
   exit(code: number): never;
   memoryUsage: { rss(): number };
+  ppid: number;
 }
 
 /** The runtime this program runs on; also reads `LOG_FORMAT` for {@linkcode log}. */
@@ -114,6 +117,7 @@ function detectRuntime(): Runtime {
       onSignal: (signal, listener) => process.on(signal, listener),
       exit: (code) => process.exit(code),
       residentMemory: () => process.memoryUsage.rss(),
+      parentPid: () => process.ppid,
     };
   }
   if (typeof Deno !== "undefined") {
@@ -136,6 +140,7 @@ function detectRuntime(): Runtime {
       onSignal: (signal, listener) => Deno.addSignalListener(signal, listener),
       exit: (code) => Deno.exit(code),
       residentMemory: () => Deno.memoryUsage().rss,
+      parentPid: () => Deno.ppid,
     };
   }
   if (process !== undefined) {
@@ -146,6 +151,7 @@ function detectRuntime(): Runtime {
       onSignal: (signal, listener) => process.on(signal, listener),
       exit: (code) => process.exit(code),
       residentMemory: () => process.memoryUsage.rss(),
+      parentPid: () => process.ppid,
     };
   }
   throw new Error("this program runs on Deno, Bun or Node; import mod.ts on other runtimes");

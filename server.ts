@@ -1,3 +1,4 @@
+#!/usr/bin/env node
 /**
  * The demo server: a broker, a ticker that publishes the time, the broker's
  * HTTP routes and a small live page. The same file runs on both runtimes:
@@ -438,6 +439,15 @@ async function shutdown(signal: string): Promise<void> {
 }
 runtime.onSignal("SIGINT", () => shutdown("SIGINT"));
 runtime.onSignal("SIGTERM", () => shutdown("SIGTERM"));
+// Started by npm or npx (`npx @sse-broker/broker`): a launcher killed does
+// not always pass the signal on, and this server would stay behind. It ends
+// when its parent does.
+if (system.env("npm_command") !== undefined) {
+  const parent = runtime.parentPid();
+  setInterval(() => {
+    if (runtime.parentPid() !== parent) shutdown("SIGTERM");
+  }, 500);
+}
 
 // Last, once a signal would be handled: in text, the URL alone on the first
 // line of stdout, for scripts that wait for it (and may signal at once).

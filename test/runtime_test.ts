@@ -222,6 +222,7 @@ describe(`runtime.ts's server on ${RUNTIME}`, () => {
     process.env.SSE_RUNTIME_TEST = "seen";
     assert.equal(runtime.env("SSE_RUNTIME_TEST"), "seen");
     assert.equal(runtime.env("SSE_RUNTIME_TEST_UNSET"), undefined);
+    assert.equal(runtime.parentPid(), process.ppid);
     const rss = runtime.residentMemory();
     assert.ok(rss > 10 * 1024 * 1024 && rss < 10 * 1024 ** 3, `${rss} bytes`);
   });
@@ -246,6 +247,7 @@ describe("runtime.ts's log and settings", () => {
         throw new Error(`exit ${code}`);
       },
       residentMemory: () => 0,
+      parentPid: () => 1,
     });
     assert.equal(integerSetting(fake("42"), "N", 7), 42);
     assert.equal(integerSetting(fake("0"), "N", 7), 0);
@@ -272,6 +274,7 @@ test("unknownSettings names a variable a slip away from a known one, or with its
       throw new Error("unused");
     },
     residentMemory: () => 0,
+    parentPid: () => 1,
   });
   const known = new Set(["JWT_SECRET", "PORT", "REDIS_URL"]);
   assert.deepEqual(
