@@ -14,7 +14,8 @@ case "${1:-}" in
     exec "$bin/bun" test --bail ./mod_test.ts ./test/event_log_test.ts ./test/security_test.ts \
       -t "$in_process" ;;
   streams.ts)
-    exec "$bin/bun" test --bail ./test/streams_test.ts ./test/stream_store_test.ts \
+    exec "$bin/bun" test --bail ./test/streams_test.ts ./test/streams_protocol_test.ts \
+      ./test/stream_store_test.ts \
       ./test/security_test.ts -t "$in_process" ;;
   redis.ts)
     exec "$bin/bun" test --bail ./test/redis_test.ts ;;
