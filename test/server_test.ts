@@ -76,13 +76,14 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
 
   test("names a variable a slip away from a setting; STRICT_ENV=1 stops on it", async () => {
     const slip = { JWT_SECERT: "a secret of at least thirty-two bytes", REDIS_URI: "x" };
-    await withServer(slip, async (server) => {
+    await withServer(slip, (server) => {
       const warnings = server.output().split("\n").filter((line) => line.startsWith("warning: "));
       assert.deepEqual(warnings, [
         "warning: JWT_SECERT is not a setting of this server: did you mean JWT_SECRET?",
         "warning: REDIS_URI is not a setting of this server: did you mean REDIS_URL?",
       ]);
       assert.equal(server.output().includes("thirty-two"), false, "the value is not printed");
+      return Promise.resolve();
     });
     await assert.rejects(
       startServer({ ...slip, STRICT_ENV: "1" }),
