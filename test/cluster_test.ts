@@ -374,12 +374,21 @@ describe("idempotent and batch publishing, backlog and expiry on Redis", () => {
 
   test("HISTORY_TTL_MS: expired events are not replayed; resuming from one reports the gap", async () => {
     const [a, b] = cluster.servers;
+    const older = await publish(a.url, { data: "older", topic: "ttl" });
     const old = await publish(a.url, { data: "old", topic: "ttl" });
     await new Promise((resolve) => setTimeout(resolve, 1600)); // the TTL is 1.5 s
     const recent = await publish(a.url, { data: "recent", topic: "ttl" });
-    const resumed = await subscribe(`${b.url}events?topic=ttl`, { "last-event-id": old });
+    const resumed = await subscribe(`${b.url}events?topic=ttl`, { "last-event-id": older });
     assert.equal((await resumed.event()).event, "gap");
     assert.deepEqual([(await resumed.event()).lastEventId], [recent]);
+    // The newest expired event is no gap: nothing after it was lost.
+    const fromNewestExpired = await subscribe(`${b.url}events?topic=ttl`, {
+      "last-event-id": old,
+    });
+    assert.deepEqual(
+      (await fromNewestExpired.events(2)).map((event) => [event.event, event.lastEventId]),
+      [["message", recent], ["replayed", recent]],
+    );
     const earliest = await subscribe(`${b.url}events?topic=ttl&lastEventId=earliest`);
     assert.deepEqual((await earliest.events(2)).map((event) => event.data), [
       "recent",
@@ -391,7 +400,12 @@ describe("idempotent and batch publishing, backlog and expiry on Redis", () => {
       "recent",
       '{"count":1}',
     ]);
-    await Promise.all([resumed.cancel(), earliest.cancel(), fromTime.cancel()]);
+    await Promise.all([
+      resumed.cancel(),
+      fromNewestExpired.cancel(),
+      earliest.cancel(),
+      fromTime.cancel(),
+    ]);
   });
 
   test("per-topic counts in /stats follow clients as they come and go, per process", async () => {
