@@ -126,8 +126,10 @@ const PAGE = `<!doctype html>
       <fieldset>
         <legend>Subscription</legend>
         <label>Topics <input name="topics" placeholder="all topics" autocomplete="off"></label>
+        <label>Event names <input name="events" value="quote" autocomplete="off"></label>
         <p id="subscription-help" class="muted" style="margin: 0">
-          Comma-separated; empty receives every topic.
+          Comma-separated. No topic receives every topic. A browser's EventSource hears only the
+          event names it listens for: unnamed events, tick, these, and those published here.
         </p>
         <label class="check"><input type="checkbox" name="ticks"> Log ticks too</label>
         <button>Subscribe</button>
@@ -180,6 +182,7 @@ const MAX_ROWS = 500;
 let source = null;
 let topics = [];          // the current subscription; empty means all
 let logTicks = false;
+let eventNames = ["quote"]; // named events listened for, besides tick and those published here
 let countdown = null;
 let wasOpen = false;      // opened before, so the next open is a reconnect
 let replaying = false;    // between a reconnect and the "replayed" event
@@ -212,8 +215,7 @@ function addRow(event, kind) {
   if (kind) row.className = kind;
   if (privateIds.has(event.lastEventId)) row.classList.add("private");
   const topic = event.type === "tick" ? "time" : topics.length === 1 ? topics[0] : "";
-  const shortId = event.lastEventId ? event.lastEventId.split("-").pop() : "";
-  for (const [text, className] of [[shortId, ""], [event.type, ""], [topic, ""],
+  for (const [text, className] of [[event.lastEventId, ""], [event.type, ""], [topic, ""],
                                    [event.data, "data"]]) {
     const cell = document.createElement("td");
     cell.textContent = text;
@@ -232,7 +234,9 @@ function onEvent(event) {
 }
 
 function listen(name) {
+  // message, tick, gap and replayed have their own listeners.
   if (!name || listening.has(name) || !source) return;
+  if (["message", "tick", "gap", "replayed"].includes(name)) return;
   listening.add(name);
   source.addEventListener(name, onEvent);
 }
@@ -280,6 +284,7 @@ function subscribe() {
     gap = false;
   });
   for (const name of (localStorage.getItem("sse-events") ?? "").split(",")) listen(name);
+  for (const name of eventNames) listen(name);
 }
 
 $("subscription").addEventListener("submit", (submit) => {
@@ -287,6 +292,7 @@ $("subscription").addEventListener("submit", (submit) => {
   const form = new FormData(submit.target);
   topics = String(form.get("topics")).split(",").map((t) => t.trim()).filter(Boolean);
   logTicks = form.get("ticks") === "on";
+  eventNames = String(form.get("events")).split(",").map((e) => e.trim()).filter(Boolean);
   subscribe();
 });
 

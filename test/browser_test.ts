@@ -198,6 +198,24 @@ describe(`the live page in Chromium, server under ${RUNTIME}`, () => {
     await page.close();
   });
 
+  test("named events published elsewhere show, with their whole id, when the page listens for them", async () => {
+    const page = await open(server.url);
+    // README's example: a quote event, published with curl, not from the page.
+    const quote = await publish(server.url, { data: "42", event: "quote", topic: "ACME" });
+    await page.locator("#log td.data", { hasText: /^42$/ }).waitFor();
+    assert.deepEqual(await idsShown(page, "42"), [quote]);
+    const cells = await page.locator(`#log tr[data-id="${quote}"] td`).allInnerTexts();
+    assert.deepEqual(cells.slice(0, 2), [quote, "quote"]);
+    // Another name, once listed in the subscription.
+    await page.getByLabel("Event names").fill("quote, trade");
+    await page.getByRole("button", { name: "Subscribe" }).click();
+    await page.locator('#state[data-state="open"]').waitFor();
+    const trade = await publish(server.url, { data: "a trade", event: "trade" });
+    await page.locator("#log td.data", { hasText: "a trade" }).waitFor();
+    assert.deepEqual(await idsShown(page, "a trade"), [trade]);
+    await page.close();
+  });
+
   test("with PUBLISH_TOKEN set, the page asks for the token and publishes with it", async () => {
     const secured = await startServer({ PUBLISH_TOKEN: "page-token-42" });
     try {
