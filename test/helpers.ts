@@ -224,11 +224,26 @@ export function startServer(
   denoFlags: string[] = [],
 ): Promise<ServerProcess> {
   const args = scriptArgs(runtime, "server.ts", ["--allow-net", "--allow-env", ...denoFlags]);
-  const child = spawn(binary(runtime), args, {
-    cwd: ROOT,
-    env: { ...process.env, PORT: "0", HOSTNAME: "127.0.0.1", TICK_MS: "0", ...env },
-    stdio: ["ignore", "pipe", "pipe"],
+  return startProcess(binary(runtime), args, {
+    ...process.env,
+    PORT: "0",
+    HOSTNAME: "127.0.0.1",
+    TICK_MS: "0",
+    ...env,
   });
+}
+
+/**
+ * Starts a server from any command (the executable, the npm package's
+ * command), with exactly `env`, and waits for the URL it prints first.
+ */
+export function startProcess(
+  command: string,
+  args: string[],
+  env: Record<string, string | undefined>,
+  cwd = ROOT,
+): Promise<ServerProcess> {
+  const child = spawn(command, args, { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
   let output = "";
   const untrack = track(() => child.kill("SIGKILL"));
   const exited = new Promise<number | null>((resolve) =>

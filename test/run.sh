@@ -37,6 +37,7 @@ deno lint
 deno check mod.ts redis.ts server.ts runtime.ts probe.ts bench/servers/ bench/token_check.ts test/ mod_test.ts examples/
 deno check --doc mod.ts streams.ts redis.ts   # the JSDoc examples type-check
 deno doc --lint mod.ts redis.ts streams.ts
+deno publish --dry-run --allow-dirty --quiet   # the JSR package: no slow types, only its files
 
 # Every process the tests start carries this mark in its environment, so
 # whatever outlives a runtime's run is found, named, stopped, and fails it.
@@ -70,6 +71,14 @@ strip() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
 count() { grep -oE "$1" | grep -oE '[0-9]+' | head -1 || echo 0; }
 status=0
 rows=()
+
+# The packages and the executable, once (test/release/package_check.ts):
+# installed fresh and used on every runtime, npx, no runtime on PATH.
+env "$mark" timeout -k 10 600 node --test --test-force-exit test/release/package_check.ts 2>&1 |
+  tee "$out/release" || status=1
+check_leftovers release || status=1
+printf 'release: %s passed, %s failed\n' "$(strip "$out/release" | count '^ℹ pass [0-9]+$')" \
+  "$(strip "$out/release" | count '^ℹ fail [0-9]+$')"
 for run in $(seq "$repeat"); do
   for runtime in deno bun node; do
     started=$SECONDS

@@ -1,7 +1,7 @@
 // `npm run pack`: the npm package, built from the same sources as the JSR
 // one. `deno pack` compiles deno.json's entry points to JavaScript with
 // their .d.ts and writes a package.json; this adds what it cannot: a
-// description, the `sse-broker` command (server.js), and `redis` as an
+// description (deno.json's), the `sse-broker` command (server.js), and `redis` as an
 // optional peer dependency (only ./redis needs it). Writes
 // dist/sse-broker-broker-<version>.tgz and prints its path.
 import { execFileSync } from "node:child_process";
@@ -11,6 +11,7 @@ const root = new URL("..", import.meta.url).pathname;
 const work = `${root}dist/.pack`;
 const deno = `${root}node_modules/.bin/deno`;
 const devPackage = JSON.parse(readFileSync(`${root}package.json`, "utf8"));
+const config = JSON.parse(readFileSync(`${root}deno.json`, "utf8"));
 
 rmSync(work, { recursive: true, force: true });
 mkdirSync(work, { recursive: true });
@@ -33,8 +34,7 @@ const { redis: _redis, ...dependencies } = generated.dependencies ?? {};
 const manifest = {
   name: generated.name,
   version: generated.version,
-  description: "A Server-Sent Events broker and Durable Streams server on web standards: " +
-    "topics, replay, signed tokens, Redis for several processes; Node, Deno, Bun and Workers.",
+  description: config.description,
   keywords: ["server-sent-events", "sse", "eventsource", "durable-streams", "pubsub", "broker"],
   license: generated.license,
   type: "module",
