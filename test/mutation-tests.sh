@@ -25,7 +25,10 @@ case "${1:-}" in
     # Each runtime takes its own branch of runtime.ts.
     "$bin/node" --test --test-force-exit test/runtime_test.ts >/dev/null
     "$bin/bun" test --bail ./test/runtime_test.ts >/dev/null 2>&1
-    exec "$bin/deno" test --allow-all --quiet test/runtime_test.ts >/dev/null ;;
+    # Deno passes a test file that throws while it loads after a test is
+    # registered: its last test must be there and pass.
+    "$bin/deno" test --allow-all test/runtime_test.ts 2>&1 | sed 's/\x1b\[[0-9;]*m//g' |
+      grep '^unknownSettings names a variable .* ok' >/dev/null ;;
   server.ts)
     exec "$bin/bun" test --bail ./test/server_test.ts ./test/security_test.ts \
       ./test/access_test.ts ./test/hardening_test.ts ;;

@@ -10,6 +10,9 @@ describe("the path check's stream", () => {
     let ended = 0;
     const started = Date.now();
     const response = probeResponse(300, new AbortController().signal, () => ended++);
+    // Due when done would be one probe interval late: timers fire in order.
+    let late = false;
+    const lateTimer = setTimeout(() => late = true, PROBE_COUNT * PROBE_INTERVAL_MS + 300);
     for (const [name, value] of Object.entries(EVENT_STREAM_HEADERS)) {
       assert.equal(response.headers.get(name), value);
     }
@@ -35,8 +38,28 @@ describe("the path check's stream", () => {
     const last = Date.now();
     const done = await reader.event();
     assert.deepEqual([done.event, JSON.parse(done.data)], ["done", { idleMs: 300 }]);
+    assert.equal(late, false, "done comes idleMs after the last probe, not later");
+    clearTimeout(lateTimer);
     assert.ok(Date.now() - last >= 250, "silent for idleMs after the last probe");
     assert.equal(await reader.next(), null, "then the stream ends");
+    assert.equal(ended, 1);
+  });
+
+  test("an abort alone ends it: onEnd once, and no probe after", async () => {
+    let ended = 0;
+    const aborted = new AbortController();
+    const response = probeResponse(60_000, aborted.signal, () => ended++);
+    const reader = new EventReader(response.body!);
+    assert.equal((await reader.event()).event, "probe");
+    aborted.abort();
+    assert.equal(ended, 1);
+    // Two intervals of silence: the probe timers are gone.
+    const next = reader.event().then(() => "a probe");
+    const silence = new Promise((resolve) =>
+      setTimeout(() => resolve("silence"), 2 * PROBE_INTERVAL_MS)
+    );
+    assert.equal(await Promise.race([next, silence]), "silence");
+    await reader.cancel();
     assert.equal(ended, 1);
   });
 

@@ -16,7 +16,7 @@ import {
   type Runtime,
   unknownSettings,
 } from "../runtime.ts";
-import { RUNTIME } from "./helpers.ts";
+import { ROOT, RUNTIME } from "./helpers.ts";
 
 const runtime = currentRuntime();
 
@@ -103,12 +103,14 @@ describe(`runtime.ts's server on ${RUNTIME}`, () => {
   test("a stream's chunks go as they come; a client that leaves aborts the request", async () => {
     let controller!: ReadableStreamDefaultController<Uint8Array>;
     const aborted = Promise.withResolvers<void>();
+    const cancelled = Promise.withResolvers<void>();
     await serving((request) => {
       request.signal.addEventListener("abort", () => aborted.resolve());
       const body = new ReadableStream<Uint8Array>({
         start(c) {
           controller = c;
         },
+        cancel: () => cancelled.resolve(),
       });
       return new Response(body, { headers: { "content-type": "text/event-stream" } });
     }, async (url) => {
@@ -136,7 +138,188 @@ describe(`runtime.ts's server on ${RUNTIME}`, () => {
       assert.doesNotMatch(received, /content-length/i);
       socket.destroy();
       await aborted.promise;
+      await cancelled.promise; // and the body is no longer read
     });
+  });
+
+  test("a stream that ends arrives whole, its last chunk after a wait", async () => {
+    await serving(() => {
+      const body = new ReadableStream<Uint8Array>({
+        start(controller) {
+          controller.enqueue(new TextEncoder().encode("first "));
+          setTimeout(() => {
+            controller.enqueue(new TextEncoder().encode("last"));
+            controller.close();
+          }, 30);
+        },
+      });
+      return new Response(body);
+    }, async (url) => {
+      const response = await fetch(url);
+      assert.equal(response.headers.get("content-length"), null);
+      assert.equal(await response.text(), "first last");
+    });
+  });
+
+  test("a client that stops reading stops the reads of the body; reading again, it gets it all", {
+    timeout: 30_000,
+  }, async () => {
+    const CHUNK = 64 * 1024;
+    const CHUNKS = 512; // 32 MiB
+    let pulled = 0;
+    await serving(() => {
+      const body = new ReadableStream<Uint8Array>({
+        pull(controller) {
+          if (pulled === CHUNKS) return controller.close();
+          pulled++;
+          controller.enqueue(new Uint8Array(CHUNK).fill(97));
+        },
+      }, { highWaterMark: 0 });
+      return new Response(body);
+    }, async (url) => {
+      const { port } = new URL(url);
+      const socket = connect(Number(port), "127.0.0.1");
+      let received = 0;
+      const ended = new Promise<void>((resolve) => socket.on("end", resolve));
+      const first = new Promise<void>((resolve) =>
+        socket.once("data", () => {
+          socket.pause();
+          resolve();
+        })
+      );
+      socket.on("data", (chunk: Buffer) => received += chunk.length);
+      socket.write("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+      await first;
+      // The reads stop once the socket's buffers are full: wait until they have.
+      let seen = -1;
+      while (seen !== pulled) {
+        seen = pulled;
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      }
+      assert.ok(
+        pulled < CHUNKS / 2,
+        `${pulled} of ${CHUNKS} chunks read for a client that reads none`,
+      );
+      socket.resume();
+      await ended;
+      socket.destroy();
+      assert.equal(pulled, CHUNKS);
+      assert.ok(received > CHUNK * CHUNKS, `${received} bytes arrived`);
+    });
+  });
+
+  test("an empty body answers at once; HEAD of an endless stream too, and cancels it", async () => {
+    const cancelled = Promise.withResolvers<void>();
+    await serving(
+      (request) =>
+        new URL(request.url).pathname === "/empty"
+          ? new Response(null, { status: 204 })
+          : new Response(new ReadableStream({ cancel: () => cancelled.resolve() }), {
+            headers: { "content-type": "text/event-stream" },
+          }),
+      async (url) => {
+        const empty = await fetch(`${url}/empty`);
+        assert.equal(empty.status, 204);
+        assert.equal(await empty.text(), "");
+        const head = await fetch(`${url}/stream`, { method: "HEAD" });
+        assert.equal(head.status, 200);
+        assert.equal(head.headers.get("content-type"), "text/event-stream");
+        assert.equal(await head.text(), "");
+        await cancelled.promise;
+      },
+    );
+  });
+
+  test("a response ready after its client left is cancelled, not read", async () => {
+    const started = Promise.withResolvers<void>();
+    const cancelled = Promise.withResolvers<void>();
+    let pulls = 0;
+    await serving(async (request) => {
+      started.resolve();
+      await new Promise((resolve) => request.signal.addEventListener("abort", resolve));
+      return new Response(
+        new ReadableStream({
+          pull: (controller) => {
+            pulls++;
+            controller.enqueue(new Uint8Array(1024));
+          },
+          cancel: () => cancelled.resolve(),
+        }, { highWaterMark: 0 }),
+      );
+    }, async (url) => {
+      const { port } = new URL(url);
+      const socket = connect(Number(port), "127.0.0.1");
+      socket.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+      await started.promise;
+      socket.destroy();
+      await cancelled.promise;
+      // Node's adapter reads none of it; Deno reads ahead before it cancels.
+      if (RUNTIME !== "deno") assert.ok(pulls <= 1, `${pulls} reads`);
+    });
+  });
+
+  test("the handler learns the client's address; on Bun it gets Bun's server, with its timeout", async () => {
+    const seen: { address?: string; timeout?: string }[] = [];
+    await serving((request, server) => {
+      seen.push({
+        address: server?.requestIP?.(request)?.address,
+        timeout: typeof (server as { timeout?: unknown } | undefined)?.timeout,
+      });
+      return new Response("ok");
+    }, async (url) => {
+      assert.equal(await (await fetch(url)).text(), "ok");
+    });
+    assert.deepEqual(seen, [{
+      address: "127.0.0.1",
+      timeout: RUNTIME === "bun" ? "function" : "undefined",
+    }]);
+  });
+
+  test("the headers arrive as sent, nothing added", async () => {
+    let names: string[] = [];
+    await serving((request) => {
+      names = [...request.headers.keys()];
+      return new Response("ok");
+    }, async (url) => {
+      await raw(url, "GET / HTTP/1.1\r\nHost: x\r\nX-One: 1\r\nConnection: close\r\n\r\n", /ok$/);
+    });
+    assert.deepEqual(names.sort(), ["connection", "host", "x-one"]);
+  });
+
+  test("sharing the port: on Deno only with --unstable-net (a ListenError says so)", async () => {
+    const address = { port: 0, hostname: "127.0.0.1", reusePort: true };
+    if (RUNTIME === "deno" && !("listenDatagram" in Deno)) {
+      await assert.rejects(runtime.serve(() => new Response(), address), {
+        name: "ListenError",
+        message: "cannot listen on 127.0.0.1:0: sharing the port on Deno needs --unstable-net",
+      });
+      // With the flag it shares the port, as on the others.
+      const { spawnSync } = await import("node:child_process");
+      const script = 'import { currentRuntime } from "./runtime.ts";' +
+        "const server = await currentRuntime().serve(() => new Response(), " +
+        '{ port: 0, hostname: "127.0.0.1", reusePort: true });' +
+        'console.log("listening"); await server.stop();';
+      const flagged = spawnSync(process.execPath, ["eval", "--unstable-net", "--ext=ts", script], {
+        cwd: ROOT,
+        encoding: "utf8",
+        timeout: 10_000,
+      });
+      assert.deepEqual([flagged.status, flagged.stdout], [0, "listening\n"], flagged.stderr);
+    } else {
+      const server = await runtime.serve(() => new Response("shared"), address);
+      try {
+        assert.equal(await (await fetch(`http://127.0.0.1:${server.port}/`)).text(), "shared");
+      } finally {
+        await server.stop();
+      }
+    }
+  });
+
+  test("a signal reaches its listener", async () => {
+    const heard = Promise.withResolvers<void>();
+    runtime.onSignal("SIGTERM", () => heard.resolve());
+    process.kill(process.pid, "SIGTERM");
+    await heard.promise;
   });
 
   test("a handler that throws answers 500 without its detail, and logs it once", async () => {
@@ -167,6 +350,17 @@ describe(`runtime.ts's server on ${RUNTIME}`, () => {
     });
   });
 
+  test("on Node, a request without Host is for localhost", async () => {
+    let seen = "";
+    await serving((request) => {
+      seen = request.url;
+      return new Response("ok");
+    }, async (url) => {
+      await raw(url, "GET /path?q HTTP/1.0\r\n\r\n", /ok$/);
+    });
+    if (RUNTIME === "node") assert.equal(seen, "http://localhost/path?q");
+  });
+
   test("a request no URL can hold answers 400 on Node, and logs nothing", async () => {
     let handled = false;
     const lines = await captured(() =>
@@ -174,10 +368,18 @@ describe(`runtime.ts's server on ${RUNTIME}`, () => {
         handled = true;
         return new Response("ok");
       }, async (url) => {
-        const answer = await raw(url, "GET / HTTP/1.1\r\nHost: a b\r\n\r\n", /\r\n\r\n/);
+        const whole = RUNTIME === "node" ? /\}$/ : /\r\n\r\n/;
+        const answer = await raw(url, "GET / HTTP/1.1\r\nHost: a b\r\n\r\n", whole);
         // Deno and Bun pass it on (server.ts answers it); on Node the adapter does.
         if (RUNTIME === "node") {
           assert.match(answer, /^HTTP\/1\.1 400 /);
+          assert.match(answer, /\r\ncontent-type: application\/json\r\n/i);
+          assert.match(answer, /\r\nconnection: close\r\n/i);
+          assert.match(answer, /\r\ncontent-length: 51\r\n/i);
+          assert.ok(
+            answer.endsWith('\r\n\r\n{"error":"malformed Host header or request target"}'),
+            JSON.stringify(answer),
+          );
           assert.equal(handled, false);
         } else assert.match(answer, /^HTTP\/1\.1 (200|400) /);
       })
@@ -207,6 +409,28 @@ describe(`runtime.ts's server on ${RUNTIME}`, () => {
     }
   });
 
+  test("stop waits for a response still being sent, then ends its keep-alive connection", async () => {
+    let controller!: ReadableStreamDefaultController<Uint8Array>;
+    const server = await runtime.serve(() =>
+      new Response(
+        new ReadableStream<Uint8Array>({
+          start(c) {
+            controller = c;
+            c.enqueue(new TextEncoder().encode("started "));
+          },
+        }),
+      ), { port: 0, hostname: "127.0.0.1" });
+    const response = await fetch(`http://127.0.0.1:${server.port}/`);
+    let stopped = false;
+    const stopping = server.stop().then(() => stopped = true);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(stopped, false, "a response is still open");
+    controller.enqueue(new TextEncoder().encode("and done"));
+    controller.close();
+    assert.equal(await response.text(), "started and done");
+    await stopping;
+  });
+
   test("stop ends once open responses are done, and frees the port", async () => {
     const server = await runtime.serve(() => new Response("bye"), {
       port: 0,
@@ -221,6 +445,7 @@ describe(`runtime.ts's server on ${RUNTIME}`, () => {
   test("the environment and the memory of the process", () => {
     process.env.SSE_RUNTIME_TEST = "seen";
     assert.equal(runtime.env("SSE_RUNTIME_TEST"), "seen");
+    assert.ok(runtime.envNames().includes("SSE_RUNTIME_TEST"));
     assert.equal(runtime.env("SSE_RUNTIME_TEST_UNSET"), undefined);
     assert.equal(runtime.parentPid(), process.ppid);
     const rss = runtime.residentMemory();
@@ -231,10 +456,78 @@ describe(`runtime.ts's server on ${RUNTIME}`, () => {
 describe("runtime.ts's log and settings", () => {
   test("log writes text (errors to stderr, marked), never more than it is given", async () => {
     const lines = await captured(() => {
-      log("info", "listening", { url: "http://x/" });
+      log("info", "listening", { url: "http://x/", pid: 7 });
       log("error", "it broke");
+      log("warning", "careful");
     });
-    assert.deepEqual(lines, ["out listening url=http://x/", "err error: it broke"]);
+    assert.deepEqual(lines, [
+      "out listening url=http://x/ pid=7",
+      "err error: it broke",
+      "err warning: careful",
+    ]);
+  });
+
+  test("LOG_FORMAT=json: one JSON object a line, with its time, level, message and fields", async () => {
+    process.env.LOG_FORMAT = "json";
+    let lines: string[];
+    try {
+      currentRuntime();
+      lines = await captured(() => {
+        log("info", "listening", { url: "http://x/" });
+        log("error", "it broke");
+      });
+    } finally {
+      delete process.env.LOG_FORMAT;
+      currentRuntime();
+    }
+    const entries = lines.map((line) => [line.slice(0, 4), JSON.parse(line.slice(4))]);
+    for (const [, entry] of entries) {
+      assert.ok(Math.abs(Date.parse(entry.time) - Date.now()) < 60_000, entry.time);
+      delete entry.time;
+    }
+    assert.deepEqual(entries, [
+      ["out ", { level: "info", message: "listening", url: "http://x/" }],
+      ["err ", { level: "error", message: "it broke" }],
+    ]);
+    assert.deepEqual(await captured(() => log("info", "text again")), ["out text again"]);
+  });
+
+  test("any other LOG_FORMAT stops the program with one line, exit 1", async () => {
+    const { spawnSync } = await import("node:child_process");
+    const script =
+      'import { currentRuntime } from "./runtime.ts"; currentRuntime(); console.log("went on");';
+    const args = RUNTIME === "deno"
+      ? ["eval", "--ext=ts", script]
+      : RUNTIME === "bun"
+      ? ["-e", script]
+      : ["--input-type=module-typescript", "-e", script];
+    const result = spawnSync(process.execPath, args, {
+      cwd: ROOT,
+      env: { ...process.env, LOG_FORMAT: "xml" },
+      encoding: "utf8",
+      timeout: 10_000,
+    });
+    assert.deepEqual([result.status, result.stdout, result.stderr.trim()], [
+      1,
+      "",
+      'error: LOG_FORMAT must be "text" or "json", got "xml"',
+    ]);
+  });
+
+  test("a ListenError names the address (IPv6 in brackets) and the reason", () => {
+    const reasons = [
+      ["EADDRINUSE", "the address is already in use"],
+      ["EADDRNOTAVAIL", "the address is not available on this machine"],
+      ["EACCES", "permission denied"],
+      ["EOTHER", "as the runtime said"],
+    ];
+    for (const [code, reason] of reasons) {
+      const error = new ListenError({ port: 80, hostname: "::1" }, {
+        code,
+        message: "as the runtime said",
+      });
+      assert.equal(error.message, `cannot listen on [::1]:80: ${reason}`);
+    }
   });
 
   test("integerSetting: a non-negative integer, the fallback when unset or empty, else one line and exit 1", async () => {
@@ -279,7 +572,18 @@ test("unknownSettings names a variable a slip away from a known one, or with its
   const known = new Set(["JWT_SECRET", "PORT", "REDIS_URL"]);
   assert.deepEqual(
     unknownSettings(
-      env(["JWT_SECERT", "PROT", "PATH", "HOME", "REDIS_URI", "PORT", "JWT_TOKEN", "X"]),
+      env([
+        "JWT_SECERT",
+        "PROT",
+        "PATH",
+        "HOME",
+        "REDIS_URI",
+        "PORT",
+        "JWT_TOKEN",
+        "X",
+        "NODE_OPTIONS",
+        "JWT",
+      ]),
       known,
     ),
     [
@@ -289,4 +593,8 @@ test("unknownSettings names a variable a slip away from a known one, or with its
       "REDIS_URI is not a setting of this server: did you mean REDIS_URL?",
     ],
   );
+  // As near to two: the first known one is named.
+  assert.deepEqual(unknownSettings(env(["HOST_C"]), new Set(["HOST_A", "HOST_B"])), [
+    "HOST_C is not a setting of this server: did you mean HOST_A?",
+  ]);
 });
