@@ -225,6 +225,9 @@ describe("bounded state on Redis", () => {
       const read = await handle(new Request(`${url}?offset=-1`));
       assert.equal(read.status, 200);
       assert.ok((await read.arrayBuffer()).byteLength >= chunk.length);
+      // A delete frees memory, so a full Redis takes it; then writes fit again.
+      assert.equal((await handle(new Request(url, { method: "DELETE" }))).status, 204);
+      assert.equal((await handle(new Request(url, { method: "PUT" }))).status, 201);
     } finally {
       await admin.configSet({ maxmemory: "0" });
     }
@@ -392,4 +395,195 @@ describe("StreamStore contract: RedisStreamStore", () => {
     return { store, close: () => store.close() };
   };
   for (const { name, run } of streamStoreContract) test(name, () => run(make));
+});
+
+describe("redis.ts's own promises", () => {
+  test("each count option is checked before any connection, its RangeError naming it", async () => {
+    const url = "redis://127.0.0.1:1"; // nothing listens: a check that passed would fail to connect
+    const logOptions = [
+      "history",
+      "historyBytes",
+      "historyTtl",
+      "idempotencyWindow",
+      "idempotencyKeys",
+      "timeout",
+    ];
+    for (const name of logOptions) {
+      for (const value of [-1, 1.5, NaN]) {
+        await assert.rejects(RedisLog.connect({ url, [name]: value }), {
+          name: "RangeError",
+          message: `${name} must be a non-negative integer`,
+        });
+      }
+    }
+    for (const name of ["maxStreamBytes", "maxProducers", "timeout"]) {
+      await assert.rejects(RedisStreamStore.connect({ url, [name]: -1 }), {
+        name: "RangeError",
+        message: `${name} must be a non-negative integer`,
+      });
+    }
+    // Infinity is no limit, 0 a limit: both are options, and the connection is tried.
+    await assert.rejects(
+      RedisLog.connect({ url, historyBytes: Infinity, history: 0 }),
+      /^Error: cannot reach Redis at redis:\/\/127\.0\.0\.1:1: /,
+    );
+  });
+
+  test("a connect that fails names the URL, never its password", async () => {
+    const cases = [
+      ["redis://user:s3cret@127.0.0.1:1", "redis://user:***@127.0.0.1:1"],
+      ["redis://:p@ss:w@127.0.0.1:1/2", "redis://:***@127.0.0.1:1/2"],
+      ["redis://127.0.0.1:1", "redis://127.0.0.1:1"],
+      ["http://x", "http://x"], // the client refuses it before any connection
+    ];
+    for (const [url, shown] of cases) {
+      for (const connect of [RedisLog.connect, RedisStreamStore.connect]) {
+        const error = await connect({ url }).then(() => undefined, (error: Error) => error);
+        assert.ok(error instanceof Error);
+        assert.ok(error.message.startsWith(`cannot reach Redis at ${shown}: `), error.message);
+        assert.ok(!/s3cret|p@ss|ss:w/.test(error.message), error.message);
+      }
+    }
+  });
+
+  test("defaults: the log's key is sse:events, the store's prefix ds:", async () => {
+    await admin.del(["sse:events"]);
+    const log = await RedisLog.connect({ url: redis.url });
+    const store = await RedisStreamStore.connect({ url: redis.url });
+    try {
+      const { ids } = await log.append([{ topics: ["t"], text: "data: x\n\n" }]);
+      const entries = await admin.xRange("sse:events", "-", "+");
+      assert.deepEqual((entries ?? []).map((entry) => entry.id), ids);
+      await store.create("/defaults", {
+        contentType: "text/plain",
+        framing: "bytes",
+        closed: false,
+        records: [],
+        contentTypeGiven: true,
+      });
+      assert.equal(await admin.exists("ds:m:/defaults"), 1);
+    } finally {
+      log.close();
+      store.close();
+    }
+  });
+
+  test("claim: one caller of all gets a name, for the time given", async () => {
+    const key = `claims:${Date.now()}`;
+    const [a, b] = await Promise.all([
+      RedisLog.connect({ url: redis.url, key }),
+      RedisLog.connect({ url: redis.url, key }),
+    ]);
+    try {
+      // Racing through two connections: either may be first, exactly one gets it.
+      const got = await Promise.all([a.claim("tick:1", 5000), b.claim("tick:1", 5000)]);
+      assert.deepEqual([...got].sort(), [false, true]);
+      const ttl = await admin.pTTL(`${key}:claim:tick:1`);
+      assert.ok(ttl > 4000 && ttl <= 5000, `${ttl} ms`);
+      assert.equal(await b.claim("tick:2", 5000), true, "another name is free");
+    } finally {
+      a.close();
+      b.close();
+    }
+  });
+
+  test("ping while connected; close is final, twice is once, and ping then says why", async () => {
+    const log = await RedisLog.connect({ url: redis.url, key: `ping:${Date.now()}` });
+    await log.ping();
+    log.close();
+    log.close();
+    await assert.rejects(log.ping(), { message: "not connected to Redis" });
+  });
+
+  test("scripts that Redis forgot (SCRIPT FLUSH, a restart) are sent again", async () => {
+    const store = await streamStore({ prefix: `flushed${Date.now()}:` });
+    await admin.scriptFlush();
+    const created = await store.create("/s", {
+      contentType: "text/plain",
+      framing: "bytes",
+      closed: false,
+      records: [new TextEncoder().encode("still works")],
+      contentTypeGiven: true,
+    });
+    assert.equal(created.status, "created");
+  });
+
+  test("a closed store wakes its waiting readers, and waits no more", async () => {
+    const store = await RedisStreamStore.connect({
+      url: redis.url,
+      prefix: `closing${Date.now()}:`,
+    });
+    await store.create("/w", {
+      contentType: "text/plain",
+      framing: "bytes",
+      closed: false,
+      records: [],
+      contentTypeGiven: true,
+    });
+    const signal = new AbortController().signal;
+    const waiting = store.waitForData("/w", 0, signal);
+    await store.info("/w"); // its look at the stream has answered: it waits
+    store.close();
+    store.close();
+    await waiting;
+    await store.waitForData("/w", 0, signal);
+  });
+
+  test("a Redis that goes away is logged once, and its return once; reads resume", {
+    timeout: 30_000,
+  }, async () => {
+    const own = await RedisServer.start({
+      appendfsync: "no",
+      onChild: (child: ChildProcess) => child.on("exit", track(() => child.kill("SIGKILL"))),
+    });
+    const lines: string[] = [];
+    const logger = (line: string) => lines.push(line);
+    const log = await RedisLog.connect({ url: own.url, logger, timeout: 500 });
+    const store = await RedisStreamStore.connect({ url: own.url, logger, timeout: 500 });
+    // The same server, slower to give up: a call while Redis is away fails at once.
+    const patient = await RedisLog.connect({ url: own.url, timeout: 10_000, logger: () => {} });
+    const received: string[] = [];
+    log.listen((events) => received.push(...events.map((event) => event.text)));
+    const waitFor = async (what: () => boolean, label: string) => {
+      const deadline = Date.now() + 10_000;
+      while (!what()) {
+        if (Date.now() > deadline) throw new Error(`no ${label}: ${JSON.stringify(lines)}`);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    };
+    try {
+      // Frozen: a call ends at the deadline, with a reason.
+      own.signal("SIGSTOP");
+      try {
+        await assert.rejects(log.ping(), { message: "Redis did not answer within 500 ms" });
+      } finally {
+        own.signal("SIGCONT");
+      }
+      await own.kill();
+      await waitFor(() => lines.length >= 2, "lost lines");
+      await assert.rejects(log.ping());
+      const started = Date.now();
+      await assert.rejects(patient.append([{ topics: [], text: "data: lost\n\n" }]));
+      assert.ok(Date.now() - started < 5000, "refused at once, not at the deadline");
+      await own.start();
+      await waitFor(() => lines.length >= 4, "back lines");
+      await log.ping();
+      // A blocking read that ends with nothing (after a second) is read again.
+      await new Promise((resolve) => setTimeout(resolve, 1200));
+      await log.append([{ topics: [], text: "data: after\n\n" }]);
+      await waitFor(() => received.length > 0, "event after the return");
+      assert.deepEqual(received, ["data: after\n\n"]);
+      assert.deepEqual(lines.map((line) => line.replace(/\(.*\)/, "(…)")).sort(), [
+        "redis: connection back",
+        "redis: connection lost (…); publishing answers 503 until it is back",
+        "redis: streams connection back",
+        "redis: streams connection lost (…); streams answer 503 until back",
+      ]);
+    } finally {
+      log.close();
+      store.close();
+      patient.close();
+      await own.stop();
+    }
+  });
 });

@@ -86,7 +86,142 @@ async function using(
 
 const status = (result: { status: string }) => result.status;
 
+/**
+ * A result as plain data, the incarnation replaced by `*` (checked to be
+ * there), records by their text, no field set to undefined: whole answers
+ * compared.
+ */
+function plain(result: unknown): unknown {
+  if (typeof result !== "object" || result === null) return result;
+  // An absent field and one set to undefined are the same answer.
+  const copy = Object.fromEntries(
+    Object.entries(result).filter(([, value]) => value !== undefined),
+  );
+  if ("info" in copy) copy.info = plain(copy.info);
+  if (typeof copy.incarnation === "string") {
+    assert.ok(copy.incarnation.length > 0, "an incarnation");
+    copy.incarnation = "*";
+  }
+  if (Array.isArray(copy.records)) {
+    copy.records = copy.records.map((record: Uint8Array) => decoder.decode(record));
+  }
+  return copy;
+}
+
 export const streamStoreContract: StoreCase[] = [
+  {
+    name: "every answer in full: the stream's info, an append's outcome, each refusal's details",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        const info = { contentType: TEXT, framing: "bytes", closed: false, incarnation: "*" };
+        const created = await store.create(
+          "/x",
+          creating({ records: [encoder.encode("ab")], ttlSeconds: 60 }),
+        );
+        assert.deepEqual(plain(created), {
+          status: "created",
+          info: { ...info, ttlSeconds: 60, tail: 2 },
+        });
+        const first = (created as { info: { incarnation: string } }).info.incarnation;
+        assert.deepEqual(plain(await store.info("/x")), { ...info, ttlSeconds: 60, tail: 2 });
+        const producer = (seq: number, epoch = 0) => ({ producer: { id: "p", epoch, seq } });
+        assert.deepEqual(plain(await store.append("/x", appending("cd", producer(0)))), {
+          status: "ok",
+          appended: true,
+          producerSeq: 0,
+          info: { ...info, ttlSeconds: 60, tail: 4 },
+        });
+        assert.deepEqual(plain(await store.append("/x", appending("cd", producer(0)))), {
+          status: "duplicate",
+          producerSeq: 0,
+          info: { ...info, ttlSeconds: 60, tail: 4 },
+        });
+        assert.deepEqual(plain(await store.append("/x", appending("e", producer(3)))), {
+          status: "seq-gap",
+          expected: 1,
+          received: 3,
+        });
+        assert.equal(status(await store.append("/x", appending("e", producer(0, 1)))), "ok");
+        assert.deepEqual(plain(await store.append("/x", appending("f", producer(1, 0)))), {
+          status: "stale-epoch",
+          epoch: 1,
+        });
+        assert.deepEqual(plain(await store.append("/x", appending("g"))), {
+          status: "ok",
+          appended: true,
+          info: { ...info, ttlSeconds: 60, tail: 6 },
+        });
+        for (
+          const refused of [
+            await store.append("/x", appending("h", { contentType: JSON_TYPE })),
+            await store.create("/x", creating({ contentType: "text/html" })),
+          ]
+        ) {
+          const { reason } = refused as { reason: string };
+          assert.ok(typeof reason === "string" && reason.length > 0, "a refusal says why");
+        }
+        assert.deepEqual(plain(await store.read("/x", 4, 1, false)), {
+          status: "ok",
+          records: ["e"],
+          next: 5,
+          info: { ...info, ttlSeconds: 60, tail: 6 },
+        });
+        const closing = await store.append("/x", appending(undefined, { close: true }));
+        assert.deepEqual(plain(closing), {
+          status: "ok",
+          appended: false,
+          info: { ...info, ttlSeconds: 60, closed: true, tail: 6 },
+        });
+        assert.deepEqual(plain(await store.append("/x", appending("i"))), {
+          status: "closed",
+          info: { ...info, ttlSeconds: 60, closed: true, tail: 6 },
+        });
+        const expiresAt = Date.now() + 60_000;
+        const json = await store.create(
+          "/j",
+          creating({ contentType: JSON_TYPE, expiresAt, closed: true }),
+        );
+        assert.deepEqual(plain(json), {
+          status: "created",
+          info: {
+            ...info,
+            contentType: JSON_TYPE,
+            framing: "messages",
+            expiresAt,
+            closed: true,
+            tail: 0,
+          },
+        });
+        const fork = await store.create(
+          "/f",
+          creating({ fork: { from: "/x", anchor: 4, subOffset: 1 }, ttlSeconds: 30 }),
+        );
+        assert.deepEqual(plain(fork), {
+          status: "created",
+          info: {
+            ...info,
+            ttlSeconds: 30,
+            tail: 5,
+            forkedFrom: "/x",
+            forkAnchor: 4,
+            forkSubOffset: 1,
+          },
+        });
+        for (const path of ["/none"]) {
+          assert.deepEqual(plain(await store.append(path, appending("x"))), { status: "missing" });
+          assert.deepEqual(plain(await store.read(path, 0, 10, false)), { status: "missing" });
+          assert.equal(await store.info(path), "missing");
+        }
+        assert.equal(await store.delete("/f"), "deleted");
+        assert.equal(await store.delete("/x"), "deleted");
+        const again = await store.create("/x", creating());
+        assert.notEqual(
+          (again as { info: { incarnation: string } }).info.incarnation,
+          first,
+          "a stream created again is another incarnation",
+        );
+      }),
+  },
   {
     name: "create: a new stream, the same again (exists), another configuration (conflict)",
     run: (make) =>
@@ -285,7 +420,7 @@ export const streamStoreContract: StoreCase[] = [
   },
   {
     name:
-      "waitForData wakes on an append, a close and a delete, and on abort; at once if data is there",
+      "waitForData wakes on an append, a close and a delete, and on abort, not before; at once if data is there, the signal aborted or the stream missing",
     run: (make) =>
       using(make, {}, async (store) => {
         await store.create("/w", creating({ records: [encoder.encode("a")] }));
@@ -302,9 +437,20 @@ export const streamStoreContract: StoreCase[] = [
         await store.delete("/w2");
         await deleted;
         await store.create("/w3", creating());
-        const aborted = store.waitForData("/w3", 0, controller.signal);
+        // Not woken while there is nothing new: the look at the stream is done
+        // (an info after it has answered), and it still waits.
+        let woke = false;
+        const waiting = store.waitForData("/w3", 0, controller.signal).then(() => woke = true);
+        await store.info("/w3");
+        await store.create("/other", creating());
+        await store.append("/other", appending("elsewhere"));
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        assert.equal(woke, false, "a stream with nothing new keeps its reader waiting");
         controller.abort();
-        await aborted;
+        await waiting;
+        // At once: a signal already aborted, a stream that is not there.
+        await store.waitForData("/w3", 0, controller.signal);
+        await store.waitForData("/nothing", 0, new AbortController().signal);
       }),
   },
 ];
