@@ -15,7 +15,9 @@ const MIN_SCORE = 90;
 const MAX_EXCLUDED = 5;
 
 const force = process.argv.includes("--force");
-const only = process.argv.slice(2).filter((arg) => arg !== "--force");
+// `--summary`: no run, MUTATION.md written again from the reports there are.
+const summary = process.argv.includes("--summary");
+const only = process.argv.slice(2).filter((arg) => !["--force", "--summary"].includes(arg));
 const unknown = only.filter((file) => !FILES.includes(file));
 if (unknown.length > 0) {
   console.error(`error: not a mutated file: ${unknown.join(", ")} (one of ${FILES.join(", ")})`);
@@ -24,7 +26,7 @@ if (unknown.length > 0) {
 mkdirSync("reports/mutation", { recursive: true });
 const base = JSON.parse(readFileSync("stryker.config.json", "utf8"));
 delete base.$schema;
-for (const file of only.length > 0 ? only : FILES) {
+for (const file of summary ? [] : only.length > 0 ? only : FILES) {
   const name = file.replace(/\.ts$/, "");
   const config = {
     ...base,
@@ -38,6 +40,7 @@ for (const file of only.length > 0 ? only : FILES) {
   // The command runner reports no test files, so Stryker cannot tell that
   // tests were added: a survivor would be kept as one. It runs again, and so
   // does a timeout (a busy machine times a test out that would pass).
+  const full = force || !existsSync(config.incrementalFile);
   if (existsSync(config.incrementalFile)) {
     const previous = JSON.parse(readFileSync(config.incrementalFile, "utf8"));
     for (const entry of Object.values(previous.files)) {
@@ -56,8 +59,25 @@ for (const file of only.length > 0 ? only : FILES) {
   const times = existsSync("reports/mutation/times.json")
     ? JSON.parse(readFileSync("reports/mutation/times.json", "utf8"))
     : {};
-  times[file] = seconds;
+  const today = new Date().toISOString().slice(0, 10);
+  times[file] = { seconds, date: today, full: full ? seconds : times[file]?.full };
+  if (!full && times[file].full === undefined) delete times[file].full;
   writeFileSync("reports/mutation/times.json", JSON.stringify(times, null, 2));
+}
+
+/** A file's last run: its seconds, date and full run (a bare number: seconds, as written before). */
+const timeOf = (file) => typeof times[file] === "number" ? { seconds: times[file] } : times[file];
+
+// The rows and undetected mutants MUTATION.md holds now: a file with no
+// report here (a fresh clone: reports/ is not committed) keeps them.
+const recorded = { rows: new Map(), undetected: new Map() };
+if (existsSync("bench/results/MUTATION.md")) {
+  for (const line of readFileSync("bench/results/MUTATION.md", "utf8").split("\n")) {
+    const file = /^\| ([a-z]+\.ts)(:| )/.exec(line);
+    if (!file) continue;
+    if (file[2] === " ") recorded.rows.set(file[1], line);
+    else recorded.undetected.set(file[1], [...recorded.undetected.get(file[1]) ?? [], line]);
+  }
 }
 
 // The summary of the last run of every file.
@@ -70,7 +90,20 @@ const times = existsSync("reports/mutation/times.json")
 for (const file of FILES) {
   const path = `reports/mutation/${file.replace(/\.ts$/, "")}.json`;
   if (!existsSync(path)) {
-    failures.push(`${file}: not mutated yet`);
+    const row = recorded.rows.get(file);
+    if (row === undefined) {
+      failures.push(`${file}: not mutated yet`);
+      continue;
+    }
+    rows.push(row);
+    undetected.push(...recorded.undetected.get(file) ?? []);
+    const [score, excluded] = [/\*\*([\d.]+)%/, /\(([\d.]+)%\)/].map((re) =>
+      Number(re.exec(row)?.[1])
+    );
+    if (score < MIN_SCORE) {
+      failures.push(`${file}: score ${score}% under ${MIN_SCORE}% (as recorded)`);
+    }
+    if (excluded > MAX_EXCLUDED) failures.push(`${file}: ${excluded}% excluded (as recorded)`);
     continue;
   }
   const report = JSON.parse(readFileSync(path, "utf8"));
@@ -103,7 +136,9 @@ for (const file of FILES) {
     `| ${file} | **${score.toFixed(1)}%** | ${total + n("Ignored")} | ${n("Killed")} | ` +
       `${n("Timeout")} | ${n("Survived")} | ${n("NoCoverage")} | ${n("Ignored")} (${
         excluded.toFixed(1)
-      }%) | ${times[file] === undefined ? "-" : `${times[file]} s`} |`,
+      }%) | ${timeOf(file)?.date ?? "-"} | ${timeOf(file)?.seconds ?? "-"} s | ${
+        timeOf(file)?.full ?? "-"
+      } s |`,
   );
 }
 const stryker = JSON.parse(
@@ -118,11 +153,12 @@ writeFileSync(
     `${stryker} mutates each file in turn and runs its fast tests against each mutant ` +
     "(`test/mutation-tests.sh <file>`). A score is the share of mutants detected (killed, or timed " +
     "out: a test hung on it); excluded mutants are those marked in the code as equivalent (they " +
-    "change memory, timing or unreachable code, not behaviour), each with its reason. The time is " +
-    "the file's last run, which is incremental: only mutants whose code or tests changed run again.",
+    "change memory, timing or unreachable code, not behaviour), each with its reason. A file's " +
+    "row is its last run (on 2 cores): incremental, so only mutants that changed, survived or " +
+    "timed out ran again; the full run is the last run of all its mutants.",
     "",
-    "| file | score | mutants | killed | timed out | survived | no coverage | excluded | time |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| file | score | mutants | killed | timed out | survived | no coverage | excluded | run on | last run | full run |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ...rows,
     "",
     "## Not detected",
