@@ -65,17 +65,9 @@ describe("the path check's stream", () => {
 
   test("a client that leaves ends it at once, once, and stops its timers", async () => {
     let ended = 0;
-    const aborted = new AbortController();
-    const response = probeResponse(60_000, aborted.signal, () => ended++);
-    const reader = new EventReader(response.body!);
-    assert.equal((await reader.event()).event, "probe");
-    aborted.abort();
-    await reader.cancel();
+    // The stream cancelled, with no abort (an abort, then a cancel: the test above).
+    const response = probeResponse(60_000, new AbortController().signal, () => ended++);
+    await response.body!.cancel();
     assert.equal(ended, 1);
-    // A cancel after the abort changes nothing; the stream's timers are gone
-    // (the test runner fails a test that leaves one behind).
-    const second = probeResponse(60_000, new AbortController().signal, () => ended++);
-    await second.body!.cancel();
-    assert.equal(ended, 2);
   });
 });
