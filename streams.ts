@@ -638,7 +638,7 @@ export class MemoryStreamStore implements StreamStore {
         expiresAt,
         closed: false,
         tail,
-        incarnation: crypto.randomUUID().slice(0, 8),
+        incarnation: crypto.randomUUID(),
         forkedFrom: request.fork?.from,
         forkAnchor: request.fork ? anchor : undefined,
         forkSubOffset: request.fork?.subOffset,

@@ -13,6 +13,9 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 export const FILES = ["mod.ts", "streams.ts", "redis.ts", "runtime.ts", "probe.ts", "server.ts"];
 const MIN_SCORE = 90;
 const MAX_EXCLUDED = 5;
+// Runs at once per file. The tests of these files mostly wait on timers and
+// sockets (about a third of a core each), so four keep 2 cores busy.
+const CONCURRENCY = { "streams.ts": 4, "redis.ts": 4, "server.ts": 4 };
 
 const force = process.argv.includes("--force");
 // `--summary`: no run, MUTATION.md written again from the reports there are.
@@ -32,6 +35,7 @@ for (const file of summary ? [] : only.length > 0 ? only : FILES) {
     ...base,
     mutate: [file],
     commandRunner: { command: `bash test/mutation-tests.sh ${file}` },
+    concurrency: CONCURRENCY[file] ?? base.concurrency,
     incremental: true,
     incrementalFile: `reports/mutation/${name}.incremental.json`,
     jsonReporter: { fileName: `reports/mutation/${name}.json` },

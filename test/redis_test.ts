@@ -192,6 +192,11 @@ describe("bounded state on Redis", () => {
       new Request(url, { method: "PUT", headers: { "stream-ttl": "3600" } }),
     );
     assert.equal(created.status, 201);
+    // A fork keeps its source: the source's delete then only marks it (a write).
+    const fork = await handle(
+      new Request(`${url}-fork`, { method: "PUT", headers: { "stream-forked-from": "/filling" } }),
+    );
+    assert.equal(fork.status, 201);
     const used = Number(/used_memory:(\d+)/.exec(await admin.info("memory"))![1]);
     await admin.configSet({
       maxmemory: String(used + 2_000_000),
@@ -225,8 +230,13 @@ describe("bounded state on Redis", () => {
       const read = await handle(new Request(`${url}?offset=-1`));
       assert.equal(read.status, 200);
       assert.ok((await read.arrayBuffer()).byteLength >= chunk.length);
-      // A delete frees memory, so a full Redis takes it; then writes fit again.
+      // A delete frees memory, so a full Redis takes it, also the one of a
+      // source its fork holds (marked deleted) and then of that fork (both
+      // go); then writes fit again.
       assert.equal((await handle(new Request(url, { method: "DELETE" }))).status, 204);
+      assert.equal((await handle(new Request(url, { method: "HEAD" }))).status, 410);
+      assert.equal((await handle(new Request(`${url}-fork`, { method: "DELETE" }))).status, 204);
+      assert.equal(await admin.exists("oom:m:/filling"), 0, "the source went with its fork");
       assert.equal((await handle(new Request(url, { method: "PUT" }))).status, 201);
     } finally {
       await admin.configSet({ maxmemory: "0" });
@@ -434,6 +444,7 @@ describe("redis.ts's own promises", () => {
       ["redis://user:s3cret@127.0.0.1:1", "redis://user:***@127.0.0.1:1"],
       ["redis://:p@ss:w@127.0.0.1:1/2", "redis://:***@127.0.0.1:1/2"],
       ["redis://127.0.0.1:1", "redis://127.0.0.1:1"],
+      ["redis://u:@127.0.0.1:1", "redis://u:@127.0.0.1:1"], // an empty password: nothing to hide
       ["http://x", "http://x"], // the client refuses it before any connection
     ];
     for (const [url, shown] of cases) {
@@ -442,6 +453,9 @@ describe("redis.ts's own promises", () => {
         assert.ok(error instanceof Error);
         assert.ok(error.message.startsWith(`cannot reach Redis at ${shown}: `), error.message);
         assert.ok(!/s3cret|p@ss|ss:w/.test(error.message), error.message);
+        // The client's own message, as it is: not its `String` (no "Error:"), nothing starred.
+        const reason = error.message.slice(`cannot reach Redis at ${shown}: `.length);
+        assert.ok(reason.length > 0 && !/Error:|\*\*\*/.test(reason), error.message);
       }
     }
   });
@@ -487,6 +501,64 @@ describe("redis.ts's own promises", () => {
     }
   });
 
+  test("close ends every connection it opened", async () => {
+    const connected = async () =>
+      (await admin.sendCommand(["CLIENT", "LIST"]) as string)
+        .trim().split("\n").length;
+    const before = await connected();
+    const log = await RedisLog.connect({ url: redis.url, key: `closing:${Date.now()}` });
+    log.listen(() => {}); // its blocking reads hold the second connection
+    const store = await RedisStreamStore.connect({ url: redis.url });
+    assert.equal(await connected(), before + 4);
+    log.close();
+    store.close();
+    const deadline = Date.now() + 5000;
+    while (await connected() !== before) {
+      assert.ok(Date.now() < deadline, `${await connected()} connections, not ${before}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  });
+
+  test("a fork copied by one caller: another creating it waits for the outcome, or gives up at its timeout", async () => {
+    const prefix = `busy${Date.now()}:`;
+    const store = await streamStore({ prefix });
+    const plain = { contentType: "text/plain", framing: "bytes" as const, closed: false };
+    await store.create("/source", { ...plain, records: [], contentTypeGiven: true });
+    // 600 entries: three scripts' worth of copying, during which the path is busy.
+    await Promise.all(Array.from({ length: 600 }, (_, i) =>
+      store.append("/source", {
+        contentType: "text/plain",
+        records: [new TextEncoder().encode(`${i},`)],
+        close: false,
+      })));
+    const fork = () =>
+      store.create("/fork", {
+        ...plain,
+        records: [],
+        contentTypeGiven: true,
+        fork: { from: "/source", subOffset: 0 },
+      });
+    const [first, second] = await Promise.all([fork(), fork()]);
+    assert.equal(first.status, "created");
+    assert.equal(second.status, "exists");
+    assert.deepEqual(
+      (second as { info: unknown }).info,
+      (first as { info: unknown }).info,
+      "the same stream",
+    );
+    // A copier that died mid-copy holds the path until its lease runs out:
+    // a create waits at most its timeout, then says why.
+    await admin.hSet(`${prefix}m:/stuck`, { pending: "1", inc: "dead", tail: "0", cursor: "-" });
+    const hasty = await RedisStreamStore.connect({ url: redis.url, prefix, timeout: 300 });
+    closers.push(() => hasty.close());
+    const started = Date.now();
+    await assert.rejects(
+      hasty.create("/stuck", { ...plain, records: [], contentTypeGiven: true }),
+      { message: "a fork is being copied here" },
+    );
+    assert.ok(Date.now() - started >= 300, "not before the timeout");
+  });
+
   test("ping while connected; close is final, twice is once, and ping then says why", async () => {
     const log = await RedisLog.connect({ url: redis.url, key: `ping:${Date.now()}` });
     await log.ping();
@@ -529,6 +601,90 @@ describe("redis.ts's own promises", () => {
     await store.waitForData("/w", 0, signal);
   });
 
+  test(
+    "connections cut by Redis come back by themselves, said on stderr by default; wake-ups missed meanwhile are made up",
+    {
+      timeout: 30_000,
+    },
+    async () => {
+      const own = await RedisServer.start({
+        appendfsync: "no",
+        onChild: (child: ChildProcess) => child.on("exit", track(() => child.kill("SIGKILL"))),
+      });
+      const said: string[] = [];
+      const stderr = console.error;
+      console.error = (...parts: unknown[]) => said.push(parts.join(" "));
+      const control = createClient({ url: own.url });
+      await control.connect();
+      const log = await RedisLog.connect({ url: own.url }); // the default logger
+      const store = await RedisStreamStore.connect({ url: own.url });
+      const writer = await RedisStreamStore.connect({ url: own.url, logger: () => {} });
+      const until = async (what: () => boolean | Promise<boolean>, label: string) => {
+        const deadline = Date.now() + 10_000;
+        while (!(await what())) {
+          if (Date.now() > deadline) throw new Error(`no ${label}: ${JSON.stringify(said)}`);
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+      };
+      const plain = { contentType: "text/plain", framing: "bytes" as const, closed: false };
+      try {
+        await store.create("/w", { ...plain, records: [], contentTypeGiven: true });
+        let woke = false;
+        const waiting = store.waitForData("/w", 0, new AbortController().signal)
+          .then(() => woke = true);
+        await store.info("/w");
+        // The subscriptions cut, and kept out (no room for a new client)
+        // while another process appends: its wake-up reaches no one.
+        const clients = (...type: string[]) =>
+          control.sendCommand(["CLIENT", "LIST", ...type]).then((list) =>
+            String(list).trim().split("\n").length
+          );
+        const left = await clients() - await clients("TYPE", "pubsub");
+        await control.configSet({ maxclients: String(left) });
+        await control.sendCommand(["CLIENT", "KILL", "TYPE", "pubsub"]);
+        await writer.append("/w", {
+          contentType: "text/plain",
+          records: [new TextEncoder().encode("x")],
+          close: false,
+        });
+        await until(
+          () => said.some((line) => line.startsWith("redis: streams connection lost")),
+          "lost line",
+        );
+        assert.equal(woke, false);
+        await control.configSet({ maxclients: "10000" });
+        await until(() => woke, "wake-up once back");
+        assert.ok(said.includes("redis: streams connection back"), JSON.stringify(said));
+        // The other connections too: cut, back, and used again.
+        await control.sendCommand(["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
+        await until(() => said.includes("redis: connection back"), "log back");
+        await until(
+          () => store.info("/w").then(() => true, () => false),
+          "the store's commands once back",
+        );
+        const heard = new Promise((resolve) => log.listen(resolve));
+        await log.append([{ topics: [], text: "data: again\n\n" }]);
+        await heard;
+        await until(() => said.length >= 6, "every line");
+        assert.deepEqual(said.map((line) => line.replace(/\(.*\)/, "(…)")).sort(), [
+          "redis: connection back",
+          "redis: connection lost (…); publishing answers 503 until it is back",
+          "redis: streams connection back",
+          "redis: streams connection back",
+          "redis: streams connection lost (…); streams answer 503 until back",
+          "redis: streams connection lost (…); streams answer 503 until back",
+        ]);
+      } finally {
+        console.error = stderr;
+        log.close();
+        store.close();
+        writer.close();
+        control.destroy();
+        await own.stop();
+      }
+    },
+  );
+
   test("a Redis that goes away is logged once, and its return once; reads resume", {
     timeout: 30_000,
   }, async () => {
@@ -562,6 +718,8 @@ describe("redis.ts's own promises", () => {
       await own.kill();
       await waitFor(() => lines.length >= 2, "lost lines");
       await assert.rejects(log.ping());
+      // A reader cannot wait on what it cannot look at: it is told, not kept waiting.
+      await assert.rejects(store.waitForData("/away", 0, new AbortController().signal));
       const started = Date.now();
       await assert.rejects(patient.append([{ topics: [], text: "data: lost\n\n" }]));
       assert.ok(Date.now() - started < 5000, "refused at once, not at the deadline");

@@ -182,6 +182,31 @@ export const eventLogContract: Case[] = [
       }),
   },
   {
+    name: "several listeners at once: each gets each event once",
+    run: (make) =>
+      using(make, {}, async (log) => {
+        const got: string[][] = [[], [], []];
+        const both = (count: number) =>
+          Promise.all(got.map((list, i) =>
+            new Promise<void>((resolve) => {
+              const stop = log.listen((events) => {
+                list.push(...data(events));
+                if (list.length >= count) {
+                  stop();
+                  resolve();
+                }
+              });
+              if (i === 2) stop(); // one stops before any event: it hears none
+            })
+          ));
+        const heardAll = both(2);
+        await log.append([event("a")]);
+        await log.append([event("b")]);
+        await Promise.race([heardAll, new Promise((resolve) => setTimeout(resolve, 3000))]);
+        assert.deepEqual(got, [["a", "b"], ["a", "b"], []]);
+      }),
+  },
+  {
     name: "keeps the newest `history` events; reading after the newest dropped one is no gap",
     run: (make) =>
       using(make, { history: 3 }, async (log) => {

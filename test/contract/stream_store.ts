@@ -453,4 +453,30 @@ export const streamStoreContract: StoreCase[] = [
         await store.waitForData("/nothing", 0, new AbortController().signal);
       }),
   },
+  {
+    name:
+      "several readers wait on one stream: one giving up leaves the others waiting, an append wakes them all",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        await store.create("/many", creating());
+        const quitting = new AbortController();
+        const woken: string[] = [];
+        const wait = (name: string, signal: AbortSignal) =>
+          store.waitForData("/many", 0, signal).then(() => woken.push(name));
+        const first = wait("first", new AbortController().signal);
+        const gone = wait("quitting", quitting.signal);
+        const last = wait("last", new AbortController().signal);
+        await store.info("/many"); // every look at the stream has answered: all three wait
+        quitting.abort();
+        await gone;
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        assert.deepEqual(woken, ["quitting"]);
+        await store.append("/many", appending("x"));
+        await Promise.race([
+          Promise.all([first, last]),
+          new Promise((resolve) => setTimeout(resolve, 3000)),
+        ]);
+        assert.deepEqual(woken.sort(), ["first", "last", "quitting"]);
+      }),
+  },
 ];
