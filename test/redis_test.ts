@@ -654,6 +654,7 @@ describe("redis.ts's own promises", () => {
         assert.equal(woke, false);
         await control.configSet({ maxclients: "10000" });
         await until(() => woke, "wake-up once back");
+        await waiting;
         assert.ok(said.includes("redis: streams connection back"), JSON.stringify(said));
         // The other connections too: cut, back, and used again.
         await control.sendCommand(["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
