@@ -328,14 +328,18 @@ export function log(
   write(`${level === "info" ? "" : `${level}: `}${message}${details}`);
 }
 
-/** Reads a non-negative integer setting, or stops with a one-line reason. */
+/** A setting the program cannot start with; the message is the reason, in one line. */
+export class SettingError extends Error {
+  override name = "SettingError";
+}
+
+/** Reads a non-negative integer setting; throws a {@linkcode SettingError} for anything else. */
 export function integerSetting(runtime: Runtime, name: string, fallback: number): number {
   const text = runtime.env(name);
   if (text === undefined || text === "") return fallback;
   const value = Number(text);
   if (!/^\d+$/.test(text) || !Number.isSafeInteger(value)) {
-    log("error", `${name} must be a non-negative integer, got ${JSON.stringify(text)}`);
-    runtime.exit(1);
+    throw new SettingError(`${name} must be a non-negative integer, got ${JSON.stringify(text)}`);
   }
   return value;
 }

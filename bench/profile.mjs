@@ -43,7 +43,7 @@ function patched(variant) {
   if (!variant.replace) return variant.file;
   const dir = `${build}/${variant.name.replace(/\W+/g, "-")}`;
   mkdirSync(dir, { recursive: true });
-  for (const file of ["server.ts", "runtime.ts", "page.ts", "probe.ts", "streams.ts"]) {
+  for (const file of ["server.ts", "app.ts", "runtime.ts", "page.ts", "probe.ts", "streams.ts"]) {
     try {
       copyFileSync(`${root}${file}`, `${dir}/${file}`);
     } catch { /* streams.ts may not exist yet */ }

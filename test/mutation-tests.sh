@@ -29,10 +29,12 @@ case "${1:-}" in
     # registered: its last test must be there and pass.
     "$bin/deno" test --allow-all test/runtime_test.ts 2>&1 | sed 's/\x1b\[[0-9;]*m//g' |
       grep '^unknownSettings names a variable .* ok' >/dev/null ;;
+  app.ts)
+    exec "$bin/bun" test --bail ./test/app_test.ts ;;
   server.ts)
-    exec "$bin/bun" test --bail ./test/server_test.ts ./test/security_test.ts \
-      ./test/access_test.ts ./test/hardening_test.ts ;;
+    # The process around app.ts: signals, exit status, the URL printed, the launcher watched.
+    exec "$bin/bun" test --bail ./test/server_test.ts ;;
   *)
-    echo "usage: $0 <mod.ts|streams.ts|redis.ts|runtime.ts|probe.ts|server.ts>" >&2
+    echo "usage: $0 <mod.ts|streams.ts|redis.ts|runtime.ts|probe.ts|app.ts|server.ts>" >&2
     exit 2 ;;
 esac

@@ -34,7 +34,7 @@ fi
 
 deno fmt --check
 deno lint
-deno check mod.ts redis.ts server.ts runtime.ts probe.ts bench/servers/ bench/token_check.ts test/ mod_test.ts examples/
+deno check mod.ts redis.ts server.ts app.ts runtime.ts probe.ts bench/servers/ bench/token_check.ts test/ mod_test.ts examples/
 deno check --doc mod.ts streams.ts redis.ts   # the JSDoc examples type-check
 deno doc --lint mod.ts redis.ts streams.ts
 deno publish --dry-run --allow-dirty --quiet   # the JSR package: no slow types, only its files

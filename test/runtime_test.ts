@@ -14,6 +14,7 @@ import {
   ListenError,
   log,
   type Runtime,
+  SettingError,
   unknownSettings,
 } from "../runtime.ts";
 import { ROOT, RUNTIME } from "./helpers.ts";
@@ -530,7 +531,7 @@ describe("runtime.ts's log and settings", () => {
     }
   });
 
-  test("integerSetting: a non-negative integer, the fallback when unset or empty, else one line and exit 1", async () => {
+  test("integerSetting: a non-negative integer, the fallback when unset or empty, else a SettingError naming it", () => {
     const fake = (value: string | undefined): Runtime => ({
       env: (name) => name === "N" ? value : undefined,
       envNames: () => ["N"],
@@ -547,12 +548,12 @@ describe("runtime.ts's log and settings", () => {
     assert.equal(integerSetting(fake(undefined), "N", 7), 7);
     assert.equal(integerSetting(fake(""), "N", 7), 7);
     for (const bad of ["-1", "1.5", "1e3", " 4", "x", "9007199254740993"]) {
-      const lines = await captured(() =>
-        assert.throws(() => integerSetting(fake(bad), "N", 7), { message: "exit 1" })
-      );
-      assert.deepEqual(lines, [
-        `err error: N must be a non-negative integer, got ${JSON.stringify(bad)}`,
-      ]);
+      assert.throws(() => integerSetting(fake(bad), "N", 7), (error: Error) => {
+        assert.ok(error instanceof SettingError);
+        assert.equal(error.name, "SettingError");
+        assert.equal(error.message, `N must be a non-negative integer, got ${JSON.stringify(bad)}`);
+        return true;
+      });
     }
   });
 });

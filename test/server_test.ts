@@ -2,6 +2,7 @@
 import { describe, test, track } from "./harness.ts";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import process from "node:process";
 import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
@@ -10,6 +11,7 @@ import {
   publish,
   ROOT,
   RUNTIME,
+  scriptArgs,
   startServer,
   stats,
   subscribe,
@@ -71,7 +73,55 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
   }
 
   test("refuses an invalid setting with a one-line reason and exit 1", async () => {
-    await assert.rejects(startServer({ PORT: "eighty" }), /PORT must be a non-negative integer/);
+    await assert.rejects(startServer({ PORT: "eighty" }), {
+      message:
+        'server exited (1) before listening:\nerror: PORT must be a non-negative integer, got "eighty"\n',
+    });
+  });
+
+  test("LOG_FORMAT=json: the first line is a JSON entry with the URL", async () => {
+    await withServer({ LOG_FORMAT: "json" }, (server) => {
+      const first = JSON.parse(server.output().split("\n")[0]);
+      assert.deepEqual([first.level, first.message, first.url], ["info", "listening", server.url]);
+      return Promise.resolve();
+    });
+  });
+
+  test("started by npm (npm_command set), it ends when its launcher is killed", async () => {
+    const script = `"$0" ${
+      scriptArgs(RUNTIME, "server.ts", ["--allow-net", "--allow-env"])
+        .map((arg) => `'${arg}'`).join(" ")
+    } & echo $!; wait`;
+    const launcher = spawn("sh", ["-c", script, process.execPath], {
+      cwd: ROOT,
+      env: { ...process.env, PORT: "0", TICK_MS: "0", npm_command: "exec" },
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    const untrack = track(() => launcher.kill("SIGKILL"));
+    let output = "";
+    const pid = await new Promise<number>((resolve) => {
+      launcher.stdout.on("data", (chunk) => {
+        output += chunk;
+        if (/^\d+\nhttp:\/\/.*\n/.test(output)) resolve(Number(output.split("\n")[0]));
+      });
+    });
+    const untrackServer = track(() => process.kill(pid, "SIGKILL"));
+    launcher.kill("SIGKILL"); // the launcher goes, without passing any signal on
+    untrack();
+    const gone = () => {
+      try {
+        process.kill(pid, 0);
+        return false;
+      } catch {
+        return true;
+      }
+    };
+    const deadline = Date.now() + 5000;
+    while (!gone()) {
+      assert.ok(Date.now() < deadline, "the server outlived its launcher");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    untrackServer();
   });
 
   test("names a variable a slip away from a setting; STRICT_ENV=1 stops on it", async () => {
