@@ -336,7 +336,6 @@ export function readPieces(
     const from = at;
     at = piece.end;
     if (piece.end <= next) continue;
-    if (records.length > 0 && size >= maxBytes) break;
     let data = from < next
       ? piece.data.subarray(offsetOf(piece.data, next - from, framing))
       : piece.data;

@@ -4,12 +4,13 @@
 // status, the URL printed) is test/server_test.ts's.
 import { after, before, describe, test, track } from "./harness.ts";
 import assert from "node:assert/strict";
+import { connect } from "node:net";
 import type { ChildProcess } from "node:child_process";
 import * as jose from "jose";
 import { type App, startApp } from "../app.ts";
 import { currentRuntime, SettingError } from "../runtime.ts";
 import { METRICS_CONTENT_TYPE } from "../mod.ts";
-import { type EventReader, eventually, publish, stats, subscribe } from "./helpers.ts";
+import { type EventReader, eventually, publish, RUNTIME, stats, subscribe } from "./helpers.ts";
 import { RedisServer } from "./redis_server.mjs";
 
 const system = currentRuntime();
@@ -102,6 +103,14 @@ describe("app.ts settings", () => {
       [{ JWT_SECRET: "short" }, "JWT_SECRET must be at least 32 bytes"],
       [{ REDIS_URL: "redis://127.0.0.1:1" }, "cannot reach Redis at redis://127.0.0.1:1: "],
       [{ STRICT_ENV: "1", PORTT: "1" }, "STRICT_ENV=1 stops on the variables above"],
+      [
+        { SHED_RETRY_MS: "x1-2" },
+        'SHED_RETRY_MS must be "<min>-<max>" in milliseconds, got "x1-2"',
+      ],
+      [
+        { PUBLIC_URL: "see https://sse.example.com" },
+        'PUBLIC_URL must be an origin such as "https://sse.example.com", got "see https://sse.example.com"',
+      ],
     ];
     for (const [vars, reason] of cases) {
       const message = await refusal(vars);
@@ -109,10 +118,20 @@ describe("app.ts settings", () => {
     }
     // A public key it cannot read, named by its variable.
     assert.match(await refusal({ JWT_PUBLIC_KEY: "not a key" }), /^JWT_PUBLIC_KEY /);
-    // Accepted: one number for both ends, and a path given without its slash.
-    await withApp({ SHED_RETRY_MS: "500", STREAMS_PATH: "/s" }, async (url) => {
+    // Accepted: one number for both ends, a path given without its slash, an
+    // http origin, STRICT_ENV=1 with nothing unknown (LOG_FORMAT is a setting).
+    const accepted = {
+      SHED_RETRY_MS: "500",
+      STREAMS_PATH: "/s",
+      PUBLIC_URL: "http://sse.example.com",
+      STRICT_ENV: "1",
+      LOG_FORMAT: "text",
+    };
+    await withApp(accepted, async (url, lines) => {
       const created = await fetch(`${url}s/x`, { method: "PUT" });
       assert.equal(created.status, 201);
+      assert.equal(created.headers.get("location"), "http://sse.example.com/s/x");
+      assert.deepEqual(lines, []);
     });
   });
 
@@ -137,6 +156,83 @@ describe("app.ts settings", () => {
       assert.deepEqual(lines, [
         "error: HISTROY is not a setting of this server: did you mean HISTORY?",
       ]);
+    });
+  });
+});
+
+describe("app.ts defaults", () => {
+  test("listens on 127.0.0.1 unless HOSTNAME says otherwise (an IPv6 address in brackets)", async () => {
+    await logged(async () => {
+      const env: Record<string, string> = { PORT: "0", TICK_MS: "0" };
+      const app = await startApp({ ...system, env: (name) => env[name], envNames: () => [] });
+      try {
+        assert.match(app.url, /^http:\/\/127\.0\.0\.1:\d+\/$/);
+        // Any origin by default; a stream of the default size limit takes a megabyte.
+        const answer = await fetch(`${app.url}stats`, {
+          headers: { origin: "https://a.example" },
+        });
+        assert.equal(answer.headers.get("access-control-allow-origin"), "*");
+        await answer.body?.cancel();
+        const stream = `${app.url}v1/stream/big`;
+        await fetch(stream, { method: "PUT", headers: { "content-type": "text/plain" } });
+        const big = await fetch(stream, {
+          method: "POST",
+          headers: { "content-type": "text/plain" },
+          body: "x".repeat(1 << 20),
+        });
+        assert.equal(big.status, 204);
+        assert.equal(
+          (await fetch(`${app.url}health`)).headers.get("connection") === "close",
+          false,
+          "a connection serves many requests while running",
+        );
+      } finally {
+        await app.stop("SIGINT");
+      }
+    });
+    await withApp({ HOSTNAME: "::1" }, async (url) => {
+      assert.match(url, /^http:\/\/\[::1\]:\d+\/$/);
+      assert.equal((await fetch(`${url}health`)).status, 200);
+    });
+  });
+
+  test("a Host no URL can hold: 400, and nothing logged", async () => {
+    await withApp({}, async (url, lines) => {
+      const { hostname, port } = new URL(url);
+      const answer = await new Promise<string>((resolve, reject) => {
+        const socket = connect(Number(port), hostname, () => {
+          socket.write("GET /health HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n");
+        });
+        let received = "";
+        socket.on("data", (chunk) => received += chunk);
+        socket.on("close", () => resolve(received));
+        socket.on("error", reject);
+      });
+      assert.match(answer, /^HTTP\/1\.1 400 /);
+      if (RUNTIME !== "deno") { // Deno answers it before any handler
+        assert.match(answer, /\r\n\r\n\{"error":"malformed Host header or request target"\}$/);
+      }
+      assert.deepEqual(lines, []);
+    });
+  });
+
+  test("REUSE_PORT=1 lets two apps listen on one port", async () => {
+    await withApp({}, async (url) => {
+      const port = new URL(url).port;
+      if (RUNTIME === "deno") {
+        // Deno shares a port only with --unstable-net, which this run does not have.
+        const message = await refusal({ PORT: port, REUSE_PORT: "1" });
+        assert.match(message, /needs --unstable-net$/);
+        return;
+      }
+      assert.match(await refusal({ PORT: port }), /^cannot listen on/);
+    });
+    if (RUNTIME === "deno") return;
+    await withApp({ REUSE_PORT: "1" }, async (url) => {
+      await withApp({ REUSE_PORT: "1", PORT: new URL(url).port }, async (again) => {
+        assert.equal(again, url);
+        assert.equal((await fetch(`${again}health`)).status, 200);
+      });
     });
   });
 });
@@ -222,6 +318,11 @@ describe("app.ts routes", () => {
       await other.body?.cancel();
       await events.cancel();
     });
+    // Silent for twice HEARTBEAT_MS after the probes, the longest a stream may be.
+    await withApp({ HEARTBEAT_MS: "30" }, async (url) => {
+      const text = await (await fetch(`${url}probe`)).text();
+      assert.match(text, /event: done\ndata: \{"idleMs":60\}\n\n$/);
+    });
     await withApp({ MAX_CLIENTS: "1" }, async (url) => {
       const events = await subscribe(`${url}events`);
       const full = await fetch(`${url}probe`);
@@ -278,6 +379,15 @@ describe("app.ts routes", () => {
         set.headers.get("set-cookie"),
         `own=${valid}; Path=/; HttpOnly; SameSite=Strict; Secure`,
       );
+    });
+    // The cookie's name by default.
+    await withApp({ JWT_SECRET: SECRET }, async (url) => {
+      const valid = await token({ sse: { subscribe: ["*"] } });
+      const set = await fetch(`${url}session`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${valid}` },
+      });
+      assert.match(set.headers.get("set-cookie")!, /^sse_token=/);
     });
     // Without signed tokens there is no cookie, and no such route.
     await withApp({}, async (url) => {
@@ -357,9 +467,19 @@ describe("app.ts broker settings", () => {
       const unauthorized = await send({ data: "x" }, { authorization: "Bearer s" });
       assert.equal(unauthorized.status, 401);
       await unauthorized.body?.cancel();
-      assert.equal((await send({ data: "x".repeat(200) })).status, 413);
-      assert.equal((await send([{ data: "a" }, { data: "b" }, { data: "c" }])).status, 400);
-      assert.equal((await send({ data: "x", topics: ["a", "b", "c"] })).status, 400);
+      const refusals = [
+        await send({ data: "x".repeat(200) }),
+        await send([{ data: "a" }, { data: "b" }, { data: "c" }]),
+        await fetch(`${url}events?token=s&topic=a&topic=b&topic=c`),
+      ];
+      assert.deepEqual(
+        await Promise.all(refusals.map(async (answer) => [answer.status, await answer.json()])),
+        [
+          [413, { error: "body is larger than 100 bytes" }],
+          [400, { error: "entries must be at most 2 events" }],
+          [400, { error: "at most 2 topics per client" }],
+        ],
+      );
       assert.equal((await fetch(`${url}events`)).status, 401);
       // Replay from the first: the history holds the last two.
       const reader: EventReader = await subscribe(`${url}events?token=s`, {
@@ -441,6 +561,76 @@ describe("app.ts broker settings", () => {
   });
 });
 
+describe("app.ts signed tokens", () => {
+  test("JWT_AUDIENCE, JWT_ISSUER, JWT_CLAIM, ALLOW_ANONYMOUS and the cookie's origins reach the check", async () => {
+    const vars = {
+      JWT_SECRET: SECRET,
+      JWT_AUDIENCE: "aud",
+      JWT_ISSUER: "iss",
+      JWT_CLAIM: "grants",
+      CORS_ORIGIN: "https://page.example",
+    };
+    await withApp(vars, async (url) => {
+      const grants = { grants: { subscribe: ["*"], publish: ["t"] } };
+      const good = await token({ ...grants, aud: "aud", iss: "iss" });
+      const streamOf = (bearer: string) =>
+        fetch(`${url}events`, { headers: { authorization: `Bearer ${bearer}` } });
+      const open = await streamOf(good);
+      assert.equal(open.status, 200);
+      await open.body?.cancel();
+      for (const bad of [{ ...grants, iss: "iss" }, { ...grants, aud: "aud" }]) {
+        const refused = await streamOf(await token(bad));
+        assert.equal(refused.status, 401, JSON.stringify(bad));
+        await refused.body?.cancel();
+      }
+      // The grants under JWT_CLAIM only: "sse" is not read.
+      const other = await fetch(`${url}publish`, {
+        method: "POST",
+        headers: {
+          authorization: `Bearer ${await token({ sse: grants.grants, aud: "aud", iss: "iss" })}`,
+          "content-type": "application/json",
+        },
+        body: JSON.stringify({ data: "x", topic: "t" }),
+      });
+      assert.equal(other.status, 403);
+      await other.body?.cancel();
+      assert.equal((await fetch(`${url}events`)).status, 401, "no anonymous subscribers");
+      // The cookie publishes from a listed origin, and from no other.
+      const publishFrom = (origin: string) =>
+        fetch(`${url}publish`, {
+          method: "POST",
+          headers: { cookie: `sse_token=${good}`, origin, "content-type": "application/json" },
+          body: JSON.stringify({ data: "x", topic: "t" }),
+        });
+      assert.equal((await publishFrom("https://page.example")).status, 200);
+      const elsewhere = await publishFrom("https://other.example");
+      assert.equal(elsewhere.status, 401);
+      await elsewhere.body?.cancel();
+      // A stream refused by a grant (403) counts as an auth rejection.
+      const before = (await stats(url)).rejected.auth;
+      const forbidden = await fetch(`${url}v1/stream/t`, {
+        method: "PUT",
+        headers: {
+          authorization: `Bearer ${await token({
+            ...grants,
+            aud: "aud",
+            iss: "iss",
+            grants: { subscribe: ["t"] },
+          })}`,
+        },
+      });
+      assert.equal(forbidden.status, 403);
+      await forbidden.body?.cancel();
+      assert.equal((await stats(url)).rejected.auth, before + 1);
+    });
+    await withApp({ JWT_SECRET: SECRET, ALLOW_ANONYMOUS: "1" }, async (url) => {
+      const anonymous = await fetch(`${url}events`);
+      assert.equal(anonymous.status, 200);
+      await anonymous.body?.cancel();
+    });
+  });
+});
+
 describe("app.ts stop", () => {
   test("SIGINT ends every stream at once; a second stop is told it is not the one that closed", async () => {
     await logged(async (lines) => {
@@ -514,6 +704,10 @@ describe("app.ts on Redis", () => {
   test("two apps on one Redis share events and streams; one tick per interval for both", async () => {
     const vars = { REDIS_URL: redis.url, TICK_MS: "100", HISTORY_TTL_MS: "60000" };
     await withApp(vars, async (a) => {
+      // Alone, it claims each interval and publishes it.
+      const alone = await subscribe(`${a}events?topic=time`);
+      assert.equal((await alone.event()).event, "tick");
+      await alone.cancel();
       await withApp(vars, async (b) => {
         const readers = [await subscribe(`${a}events?topic=time`), await subscribe(`${b}events`)];
         const ticks = await Promise.all(readers.map((reader) => reader.event()));
@@ -535,4 +729,85 @@ describe("app.ts on Redis", () => {
       });
     });
   });
+
+  test(
+    "Redis away: a tick not published is said once per outage, /ready says 503, streams 503; all back with it",
+    {
+      timeout: 30_000,
+    },
+    async () => {
+      const own = await RedisServer.start({
+        appendfsync: "no",
+        onChild: (child: ChildProcess) => child.on("exit", track(() => child.kill("SIGKILL"))),
+      });
+      try {
+        await withApp(
+          { REDIS_URL: own.url, TICK_MS: "50", REDIS_TIMEOUT_MS: "300" },
+          async (url, lines) => {
+            const notPublished = () =>
+              lines.filter((line) => line.startsWith("error: tick not published: "));
+            const reader = await subscribe(`${url}events?topic=time`);
+            await reader.event();
+            await own.kill();
+            await eventually(() => Promise.resolve(notPublished().length > 0), 5000, "a line");
+            // Ticks go on failing: still one line.
+            await new Promise((resolve) => setTimeout(resolve, 300));
+            assert.equal(notPublished().length, 1, lines.join("\n"));
+            assert.ok(
+              lines.some((line) => line.startsWith("error: redis: connection lost")),
+              lines.join("\n"),
+            );
+            const ready = await fetch(`${url}ready`);
+            assert.equal(ready.status, 503);
+            assert.deepEqual(await ready.json(), {
+              ready: false,
+              eventLogUp: false,
+              reason: "the event log did not answer",
+            });
+            const stream = await fetch(`${url}v1/stream/s`, { method: "PUT" });
+            assert.equal(stream.status, 503);
+            await stream.body?.cancel();
+            assert.ok(
+              lines.some((line) => line.startsWith("error: stream store failed: ")),
+              lines.join("\n"),
+            );
+            await own.start();
+            const restarted = Date.now();
+            await eventually(
+              async () => (await fetch(`${url}ready`)).status === 200,
+              10_000,
+              "ready",
+            );
+            await reader.cancel();
+            const again = await subscribe(`${url}events?topic=time`);
+            // Ticks stored before the outage may arrive first: then two published since.
+            await again.until((tick) => Date.parse(tick.data) >= restarted);
+            await again.event();
+            await again.cancel();
+            assert.ok(
+              lines.some((line) => line.startsWith("error: redis: streams connection lost")),
+            );
+            // A new outage (frozen this time): said again.
+            own.signal("SIGSTOP");
+            try {
+              await eventually(
+                () => Promise.resolve(notPublished().length === 2),
+                5000,
+                "a second line",
+              );
+              // Frozen at the claim, or at the append after it.
+              assert.match(
+                notPublished()[1],
+                /^error: tick not published: (the event log did not store the event: )?Redis did not answer within 300 ms$/,
+              );
+            } finally {
+              own.signal("SIGCONT");
+            }
+          },
+        );
+      } finally {
+        await own.stop();
+      }
+    },
+  );
 });
