@@ -108,10 +108,13 @@ describe("readPieces: a page from any position", () => {
       const random = seededRandom(framing === "bytes" ? 1 : 2);
       for (let round = 0; round < 40; round++) {
         // A stream of a few appends of random sizes.
-        const appends = Array.from({ length: 1 + Math.floor(random() * 5) }, () =>
-          framing === "bytes"
-            ? new Uint8Array(1 + Math.floor(random() * 300)).map(() => 97 + (random() * 26 | 0))
-            : messages(random, 1 + Math.floor(random() * 8), 40));
+        const appends = Array.from(
+          { length: 1 + Math.floor(random() * 5) },
+          () =>
+            framing === "bytes"
+              ? new Uint8Array(1 + Math.floor(random() * 300)).map(() => 97 + (random() * 26 | 0))
+              : messages(random, 1 + Math.floor(random() * 8), 40),
+        );
         const start = Math.floor(random() * 50);
         const pieces: Piece[] = [];
         for (const data of appends) {
