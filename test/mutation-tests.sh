@@ -15,7 +15,7 @@ case "${1:-}" in
       -t "$in_process" ;;
   streams.ts)
     exec "$bin/bun" test --bail ./test/streams_test.ts ./test/streams_protocol_test.ts \
-      ./test/stream_store_test.ts \
+      ./test/stream_store_test.ts ./test/streams_data_test.ts \
       ./test/security_test.ts -t "$in_process" ;;
   redis.ts)
     exec "$bin/bun" test --bail ./test/redis_test.ts ;;
