@@ -8,9 +8,11 @@ import assert from "node:assert/strict";
 import {
   createStreamsHandler,
   type Framing,
+  MemoryStreamStore,
   type Piece,
   PIECE_BYTES,
   PIECE_COST,
+  PRODUCER_COST,
   readPieces,
   toPieces,
 } from "../streams.ts";
@@ -250,5 +252,77 @@ describe("UTF-8 and JSON at every boundary", () => {
       assert.equal(data, text, `cut at ${cuts}: ${JSON.stringify(wire)}`);
       assert.equal(wire.match(/event: data/g)?.length, cuts.length + 1, "an event per append");
     }
+  });
+});
+
+describe("MemoryStreamStore: what the store holds in all (maxBytes)", () => {
+  const plain = {
+    contentType: "text/plain",
+    framing: "bytes" as const,
+    closed: false,
+    contentTypeGiven: true,
+    records: [],
+  };
+  const bytes = (count: number) => [new Uint8Array(count).fill(120)];
+  const producer = (id: string, seq = 0) => ({ id, epoch: 0, seq });
+  const append = (
+    store: MemoryStreamStore,
+    path: string,
+    count: number,
+    claim?: { id: string; epoch: number; seq: number },
+  ) =>
+    store.append(path, {
+      contentType: "text/plain",
+      records: bytes(count),
+      producer: claim,
+      close: false,
+    });
+
+  test("data and producers count to the byte, and a delete gives all of it back", async () => {
+    const first = 10 + PIECE_COST + PRODUCER_COST + "p1".length;
+    const store = new MemoryStreamStore({ maxBytes: first });
+    await store.create("/a", plain);
+    assert.equal((await append(store, "/a", 10, producer("p1"))).status, "ok");
+    // Full to the byte: one more byte (and its piece) does not fit.
+    const full = await append(store, "/a", 1, producer("p1", 1));
+    assert.deepEqual(full, {
+      status: "store-full",
+      reason: `the store holds at most ${first} bytes`,
+    });
+    assert.equal(await store.delete("/a"), "deleted");
+    // All of it back: the same again fits exactly.
+    await store.create("/b", plain);
+    assert.equal((await append(store, "/b", 10, producer("p1"))).status, "ok");
+  });
+
+  test("a producer forgotten past maxProducers gives its bytes back; a known one costs nothing more", async () => {
+    const p1 = PRODUCER_COST + "p1".length;
+    const p2 = PRODUCER_COST + "p22".length;
+    const data = 10 + PIECE_COST;
+    // At p22's append: the data twice and both producers, and room for one
+    // more append once p1's bytes are back.
+    const slack = data - p1;
+    const store = new MemoryStreamStore({
+      maxBytes: 2 * data + p1 + p2 + slack,
+      maxProducers: 1,
+    });
+    await store.create("/a", plain);
+    assert.equal((await append(store, "/a", 10, producer("p1"))).status, "ok");
+    assert.equal((await append(store, "/a", 10, producer("p22"))).status, "ok");
+    // p1 is forgotten: its bytes are free again, exactly; p22 costs nothing more.
+    assert.equal((await append(store, "/a", 10, producer("p22", 1))).status, "ok");
+    assert.equal((await append(store, "/a", 1)).status, "store-full");
+  });
+
+  test("an expired stream is swept when the store is full, and its bytes are free", async () => {
+    const data = 10 + PIECE_COST;
+    const store = new MemoryStreamStore({ maxBytes: data });
+    await store.create("/old", { ...plain, expiresAt: Date.now() + 30 });
+    assert.equal((await append(store, "/old", 10)).status, "ok");
+    await store.create("/new", plain);
+    assert.equal((await append(store, "/new", 10)).status, "store-full");
+    await new Promise((resolve) => setTimeout(resolve, 40));
+    assert.equal((await append(store, "/new", 10)).status, "ok");
+    assert.equal(await store.info("/old"), "missing");
   });
 });
