@@ -1311,3 +1311,182 @@ describe("streams.ts JSON streams", () => {
     );
   });
 });
+
+describe("streams.ts details", () => {
+  test("Stream-Cursor: the current interval, or past the client's with jitter when it has caught up", async () => {
+    const handle = handler({ longPollTimeout: 10 });
+    await call(handle, "PUT", "c", { headers: text, body: "x" });
+    const cursorOf = async (given?: string) => {
+      const query = `?offset=now&live=long-poll${given === undefined ? "" : `&cursor=${given}`}`;
+      const response = await call(handle, "GET", "c", { query });
+      await response.body?.cancel();
+      return Number(response.headers.get("stream-cursor"));
+    };
+    const now = await cursorOf();
+    assert.ok(Number.isSafeInteger(now) && now > 0);
+    assert.equal(await cursorOf("abc"), now);
+    assert.equal(await cursorOf(String(now - 1)), now);
+    for (let i = 0; i < 20; i++) {
+      const next = await cursorOf(String(now));
+      // 1 s to an hour of jitter, in 20-second intervals: 1 to 180 ahead.
+      assert.ok(next > now && next <= now + 180, `${next - now} ahead`);
+    }
+    const ahead = await cursorOf(String(now + 1000));
+    assert.ok(ahead > now + 1000 && ahead <= now + 1180);
+  });
+
+  test("a long-poll waits for data appended after it started, and answers it", async () => {
+    const handle = handler({ longPollTimeout: 5000 });
+    await call(handle, "PUT", "lp", { headers: text, body: "a" });
+    const started = Date.now();
+    const polling = call(handle, "GET", "lp", { query: `?offset=${at(1)}&live=long-poll` });
+    await new Promise((resolve) => setTimeout(resolve, 30));
+    await call(handle, "POST", "lp", { headers: text, body: "bc" });
+    const answer = await polling;
+    assert.equal(answer.status, 200);
+    assert.equal(await answer.text(), "bc");
+    assert.equal(answer.headers.get("stream-next-offset"), at(3));
+    assert.ok(Date.now() - started < 2000, "answered on the append, not at its timeout");
+  });
+
+  test("offset=now: the tail and nothing else; a closed stream's long-poll answers at once", async () => {
+    const handle = handler({ longPollTimeout: 5000 });
+    await call(handle, "PUT", "n", { headers: text, body: "abc" });
+    const now = await call(handle, "GET", "n", { query: "?offset=now" });
+    assert.equal(now.status, 200);
+    assert.equal(await now.text(), "");
+    assert.equal(now.headers.get("stream-next-offset"), at(3));
+    assert.equal(now.headers.get("stream-up-to-date"), "true");
+    await call(handle, "PUT", "nj", { headers: json, body: "[1,2]" });
+    const nowJson = await call(handle, "GET", "nj", { query: "?offset=now" });
+    assert.equal(await nowJson.text(), "[]");
+    await call(handle, "POST", "n", { headers: { "stream-closed": "true" } });
+    const started = Date.now();
+    const closed = await call(handle, "GET", "n", { query: "?offset=now&live=long-poll" });
+    assert.equal(closed.status, 204);
+    assert.equal(closed.headers.get("stream-closed"), "true");
+    assert.ok(Date.now() - started < 1000);
+  });
+
+  test("a Content-Type is trimmed and compared by its media type alone", async () => {
+    const handle = handler();
+    const created = await call(handle, "PUT", "t", {
+      headers: { "content-type": "  Text/Plain; charset=utf-8  " },
+    });
+    assert.equal(created.status, 201);
+    assert.equal(created.headers.get("content-type"), "Text/Plain; charset=utf-8");
+    const appended = await call(handle, "POST", "t", {
+      headers: { "content-type": "text/plain " },
+      body: "x",
+    });
+    assert.equal(appended.status, 204);
+    // Blank: the default type, as if not given.
+    const blank = await call(handle, "PUT", "b", { headers: { "content-type": "   " } });
+    assert.equal(blank.headers.get("content-type"), "application/octet-stream");
+    const again = await call(handle, "PUT", "b", {
+      headers: { "content-type": "application/octet-stream" },
+    });
+    assert.equal(again.status, 200, "the same configuration");
+  });
+
+  test("Stream-Expires-At must be a whole RFC 3339 time", async () => {
+    const handle = handler();
+    const expires = (value: string) =>
+      call(handle, "PUT", `e${value.length}${value.at(-1)}`, {
+        headers: { "stream-expires-at": value },
+      });
+    for (const good of ["2030-01-01T00:00:00Z", "2030-01-01 00:00:00.123+01:00"]) {
+      assert.equal((await expires(good)).status, 201, good);
+    }
+    for (
+      const bad of [
+        "2030-01-01T00:00:00Z junk",
+        "x2030-01-01T00:00:00Z",
+        "2030-01-01T00:00:00",
+        "2030-01-01T00:00:00.Z",
+        "2030-01-01T00:00:00Y",
+      ]
+    ) {
+      const response = await expires(bad);
+      assert.equal(response.status, 400, bad);
+      await response.body?.cancel();
+    }
+  });
+
+  test("paths: the prefix itself, outside it, too long; the default prefix is /", async () => {
+    const handle = handler();
+    await refused(
+      await handle(new Request("http://streams.test/s/")),
+      404,
+      "no stream at this path",
+    );
+    await refused(
+      await handle(new Request("http://streams.test/other")),
+      404,
+      "no stream at this path",
+    );
+    const longest = "x".repeat(1024 - PREFIX.length);
+    assert.equal((await call(handle, "PUT", longest)).status, 201);
+    await refused(
+      await call(handle, "PUT", `${longest}y`),
+      414,
+      "a stream path has at most 1024 characters",
+    );
+    const open = createStreamsHandler();
+    const created = await open(new Request("http://streams.test/top", { method: "PUT" }));
+    assert.equal(created.status, 201);
+    assert.equal(created.headers.get("location"), "/top");
+  });
+
+  test("every answer may be read across origins, never framed or sniffed", async () => {
+    const response = await call(handler(), "GET", "missing");
+    assert.equal(response.headers.get("cross-origin-resource-policy"), "cross-origin");
+    await response.body?.cancel();
+  });
+
+  test("Producer-Id, Producer-Epoch and Producer-Seq come together", async () => {
+    const handle = handler();
+    await call(handle, "PUT", "p", { headers: text });
+    const all = { "producer-id": "w", "producer-epoch": "0", "producer-seq": "0" };
+    for (const missing of Object.keys(all)) {
+      const headers: Record<string, string> = { ...text, ...all };
+      delete headers[missing];
+      const response = await call(handle, "POST", "p", { headers, body: "x" });
+      assert.equal(response.status, 400, missing);
+      await response.body?.cancel();
+    }
+    assert.equal(
+      (await call(handle, "POST", "p", { headers: { ...text, ...all }, body: "x" })).status,
+      200,
+    );
+  });
+
+  test("a store that fails answers 503 and is said once, without a logger too", async () => {
+    let failing = true;
+    const memory = new MemoryStreamStore();
+    const store = new Proxy(memory, {
+      get(target, name) {
+        const value = Reflect.get(target, name);
+        if (typeof value !== "function") return value;
+        return (...args: unknown[]) =>
+          failing ? Promise.reject(new Error("disk on fire")) : value.apply(target, args);
+      },
+    });
+    const lines: string[] = [];
+    for (const logger of [(line: string) => lines.push(line), undefined]) {
+      failing = true;
+      const handle = handler({ store, logger });
+      for (let i = 0; i < 2; i++) {
+        const response = await call(handle, "PUT", "f", { headers: text });
+        assert.equal(response.status, 503);
+        await response.body?.cancel();
+      }
+      failing = false;
+      assert.equal((await call(handle, "PUT", `f${lines.length}`, { headers: text })).status, 201);
+    }
+    assert.deepEqual(lines, [
+      "stream store failed: disk on fire",
+      "stream store: answering again",
+    ]);
+  });
+});
