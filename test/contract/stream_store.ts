@@ -237,7 +237,37 @@ export const streamStoreContract: StoreCase[] = [
         );
         assert.equal(status(await store.create("/s", creating({ ttlSeconds: 60 }))), "conflict");
         assert.equal(status(await store.create("/s", creating({ closed: true }))), "conflict");
+        assert.equal(
+          status(await store.create("/s", creating({ expiresAt: Date.now() + 60_000 }))),
+          "conflict",
+        );
         assert.equal((await all(store, "/s")).text, "ab");
+        // A fork is the same again only from the same source, offset and sub-offset.
+        await store.create("/t", creating({ records: [encoder.encode("cd")] }));
+        const fork = (from: string, anchor?: number, subOffset = 0) =>
+          creating({ fork: { from, anchor, subOffset } });
+        assert.equal(status(await store.create("/f", fork("/s", 1))), "created");
+        assert.equal(status(await store.create("/f", fork("/s", 1))), "exists");
+        for (const other of [fork("/t", 1), fork("/s", 2), fork("/s", 1, 1), creating()]) {
+          assert.equal(status(await store.create("/f", other)), "conflict", JSON.stringify(other));
+        }
+        // Initial data of another type than the source's.
+        await store.create(
+          "/json",
+          creating({ contentType: JSON_TYPE, framing: "messages", records: [] }),
+        );
+        const mismatched = await store.create(
+          "/j",
+          creating({
+            contentTypeGiven: false, // the source's type, then
+            records: [encoder.encode("x")],
+            fork: { from: "/json", subOffset: 0 },
+          }),
+        );
+        assert.deepEqual(mismatched, {
+          status: "conflict",
+          reason: "the initial data is not of the source stream's type",
+        });
       }),
   },
   {
@@ -369,6 +399,18 @@ export const streamStoreContract: StoreCase[] = [
         assert.equal(await store.delete("/fork"), "deleted");
         assert.equal(await store.info("/src"), "missing", "its last fork gone, the source goes");
         assert.equal(status(await store.create("/src", creating())), "created");
+        // Two levels: the last fork of a fork takes both deleted sources with it.
+        await store.create("/a", creating({ records: [encoder.encode("a")] }));
+        await store.create("/b", creating({ fork: { from: "/a", subOffset: 0 } }));
+        await store.create("/c", creating({ fork: { from: "/b", subOffset: 0 } }));
+        assert.equal(await store.delete("/a"), "deleted");
+        assert.equal(await store.delete("/b"), "deleted");
+        assert.deepEqual([await store.info("/a"), await store.info("/b")], ["gone", "gone"]);
+        assert.equal(await store.delete("/c"), "deleted");
+        assert.deepEqual(
+          [await store.info("/a"), await store.info("/b"), await store.info("/c")],
+          ["missing", "missing", "missing"],
+        );
       }),
   },
   {
