@@ -521,4 +521,43 @@ export const streamStoreContract: StoreCase[] = [
         assert.deepEqual(woken.sort(), ["first", "last", "quitting"]);
       }),
   },
+  {
+    name:
+      "a closed stream: its closer's retry and an earlier one of its producer are duplicates, the rest is closed",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        await store.create("/c", creating());
+        const by = (id: string, epoch: number, seq: number) => ({ producer: { id, epoch, seq } });
+        assert.equal(status(await store.append("/c", appending("a", by("w", 0, 0)))), "ok");
+        const closing = appending("b", { ...by("w", 0, 1), close: true });
+        assert.equal(status(await store.append("/c", closing)), "ok");
+        const outcome = async (request: AppendRequest) => {
+          const result = await store.append("/c", request) as {
+            status: string;
+            producerSeq?: number;
+          };
+          return [status(result), result.producerSeq];
+        };
+        assert.deepEqual(await outcome(closing), ["duplicate", 1], "the close again");
+        assert.deepEqual(await outcome(appending("a", by("w", 0, 0))), ["duplicate", 1]);
+        for (
+          const request of [
+            appending("c", by("w", 0, 2)),
+            appending("c", by("w", 1, 0)),
+            appending("c", by("v", 0, 0)),
+            appending(undefined, { ...by("v", 0, 0), close: true }),
+            appending("c"),
+          ]
+        ) {
+          assert.deepEqual(await outcome(request), ["closed", undefined], JSON.stringify(request));
+        }
+        // A close alone, without a producer: done already, so fine.
+        const again = await store.append("/c", appending(undefined, { close: true }));
+        assert.deepEqual([status(again), (again as { appended?: boolean }).appended], [
+          "ok",
+          false,
+        ]);
+        assert.equal((await all(store, "/c")).text, "ab");
+      }),
+  },
 ];
