@@ -1490,3 +1490,52 @@ describe("streams.ts details", () => {
     ]);
   });
 });
+
+describe("streams.ts fork sources", () => {
+  test("a source outside the prefix, or with dot segments, is missing even when the store holds it", async () => {
+    const store = new MemoryStreamStore();
+    const other = createStreamsHandler({ prefix: "/b/", store });
+    await other(new Request("http://x/b/secret", { method: "PUT", headers: text, body: "s" }));
+    await store.create("/s/../x", {
+      contentType: "text/plain",
+      framing: "bytes",
+      closed: false,
+      records: [new TextEncoder().encode("hidden")],
+      contentTypeGiven: true,
+    });
+    const handle = handler({ store });
+    for (const from of ["/b/secret", "/s/../x"]) {
+      await refused(
+        await call(handle, "PUT", "fork", { headers: { "stream-forked-from": from } }),
+        404,
+        "the source stream does not exist",
+      );
+    }
+  });
+
+  test("a source the request may not read is missing; an authorize that fails is an error", async () => {
+    const handle = handler({
+      authorize: (request, action) => {
+        const token = request.headers.get("authorization");
+        if (token === "Bearer broken" && action === "subscribe") throw new Error("bug");
+        // p and broken may publish (create) only, s only read.
+        return action === "publish"
+          ? token === "Bearer p" || token === "Bearer broken"
+          : token === "Bearer s";
+      },
+    });
+    await call(handle, "PUT", "src", { headers: { ...text, authorization: "Bearer p" } });
+    await refused(
+      await call(handle, "PUT", "fork", {
+        headers: { authorization: "Bearer p", "stream-forked-from": "/s/src" },
+      }),
+      404,
+      "the source stream does not exist",
+    );
+    const failing = await call(handle, "PUT", "fork", {
+      headers: { authorization: "Bearer broken", "stream-forked-from": "/s/src" },
+    });
+    assert.equal(failing.status, 500);
+    await failing.body?.cancel();
+  });
+});
