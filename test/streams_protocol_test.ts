@@ -1365,6 +1365,7 @@ describe("streams.ts details", () => {
     const closed = await call(handle, "GET", "n", { query: "?offset=now&live=long-poll" });
     assert.equal(closed.status, 204);
     assert.equal(closed.headers.get("stream-closed"), "true");
+    assert.equal(closed.headers.get("cache-control"), "no-store");
     assert.ok(Date.now() - started < 1000);
   });
 
@@ -1537,5 +1538,30 @@ describe("streams.ts fork sources", () => {
     });
     assert.equal(failing.status, 500);
     await failing.body?.cancel();
+  });
+});
+
+describe("streams.ts SSE events", () => {
+  test("each append: one data event and one control event, in that order, and nothing between", async () => {
+    const handle = handler();
+    await call(handle, "PUT", "ev", { headers: text, body: "a" });
+    const response = await call(handle, "GET", "ev", { query: "?offset=-1&live=sse" });
+    const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+    let received = "";
+    const events = () => [...received.matchAll(/^event: (\w+)$/gm)].map((match) => match[1]);
+    const until = async (count: number) => {
+      while (events().length < count) received += (await reader.read()).value ?? "";
+    };
+    await until(2);
+    await call(handle, "POST", "ev", { headers: text, body: "b" });
+    await until(4);
+    await call(handle, "POST", "ev", { headers: { "stream-closed": "true" } });
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      received += value;
+    }
+    assert.deepEqual(events(), ["data", "control", "data", "control", "control"]);
+    assert.match(received, /"streamClosed":true/);
   });
 });
