@@ -32,8 +32,9 @@ system.onSignal("SIGINT", () => stop("SIGINT"));
 system.onSignal("SIGTERM", () => stop("SIGTERM"));
 // Started by npm or npx (`npx @sse-broker/broker`): a launcher killed does
 // not always pass the signal on, and this server would stay behind. It ends
-// when its parent does.
-if (system.env("npm_command") !== undefined) {
+// when its parent does. Only npm's: `bun run` sets npm's variables too, and
+// a server it runs under nohup must outlive its shell.
+if (system.env("npm_config_user_agent")?.startsWith("npm/")) {
   const parent = system.parentPid();
   setInterval(() => {
     if (system.parentPid() !== parent) stop("SIGTERM");

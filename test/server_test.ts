@@ -69,6 +69,7 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
       }
       assert.equal(await server.exited, 0);
       assert.ok(Date.now() - started < 2500, "exits within the shutdown deadline");
+      assert.match(server.output(), new RegExp(`^${signal}: closing 2 streams$`, "m"));
     });
   }
 
@@ -87,25 +88,30 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
     });
   });
 
-  test("started by npm (npm_command set), it ends when its launcher is killed", async () => {
+  /** server.ts started by a shell that is then killed, as npx's may be, with `env`. */
+  async function orphaned(env: Record<string, string>) {
     const script = `"$0" ${
       scriptArgs(RUNTIME, "server.ts", ["--allow-net", "--allow-env"])
         .map((arg) => `'${arg}'`).join(" ")
     } & echo $!; wait`;
     const launcher = spawn("sh", ["-c", script, process.execPath], {
       cwd: ROOT,
-      env: { ...process.env, PORT: "0", TICK_MS: "0", npm_command: "exec" },
+      env: { ...process.env, PORT: "0", TICK_MS: "0", ...env },
       stdio: ["ignore", "pipe", "inherit"],
     });
     const untrack = track(() => launcher.kill("SIGKILL"));
     let output = "";
-    const pid = await new Promise<number>((resolve) => {
-      launcher.stdout.on("data", (chunk) => {
-        output += chunk;
-        if (/^\d+\nhttp:\/\/.*\n/.test(output)) resolve(Number(output.split("\n")[0]));
+    launcher.stdout.on("data", (chunk) => output += chunk);
+    const [pid, url] = await new Promise<[number, string]>((resolve) => {
+      launcher.stdout.on("data", () => {
+        const [pid, url] = output.split("\n");
+        if (/^\d+\nhttp:\/\/.*\n/.test(output)) resolve([Number(pid), url]);
       });
     });
     const untrackServer = track(() => process.kill(pid, "SIGKILL"));
+    // Serving, with its launcher there, for longer than it takes to notice one gone.
+    await new Promise((resolve) => setTimeout(resolve, 1200));
+    assert.equal((await fetch(`${url}health`)).status, 200);
     launcher.kill("SIGKILL"); // the launcher goes, without passing any signal on
     untrack();
     const gone = () => {
@@ -116,12 +122,41 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
         return true;
       }
     };
+    return { pid, url, gone, output: () => output, untrack: untrackServer };
+  }
+
+  test("started by npm or npx, it ends when its launcher is killed", async () => {
+    const server = await orphaned({
+      npm_command: "exec",
+      npm_config_user_agent: "npm/11.6.2 node/v20.19.2 linux x64 workspaces/false",
+    });
     const deadline = Date.now() + 5000;
-    while (!gone()) {
+    while (!server.gone()) {
       assert.ok(Date.now() < deadline, "the server outlived its launcher");
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
-    untrackServer();
+    server.untrack();
+    assert.match(server.output(), /^SIGTERM: closing 0 streams$/m);
+  });
+
+  test("started otherwise, it outlives its launcher (as under nohup), also by bun run", async () => {
+    // `bun run` in a project sets npm's variables, with its own user agent.
+    const server = await orphaned({
+      npm_command: "run-script",
+      npm_config_user_agent: "bun/1.4.5 npm/? node/v26.3.0 linux x64",
+    });
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 1200));
+      assert.equal(server.gone(), false);
+      assert.equal((await fetch(`${server.url}health`)).status, 200);
+    } finally {
+      process.kill(server.pid, "SIGTERM");
+      const deadline = Date.now() + 5000;
+      while (!server.gone() && Date.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      server.untrack();
+    }
   });
 
   test("names a variable a slip away from a setting; STRICT_ENV=1 stops on it", async () => {
