@@ -109,8 +109,8 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
       });
     });
     const untrackServer = track(() => process.kill(pid, "SIGKILL"));
-    // Serving, with its launcher there, for longer than it takes to notice one gone.
-    await new Promise((resolve) => setTimeout(resolve, 1200));
+    // Serving, with its launcher there, past a look at it (every 500 ms).
+    await new Promise((resolve) => setTimeout(resolve, 700));
     assert.equal((await fetch(`${url}health`)).status, 200);
     launcher.kill("SIGKILL"); // the launcher goes, without passing any signal on
     untrack();
@@ -146,7 +146,7 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
       npm_config_user_agent: "bun/1.4.5 npm/? node/v26.3.0 linux x64",
     });
     try {
-      await new Promise((resolve) => setTimeout(resolve, 1200));
+      await new Promise((resolve) => setTimeout(resolve, 1100)); // two looks at least
       assert.equal(server.gone(), false);
       assert.equal((await fetch(`${server.url}health`)).status, 200);
     } finally {
