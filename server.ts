@@ -21,7 +21,6 @@ import { currentRuntime, log, SettingError } from "./runtime.ts";
 
 const system = currentRuntime();
 const app = await startApp(system).catch((error) => {
-  // Stryker disable next-line ConditionalExpression: any other error is a bug; uncaught, it exits 1 too
   if (!(error instanceof SettingError)) throw error;
   log("error", error.message);
   return system.exit(1);

@@ -89,14 +89,17 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
   });
 
   /** server.ts started by a shell that is then killed, as npx's may be, with `env`. */
-  async function orphaned(env: Record<string, string>) {
+  async function orphaned(env: Record<string, string | undefined>) {
     const script = `"$0" ${
       scriptArgs(RUNTIME, "server.ts", ["--allow-net", "--allow-env"])
         .map((arg) => `'${arg}'`).join(" ")
     } & echo $!; wait`;
     const launcher = spawn("sh", ["-c", script, process.execPath], {
       cwd: ROOT,
-      env: { ...process.env, PORT: "0", TICK_MS: "0", ...env },
+      env: Object.fromEntries(
+        Object.entries({ ...process.env, PORT: "0", TICK_MS: "0", ...env })
+          .filter(([, value]) => value !== undefined),
+      ),
       stdio: ["ignore", "pipe", "inherit"],
     });
     const untrack = track(() => launcher.kill("SIGKILL"));
@@ -139,25 +142,24 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
     assert.match(server.output(), /^SIGTERM: closing 0 streams$/m);
   });
 
-  test("started otherwise, it outlives its launcher (as under nohup), also by bun run", async () => {
-    // `bun run` in a project sets npm's variables, with its own user agent.
-    const server = await orphaned({
-      npm_command: "run-script",
-      npm_config_user_agent: "bun/1.4.5 npm/? node/v26.3.0 linux x64",
-    });
-    try {
-      await new Promise((resolve) => setTimeout(resolve, 1100)); // two looks at least
-      assert.equal(server.gone(), false);
-      assert.equal((await fetch(`${server.url}health`)).status, 200);
-    } finally {
-      process.kill(server.pid, "SIGTERM");
-      const deadline = Date.now() + 5000;
-      while (!server.gone() && Date.now() < deadline) {
-        await new Promise((resolve) => setTimeout(resolve, 50));
+  // `bun run` in a project sets npm's variables, with its own user agent.
+  for (const agent of ["bun/1.4.5 npm/? node/v26.3.0 linux x64", undefined]) {
+    test(`started otherwise (user agent ${agent}), it outlives its launcher, as under nohup`, async () => {
+      const server = await orphaned({ npm_command: "run-script", npm_config_user_agent: agent });
+      try {
+        await new Promise((resolve) => setTimeout(resolve, 1100)); // two looks at least
+        assert.equal(server.gone(), false);
+        assert.equal((await fetch(`${server.url}health`)).status, 200);
+      } finally {
+        process.kill(server.pid, "SIGTERM");
+        const deadline = Date.now() + 5000;
+        while (!server.gone() && Date.now() < deadline) {
+          await new Promise((resolve) => setTimeout(resolve, 50));
+        }
+        server.untrack();
       }
-      server.untrack();
-    }
-  });
+    });
+  }
 
   test("names a variable a slip away from a setting; STRICT_ENV=1 stops on it", async () => {
     const slip = { JWT_SECERT: "a secret of at least thirty-two bytes", REDIS_URI: "x" };
