@@ -502,20 +502,30 @@ describe("redis.ts's own promises", () => {
   });
 
   test("close ends every connection it opened", async () => {
-    const connected = async () =>
-      (await admin.sendCommand(["CLIENT", "LIST"]) as string)
-        .trim().split("\n").length;
-    const before = await connected();
-    const log = await RedisLog.connect({ url: redis.url, key: `closing:${Date.now()}` });
-    log.listen(() => {}); // its blocking reads hold the second connection
-    const store = await RedisStreamStore.connect({ url: redis.url });
-    assert.equal(await connected(), before + 4);
-    log.close();
-    store.close();
-    const deadline = Date.now() + 5000;
-    while (await connected() !== before) {
-      assert.ok(Date.now() < deadline, `${await connected()} connections, not ${before}`);
-      await new Promise((resolve) => setTimeout(resolve, 20));
+    // A Redis of its own: no other test's connections come and go meanwhile.
+    const own = await RedisServer.start({
+      appendfsync: "no",
+      onChild: (child: ChildProcess) => child.on("exit", track(() => child.kill("SIGKILL"))),
+    });
+    const control = createClient({ url: own.url });
+    try {
+      await control.connect();
+      const connected = async () =>
+        (await control.sendCommand(["CLIENT", "LIST"]) as string).trim().split("\n").length;
+      const log = await RedisLog.connect({ url: own.url });
+      log.listen(() => {}); // its blocking reads hold the second connection
+      const store = await RedisStreamStore.connect({ url: own.url });
+      assert.equal(await connected(), 1 + 4);
+      log.close();
+      store.close();
+      const deadline = Date.now() + 5000;
+      while (await connected() !== 1) {
+        assert.ok(Date.now() < deadline, `${await connected()} connections, not 1`);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    } finally {
+      control.destroy();
+      await own.stop();
     }
   });
 
