@@ -16,20 +16,11 @@ import {
   readPieces,
   toPieces,
 } from "../streams.ts";
+import { concat } from "../mod.ts";
 import { seededRandom } from "./helpers.ts";
 
 const encoder = new TextEncoder();
 const LF = 0x0a;
-
-function concat(parts: readonly Uint8Array[]): Uint8Array<ArrayBuffer> {
-  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
-}
 
 /** `count` messages of JSON (each ending with a line feed) of random sizes. */
 function messages(random: () => number, count: number, longest: number): Uint8Array {
@@ -200,7 +191,7 @@ describe("UTF-8 and JSON at every boundary", () => {
     const fatal = new TextDecoder("utf-8", { fatal: true });
     const bodies: Uint8Array<ArrayBuffer>[] = [];
     for (const sequence of sequences()) {
-      bodies.push(concat([encoder.encode('["'), sequence, encoder.encode('"]')]));
+      bodies.push(new Uint8Array(concat([encoder.encode('["'), sequence, encoder.encode('"]')])));
     }
     // Escapes with each character at the edges of the hex digits, and controls.
     for (const c of "/09:@AFG`afg") bodies.push(encoder.encode(`["\\u00${c}1"]`));
