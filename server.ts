@@ -36,8 +36,11 @@ system.onSignal("SIGTERM", () => stop("SIGTERM"));
 // a server it runs under nohup must outlive its shell.
 if (system.env("npm_config_user_agent")?.startsWith("npm/")) {
   const parent = system.parentPid();
-  setInterval(() => {
-    if (system.parentPid() !== parent) stop("SIGTERM");
+  // Once: a second SIGTERM would cut a drain (DRAIN_MS) short.
+  const watch = setInterval(() => {
+    if (system.parentPid() === parent) return;
+    clearInterval(watch);
+    stop("SIGTERM");
   }, 500);
 }
 
