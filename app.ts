@@ -28,6 +28,7 @@ import {
 } from "./mod.ts";
 import { renderPage } from "./page.ts";
 import { createStreamsHandler, type StreamsHandler } from "./streams.ts";
+import { Subscriptions } from "./subscriptions.ts";
 import { probeResponse } from "./probe.ts";
 import {
   type Handler,
@@ -73,6 +74,7 @@ const SETTINGS = new Set([
   "RETRY_MS",
   "REUSE_PORT",
   "SHED_RETRY_MS",
+  "STREAMS_ALLOW_PRIVATE_WEBHOOKS",
   "STREAMS_LONG_POLL_MS",
   "STREAMS_MAX_BYTES",
   "STREAMS_PATH",
@@ -386,7 +388,15 @@ export async function startApp(system: Runtime): Promise<App> {
   }
   const host = hostname.includes(":") ? `[${hostname}]` : hostname;
   const url = `http://${host}:${server.port}/`;
+  // Subscriptions (section 6 of the protocol) share the streams' store: on
+  // Redis, a lease taken on one process holds on every other.
+  const subscriptions = new Subscriptions({
+    store: streamStore?.subscriptionStore(),
+    allowLoopbackWebhooks: runtime.env("STREAMS_ALLOW_PRIVATE_WEBHOOKS") === "1",
+    logger: (line) => log("error", line),
+  });
   handleStreams = createStreamsHandler({
+    subscriptions,
     prefix: streamsPath,
     store: streamStore,
     maxBytes: streamsMaxBytes,
@@ -438,6 +448,7 @@ export async function startApp(system: Runtime): Promise<App> {
     await Promise.race([server.stop(), deadline]);
     // Stryker disable next-line CallExpression: a timer left only holds the event loop 2 s longer
     clearTimeout(timer);
+    subscriptions.close();
     redis?.close();
     streamStore?.close();
     return true;

@@ -69,6 +69,7 @@ import {
   type StreamStore,
   toPieces,
 } from "./streams.ts";
+import type { SubscriptionStore } from "./subscriptions.ts";
 
 export type { Appended, AppendOptions, EventLog, LogEvent, LogRead, NewEvent };
 export type {
@@ -943,6 +944,82 @@ export class RedisStreamStore implements StreamStore {
     return text(reply[0]) as DeleteResult;
   }
 
+  /** {@inheritDoc StreamStore.list} */
+  async list(prefix: string, limit: number): Promise<string[]> {
+    const start = `${this.#prefix}m:`;
+    const pattern = start + prefix.replace(/[\\*?[\]]/g, "\\$&") + "*";
+    const paths = new Set<string>();
+    let cursor = "0";
+    do {
+      const reply = await within(
+        this.#redis.scan(cursor, { MATCH: pattern, COUNT: 1000 }),
+        this.#timeout,
+      );
+      cursor = String(reply.cursor);
+      for (const key of reply.keys) {
+        if (paths.size < limit) paths.add(String(key).slice(start.length));
+      }
+    } while (cursor !== "0" && paths.size < limit);
+    return [...paths];
+  }
+
+  /**
+   * A {@linkcode SubscriptionStore} on this store's connection and prefix,
+   * for `Subscriptions`: every process that shares the Redis shares the
+   * subscriptions, their leases and their signing key.
+   *
+   * Layout (`P` the prefix): `Ps:rec`, a hash of id to record; `Ps:match`,
+   * a hash of id to what appends are matched against, and `Ps:version`,
+   * bumped when one changes; `Ps:due`, a sorted set of ids by when they
+   * next need a look; `Ps:key`, the webhook signing key. Each call is one
+   * command or one short script. Times are the processes' clocks: a lease
+   * holds as long as their clocks agree.
+   *
+   * @param options The limit on subscriptions.
+   * @returns The store.
+   */
+  subscriptionStore(options: { maxSubscriptions?: number } = {}): SubscriptionStore {
+    const max = String(count("maxSubscriptions", options.maxSubscriptions ?? 1000));
+    const run = (script: Script, id: string, args: string[]) => this.#run(script, id, args);
+    return {
+      get: async (id) => {
+        const reply = await within(this.#redis.hGet(`${this.#prefix}s:rec`, id), this.#timeout);
+        return reply ?? undefined;
+      },
+      swap: async (id, expected, next, match, due) => {
+        const reply = await run(SUB_SWAP, id, [
+          flag(expected !== undefined),
+          expected ?? "",
+          flag(next !== undefined),
+          next ?? "",
+          match,
+          String(due),
+          max,
+        ]) as unknown as number;
+        return reply === 2 ? "full" : reply === 1;
+      },
+      matches: async (known) => {
+        const reply = await run(SUB_MATCHES, "", [String(known ?? -1)]);
+        const version = Number(text(reply[0]));
+        if (reply.length === 1) return { version };
+        const flat = (reply[1] as Reply[]).map(text);
+        const entries: [string, string][] = [];
+        for (let i = 0; i < flat.length; i += 2) entries.push([flat[i], flat[i + 1]]);
+        return { version, entries };
+      },
+      due: async (now, limit) => {
+        const ids = await within(
+          this.#redis.zRangeByScore(`${this.#prefix}s:due`, 1, now, {
+            LIMIT: { offset: 0, count: limit },
+          }),
+          this.#timeout,
+        );
+        return ids.map(String);
+      },
+      signingKey: async (candidate) => text((await run(SUB_KEY, "", [candidate]))[0]),
+    };
+  }
+
   /**
    * Resolves once the stream has data past `position`, is closed, or is
    * gone, or when `signal` aborts, whichever is first; appends by any
@@ -1585,4 +1662,74 @@ return {'ok'}
 `,
 };
 
-const SCRIPTS = [DS_CREATE, DS_COPY, DS_FINISH, DS_ABORT, DS_APPEND, DS_READ, DS_INFO, DS_DELETE];
+/**
+ * A subscription record's compare-and-swap (`SubscriptionStore.swap`):
+ * 1 done, 0 the record is not the one expected, 2 no room for another.
+ */
+const SUB_SWAP: Script = {
+  source: `
+local P, id = ARGV[1], ARGV[2]
+local hasExpected, expected, hasNext, nextRecord = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local match, due, max = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+local rec, matches = P .. 's:rec', P .. 's:match'
+local current = redis.call('HGET', rec, id)
+if hasExpected == '1' then
+  if current ~= expected then return 0 end
+elseif current then
+  return 0
+end
+if hasNext == '0' then
+  if current then
+    redis.call('HDEL', rec, id)
+    redis.call('HDEL', matches, id)
+    redis.call('ZREM', P .. 's:due', id)
+    redis.call('INCR', P .. 's:version')
+  end
+  return 1
+end
+if not current and redis.call('HLEN', rec) >= max then return 2 end
+redis.call('HSET', rec, id, nextRecord)
+if redis.call('HGET', matches, id) ~= match then
+  redis.call('HSET', matches, id, match)
+  redis.call('INCR', P .. 's:version')
+end
+if due > 0 then
+  redis.call('ZADD', P .. 's:due', due, id)
+else
+  redis.call('ZREM', P .. 's:due', id)
+end
+return 1
+`,
+};
+
+/** Every subscription's match and the version, or the version alone when the caller knows it. */
+const SUB_MATCHES: Script = {
+  source: `
+local P = ARGV[1]
+local version = redis.call('GET', P .. 's:version') or '0'
+if version == ARGV[3] then return {version} end
+return {version, redis.call('HGETALL', P .. 's:match')}
+`,
+};
+
+/** The signing key: the stored one, or the candidate stored. */
+const SUB_KEY: Script = {
+  source: `
+redis.call('SET', ARGV[1] .. 's:key', ARGV[3], 'NX')
+return {redis.call('GET', ARGV[1] .. 's:key')}
+`,
+};
+
+const SCRIPTS = [
+  DS_CREATE,
+  DS_COPY,
+  DS_FINISH,
+  DS_ABORT,
+  DS_APPEND,
+  DS_READ,
+  DS_INFO,
+  DS_DELETE,
+  SUB_SWAP,
+  SUB_MATCHES,
+  SUB_KEY,
+];

@@ -33,6 +33,7 @@
  *
  * @module
  */
+import type { Subscriptions } from "./subscriptions.ts";
 import {
   access,
   type Authorize,
@@ -196,6 +197,12 @@ export interface StreamStore {
   info(path: string): Promise<StreamInfo | "missing" | "gone">;
   /** Deletes a stream (soft-deletes one that forks still read from). */
   delete(path: string): Promise<DeleteResult>;
+  /**
+   * Paths of streams that start with `prefix`, at most `limit` of them, in
+   * no particular order; deleted and expired ones may be among them (their
+   * `info` says so). Subscriptions list the streams a pattern matches.
+   */
+  list(prefix: string, limit: number): Promise<string[]>;
   /**
    * Resolves once the stream has data past `position`, is closed, or is
    * gone, or when `signal` aborts, whichever is first. Leaves nothing
@@ -786,6 +793,16 @@ export class MemoryStreamStore implements StreamStore {
     return Promise.resolve("deleted");
   }
 
+  /** {@inheritDoc StreamStore.list} */
+  list(prefix: string, limit: number): Promise<string[]> {
+    const paths: string[] = [];
+    for (const path of this.#streams.keys()) {
+      if (paths.length >= limit) break;
+      if (path.startsWith(prefix)) paths.push(path);
+    }
+    return Promise.resolve(paths);
+  }
+
   /** {@inheritDoc StreamStore.waitForData} */
   waitForData(path: string, position: number, signal: AbortSignal): Promise<void> {
     const stream = this.#get(path);
@@ -884,6 +901,12 @@ export interface StreamsHandlerOptions {
    * to none.
    */
   logger?: (line: string) => void;
+  /**
+   * The subscription APIs (`<prefix>__ds/`, sections 6 and 7 of the
+   * protocol), served by this engine, which then follows this handler's
+   * appends. Defaults to none: `__ds` answers `501`.
+   */
+  subscriptions?: Subscriptions;
 }
 
 /** A fetch handler: a request in, a response out. Never rejects. */
@@ -951,13 +974,24 @@ function isTextual(contentType: string): boolean {
   return type.startsWith("text/") || type === "application/json";
 }
 
-/** An offset token for a position. */
-function formatOffset(position: number): string {
+/**
+ * The offset token of a position: `<16 digits>_<16 digits>`, a fixed zero
+ * part, then the position.
+ *
+ * @param position A position in a stream.
+ * @returns Its offset token.
+ */
+export function formatOffset(position: number): string {
   return `${ZERO}_${String(position).padStart(16, "0")}`;
 }
 
-/** A position from an offset token, or undefined when malformed. */
-function parseOffset(text: string): number | undefined {
+/**
+ * The position of an offset token that {@linkcode formatOffset} writes.
+ *
+ * @param text An offset token.
+ * @returns Its position, or `undefined` when malformed.
+ */
+export function parseOffset(text: string): number | undefined {
   const match = OFFSET.exec(text);
   if (!match || match[1] !== ZERO) return undefined;
   const position = Number(match[2]);
@@ -976,7 +1010,7 @@ function closedHeader(headers: Headers): boolean {
 function checkName(name: string, path: string): void {
   if (name === "") throw new HttpError(404, "no stream at this path");
   if (name.split("/")[0] === "__ds") {
-    throw new HttpError(501, "the subscription APIs (__ds) are not implemented");
+    throw new HttpError(501, "the subscription APIs (__ds) are not enabled here");
   }
   if (path.length > MAX_PATH) {
     throw new HttpError(414, `a stream path has at most ${MAX_PATH} characters`);
@@ -1340,6 +1374,8 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
   const admit = options.admit;
   const origin = options.origin?.replace(/\/$/, "");
   const logger = options.logger;
+  const subscriptions = options.subscriptions;
+  subscriptions?.attach({ prefix, store, authorize, origin });
   /**
    * The SSE data frames built last, shared by the readers at the same
    * position (see `sse`): keyed by what the data is, never by what a client
@@ -1399,6 +1435,13 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
   function full(result: Full): never {
     if (result.status === "stream-full") throw new HttpError(413, result.reason);
     throw new HttpError(503, result.reason, { "retry-after": RETRY_FULL });
+  }
+
+  /** Tells the subscriptions of data added to the stream at `path`, now at `info.tail`. */
+  function added(path: string, info: StreamInfo, records: readonly Uint8Array[]): void {
+    if (!subscriptions) return;
+    const size = records.reduce((sum, record) => sum + span(record, info.framing), 0);
+    void subscriptions.appended(path.slice(prefix.length), info.tail - size);
   }
 
   async function create(request: Request, path: string): Promise<Response> {
@@ -1474,6 +1517,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       fork,
       contentTypeGiven: given !== null && given.trim() !== "",
     }));
+    if (result.status === "created" && records.length > 0) added(path, result.info, records);
     switch (result.status) {
       case "created":
       case "exists":
@@ -1537,6 +1581,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       producer
         ? { "producer-epoch": String(producer.epoch), "producer-seq": String(producerSeq) }
         : {};
+    if (result.status === "ok" && result.appended) added(path, result.info, records);
     switch (result.status) {
       case "ok":
         return respond(producer && result.appended ? 200 : 204, null, {
@@ -1876,6 +1921,14 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       const path = new URL(request.url).pathname;
       if (!path.startsWith(prefix)) throw new HttpError(404, "no stream at this path");
       const name = path.slice(prefix.length);
+      if (subscriptions && name.split("/")[0] === "__ds") {
+        if (request.method === "OPTIONS") return preflight();
+        const response = await subscriptions.handle(request, name.slice("__ds/".length));
+        for (const [header, value] of Object.entries(SECURITY_HEADERS)) {
+          response.headers.set(header, value);
+        }
+        return response;
+      }
       checkName(name, path);
       if (request.method === "OPTIONS") return preflight();
       const action = request.method === "GET" || request.method === "HEAD"

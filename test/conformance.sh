@@ -50,7 +50,8 @@ stop() {
 }
 trap stop EXIT INT TERM
 
-env=(HOSTNAME=127.0.0.1 TICK_MS=0)
+# The suite's webhook receivers listen on 127.0.0.1.
+env=(HOSTNAME=127.0.0.1 TICK_MS=0 STREAMS_ALLOW_PRIVATE_WEBHOOKS=1)
 if [ -n "$cluster" ]; then
   redis_port=$("$bin/node" -e 'const s = require("node:net").createServer().listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); })')
   redis_dir=$(mktemp -d)

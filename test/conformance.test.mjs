@@ -2,4 +2,4 @@
 // with test/conformance.sh, which starts server.ts and sets the URL.
 import { runConformanceTests } from "@durable-streams/server-conformance-tests";
 
-runConformanceTests({ baseUrl: process.env.CONFORMANCE_TEST_URL });
+runConformanceTests({ baseUrl: process.env.CONFORMANCE_TEST_URL, subscriptions: true });

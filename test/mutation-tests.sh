@@ -17,6 +17,8 @@ case "${1:-}" in
     exec "$bin/bun" test --bail ./test/streams_test.ts ./test/streams_protocol_test.ts \
       ./test/stream_store_test.ts ./test/streams_data_test.ts \
       ./test/security_test.ts -t "$in_process" ;;
+  subscriptions.ts)
+    exec "$bin/bun" test --bail ./test/subscriptions_test.ts ;;
   redis.ts)
     exec "$bin/bun" test --bail ./test/redis_test.ts ;;
   probe.ts)
@@ -36,6 +38,6 @@ case "${1:-}" in
     # launcher watched (seconds of processes, hence the longer limit).
     TEST_TIMEOUT_MS=10000 exec "$bin/bun" test --bail ./test/server_test.ts ;;
   *)
-    echo "usage: $0 <mod.ts|streams.ts|redis.ts|runtime.ts|probe.ts|app.ts|server.ts>" >&2
+    echo "usage: $0 <mod.ts|streams.ts|subscriptions.ts|redis.ts|runtime.ts|probe.ts|app.ts|server.ts>" >&2
     exit 2 ;;
 esac

@@ -18,6 +18,10 @@ import {
 } from "../mod.ts";
 import { eventLogContract, type MakeLog } from "./contract/event_log.ts";
 import { type MakeStore, streamStoreContract } from "./contract/stream_store.ts";
+import {
+  type MakeSubscriptionStore,
+  subscriptionStoreContract,
+} from "./contract/subscription_store.ts";
 import { createStreamsHandler, MemoryStreamStore, type StreamStore } from "../streams.ts";
 import { type EventReader, seededRandom, subscribe, withServer } from "./helpers.ts";
 import { RedisServer } from "./redis_server.mjs";
@@ -405,6 +409,15 @@ describe("StreamStore contract: RedisStreamStore", () => {
     return { store, close: () => store.close() };
   };
   for (const { name, run } of streamStoreContract) test(name, () => run(make));
+});
+
+describe("SubscriptionStore contract: RedisStreamStore.subscriptionStore", () => {
+  let made = 0;
+  const make: MakeSubscriptionStore = async (maxSubscriptions) => {
+    const streams = await RedisStreamStore.connect({ url: redis.url, prefix: `s${made++}:` });
+    return { store: streams.subscriptionStore({ maxSubscriptions }), close: () => streams.close() };
+  };
+  for (const { name, run } of subscriptionStoreContract) test(name, () => run(make));
 });
 
 describe("redis.ts's own promises", () => {

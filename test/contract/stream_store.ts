@@ -110,6 +110,23 @@ function plain(result: unknown): unknown {
 
 export const streamStoreContract: StoreCase[] = [
   {
+    name: "list: the paths under a prefix, up to a limit, glob characters taken literally",
+    run: (make) =>
+      using(make, {}, async (store) => {
+        for (const path of ["/s/a", "/s/b/c", "/s*/d", "/t/e", "/s[x]/f"]) {
+          assert.equal((await store.create(path, creating())).status, "created", path);
+        }
+        const sorted = async (prefix: string, limit: number) =>
+          (await store.list(prefix, limit)).sort();
+        assert.deepEqual(await sorted("/s/", 10), ["/s/a", "/s/b/c"]);
+        assert.deepEqual(await sorted("/s*", 10), ["/s*/d"], "a * in the prefix is a *");
+        assert.deepEqual(await sorted("/s[x]", 10), ["/s[x]/f"]);
+        assert.deepEqual(await sorted("/", 10), ["/s*/d", "/s/a", "/s/b/c", "/s[x]/f", "/t/e"]);
+        assert.equal((await store.list("/", 2)).length, 2, "at most the limit");
+        assert.deepEqual(await store.list("/u/", 10), []);
+      }),
+  },
+  {
     name: "every answer in full: the stream's info, an append's outcome, each refusal's details",
     run: (make) =>
       using(make, {}, async (store) => {

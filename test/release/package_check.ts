@@ -46,6 +46,7 @@ function smoke(specifier: (path: string) => string): string {
   return `
 import { Broker, createHandler } from "${specifier("")}";
 import { createStreamsHandler } from "${specifier("/streams")}";
+import { Subscriptions } from "${specifier("/subscriptions")}";
 import { RedisLog, RedisStreamStore } from "${specifier("/redis")}";
 
 const broker = new Broker();
@@ -63,17 +64,21 @@ while (!received.includes("data: hello")) {
 await reader.cancel();
 await broker.close();
 
-const streams = createStreamsHandler();
+const subscriptions = new Subscriptions();
+const streams = createStreamsHandler({ subscriptions });
 const type = { "content-type": "text/plain" };
 await streams(new Request("http://localhost/a", { method: "PUT", headers: type }));
 await streams(new Request("http://localhost/a", { method: "POST", headers: type, body: "hi" }));
 const read = await (await streams(new Request("http://localhost/a"))).text();
+const jwks = await (await streams(new Request("http://localhost/__ds/jwks.json"))).json();
+subscriptions.close();
 
 console.log(JSON.stringify({
   id,
   delivered: received.includes("id: " + id + "\\ndata: hello\\n\\n"),
   read,
   redis: typeof RedisLog === "function" && typeof RedisStreamStore === "function",
+  signingKeys: jwks.keys.length,
   server: import.meta.resolve("${specifier("/server")}").endsWith("/server.js"),
 }));
 `;
@@ -134,7 +139,7 @@ describe("the npm package, installed fresh", () => {
     assert.match(result.id, /^\d+-\d+$/);
     assert.deepEqual(
       { ...result, id: "" },
-      { id: "", delivered: true, read: "hi", redis: true, server: true },
+      { id: "", delivered: true, read: "hi", redis: true, signingKeys: 1, server: true },
     );
   };
 
@@ -148,7 +153,13 @@ describe("the npm package, installed fresh", () => {
     assert.equal(manifest.type, "module");
     assert.equal(manifest.description, config.description);
     assert.ok(config.description.length <= 250, "JSR takes a description of 250 characters");
-    assert.deepEqual(Object.keys(manifest.exports), [".", "./streams", "./redis", "./server"]);
+    assert.deepEqual(Object.keys(manifest.exports), [
+      ".",
+      "./streams",
+      "./subscriptions",
+      "./redis",
+      "./server",
+    ]);
     for (const entry of Object.values(manifest.exports) as { types: string; default: string }[]) {
       assert.ok(existsSync(`${project}/node_modules/${PACKAGE}/${entry.types}`), entry.types);
       assert.ok(existsSync(`${project}/node_modules/${PACKAGE}/${entry.default}`), entry.default);
