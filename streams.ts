@@ -1437,11 +1437,16 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     throw new HttpError(503, result.reason, { "retry-after": RETRY_FULL });
   }
 
-  /** Tells the subscriptions of data added to the stream at `path`, now at `info.tail`. */
-  function added(path: string, info: StreamInfo, records: readonly Uint8Array[]): void {
+  /**
+   * Tells the subscriptions of data added to the stream at `path`, now at
+   * `info.tail`, before the request is answered: once an append is
+   * answered, the subscriptions that follow its stream have linked it and
+   * woken (a webhook may still be on its way).
+   */
+  async function added(path: string, info: StreamInfo, records: readonly Uint8Array[]) {
     if (!subscriptions) return;
     const size = records.reduce((sum, record) => sum + span(record, info.framing), 0);
-    void subscriptions.appended(path.slice(prefix.length), info.tail - size);
+    await subscriptions.appended(path.slice(prefix.length), info.tail - size);
   }
 
   async function create(request: Request, path: string): Promise<Response> {
@@ -1517,7 +1522,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       fork,
       contentTypeGiven: given !== null && given.trim() !== "",
     }));
-    if (result.status === "created" && records.length > 0) added(path, result.info, records);
+    if (result.status === "created" && records.length > 0) await added(path, result.info, records);
     switch (result.status) {
       case "created":
       case "exists":
@@ -1581,7 +1586,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       producer
         ? { "producer-epoch": String(producer.epoch), "producer-seq": String(producerSeq) }
         : {};
-    if (result.status === "ok" && result.appended) added(path, result.info, records);
+    if (result.status === "ok" && result.appended) await added(path, result.info, records);
     switch (result.status) {
       case "ok":
         return respond(producer && result.appended ? 200 : 204, null, {

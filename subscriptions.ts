@@ -622,12 +622,15 @@ export class Subscriptions {
     if (typeof value !== "string" || value === "" || value.length > MAX_TEXT) {
       throw new Refusal(400, "INVALID_REQUEST", `${field} must be a stream path`);
     }
+    // Before the URL parser, which would resolve them (%2e is a dot to it).
+    const dots = value.split(/[/\\]/).map((segment) => segment.replace(/%2e/gi, "."));
+    if (dots.some((segment) => segment === "." || segment === "..")) {
+      throw new Refusal(400, "INVALID_REQUEST", `${field} may not have . or .. segments`);
+    }
     const { prefix } = this.#streams;
-    const name = new URL(prefix + value.replace(/^\/+/, ""), "http://streams").pathname.slice(
-      prefix.length,
-    );
-    const segments = name.split("/");
-    if (segments[0] === "__ds" || segments.some((segment) => segment === "." || segment === "..")) {
+    const path = new URL(prefix + value.replace(/^\/+/, ""), "http://streams").pathname;
+    const name = path.slice(prefix.length);
+    if (name.split("/")[0] === "__ds") {
       throw new Refusal(400, "INVALID_REQUEST", `${field} must be a stream path outside __ds`);
     }
     return name;

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 exec node_modules/.bin/bun test ./mod_test.ts ./test/event_log_test.ts \
   ./test/stream_store_test.ts ./test/streams_test.ts ./test/streams_protocol_test.ts \
-  ./test/streams_data_test.ts \
+  ./test/streams_data_test.ts ./test/subscriptions_test.ts \
   ./test/probe_test.ts ./test/app_test.ts \
   ./test/runtime_test.ts ./test/mutation_comments_test.ts ./test/security_test.ts \
   -t '^(?!server\.ts)' "$@"

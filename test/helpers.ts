@@ -1,6 +1,8 @@
 // Shared by the test files. Node built-ins only, so `deno test` and `bun test`
 // run the same code.
+import { Buffer } from "node:buffer";
 import { type ChildProcess, spawn } from "node:child_process";
+import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import { readFileSync } from "node:fs";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
@@ -322,4 +324,84 @@ export function binary(runtime: Runtime): string {
 function rssKiB(pid: number): number {
   const status = readFileSync(`/proc/${pid}/status`, "utf8");
   return Number(/VmRSS:\s+(\d+)/.exec(status)![1]);
+}
+
+/** A webhook request a receiver got: its parsed body, its exact text, its signature header. */
+export interface Delivery {
+  body: {
+    subscription_id: string;
+    wake_id: string;
+    generation: number;
+    streams: {
+      path: string;
+      link_type: string;
+      acked_offset: string;
+      tail_offset: string;
+      has_pending: boolean;
+    }[];
+    callback_url: string;
+    callback_token: string;
+  };
+  raw: string;
+  signature: string;
+}
+
+/**
+ * A webhook receiver on 127.0.0.1: `answer` decides each response (status
+ * and JSON body), or `"hold"` to answer only when it closes.
+ */
+export async function webhookReceiver(
+  answer: (delivery: Delivery, index: number) => [number, unknown] | "hold" = () => [200, {}],
+) {
+  const deliveries: Delivery[] = [];
+  const waiters: (() => void)[] = [];
+  const held: ServerResponse[] = [];
+  let onAbort: (() => void) | undefined;
+  const server = createServer((request: IncomingMessage, response: ServerResponse) => {
+    const chunks: Buffer[] = [];
+    request.on("data", (chunk: Buffer) => chunks.push(chunk));
+    request.on("end", () => {
+      const raw = Buffer.concat(chunks).toString("utf8");
+      const delivery = {
+        body: JSON.parse(raw),
+        raw,
+        signature: String(request.headers["webhook-signature"]),
+      };
+      deliveries.push(delivery);
+      for (const wake of waiters.splice(0)) wake();
+      const reply = answer(delivery, deliveries.length - 1);
+      if (reply === "hold") {
+        held.push(response);
+        request.socket.on("close", () => onAbort?.());
+        return;
+      }
+      response.writeHead(reply[0], { "content-type": "application/json" });
+      response.end(JSON.stringify(reply[1]));
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const close = () => {
+    for (const response of held) response.destroy();
+    server.closeAllConnections();
+    server.close();
+  };
+  const untrack = track(close);
+  const { port } = server.address() as { port: number };
+  return {
+    url: `http://127.0.0.1:${port}/hook`,
+    deliveries,
+    /** Waits for delivery number `count` (1-based) and returns it. */
+    async nth(count: number): Promise<Delivery> {
+      while (deliveries.length < count) await new Promise<void>((wake) => waiters.push(wake));
+      return deliveries[count - 1];
+    },
+    /** Calls `abort` when the client of a held request goes away. */
+    onAbort(abort: () => void) {
+      onAbort = abort;
+    },
+    close() {
+      untrack();
+      close();
+    },
+  };
 }

@@ -8,7 +8,13 @@ import { after, before, describe, test, track } from "./harness.ts";
 import assert from "node:assert/strict";
 import type { ChildProcess } from "node:child_process";
 import { connect, type Socket } from "node:net";
-import { type EventReader, type ServerProcess, startServer, subscribe } from "./helpers.ts";
+import {
+  type EventReader,
+  type ServerProcess,
+  startServer,
+  subscribe,
+  webhookReceiver,
+} from "./helpers.ts";
 import { RedisServer } from "./redis_server.mjs";
 import { stream } from "@durable-streams/client";
 import { RedisStreamStore } from "../redis.ts";
@@ -22,16 +28,16 @@ function startRedis(): Promise<RedisServer> {
   });
 }
 
-/** A Redis and two server.ts processes on it, each on its own port. */
-function useCluster() {
+/** A Redis and two server.ts processes on it, each on its own port, with `env` besides. */
+function useCluster(env: Record<string, string> = {}) {
   const cluster = {
     redis: undefined as RedisServer | undefined,
     servers: [] as ServerProcess[],
   };
   before(async () => {
     cluster.redis = await startRedis();
-    const env = { REDIS_URL: cluster.redis.url };
-    cluster.servers = await Promise.all([startServer(env), startServer(env)]);
+    const all = { ...env, REDIS_URL: cluster.redis.url };
+    cluster.servers = await Promise.all([startServer(all), startServer(all)]);
   });
   after(async () => {
     try {
@@ -220,6 +226,148 @@ describe("Durable Streams on two processes sharing Redis", () => {
     for (let p = 0; p < PRODUCERS; p++) {
       const mine = records.filter((record) => record.startsWith(`p${p}s`));
       assert.deepEqual(mine, Array.from({ length: SEQS }, (_, seq) => `p${p}s${seq}`), "in order");
+    }
+  });
+});
+
+describe("subscriptions on two processes sharing Redis", () => {
+  const cluster = useCluster({ STREAMS_ALLOW_PRIVATE_WEBHOOKS: "1" });
+  const send = (
+    server: ServerProcess,
+    method: string,
+    name: string,
+    body?: unknown,
+    headers = {},
+  ) =>
+    fetch(streamUrl(server, name), {
+      method,
+      headers: { "content-type": "application/json", ...headers },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+
+  test("made on one, woken by an append on the other, delivered once, signed by the key both publish", async () => {
+    const [a, b] = cluster.servers;
+    const hooks = await webhookReceiver(() => [200, { done: true }]);
+    try {
+      const created = await send(a, "PUT", "__ds/subscriptions/once", {
+        type: "webhook",
+        pattern: "once/*",
+        webhook: { url: hooks.url },
+      });
+      assert.equal(created.status, 201);
+      const keys = await Promise.all(
+        [a, b].map(async (server) =>
+          (await (await send(server, "GET", "__ds/jwks.json")).json()).keys
+        ),
+      );
+      assert.deepEqual(keys[0], keys[1], "one signing key for both processes");
+      assert.equal((await send(b, "PUT", "once/x", { n: 1 })).status, 201);
+      const delivery = await hooks.nth(1);
+      assert.equal(delivery.body.generation, 1);
+      assert.equal(delivery.signature.split(",")[1], `kid=${keys[0][0].kid}`);
+      // Acked, by whichever process: a second append wakes generation 2, once.
+      const acked = async () => {
+        const view = await (await send(a, "GET", "__ds/subscriptions/once")).json();
+        return view.streams[0]?.acked_offset === delivery.body.streams[0].tail_offset;
+      };
+      const deadline = Date.now() + 5000;
+      while (!(await acked()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      assert.ok(await acked(), "auto-acked");
+      assert.equal((await send(a, "POST", "once/x", { n: 2 })).status, 204);
+      assert.equal((await hooks.nth(2)).body.generation, 2);
+      // A third append through both at once: still one wake in flight at a time.
+      await Promise.all([send(a, "POST", "once/x", { n: 3 }), send(b, "POST", "once/x", { n: 4 })]);
+      const third = await hooks.nth(3);
+      assert.equal(third.body.generation, 3);
+      assert.equal(
+        new Set(hooks.deliveries.map((d) => d.body.generation)).size,
+        hooks.deliveries.length,
+      );
+    } finally {
+      await send(a, "DELETE", "__ds/subscriptions/once");
+      hooks.close();
+    }
+  });
+
+  test("a lease claimed on one holds on the other; its ack on the other releases it", async () => {
+    const [a, b] = cluster.servers;
+    assert.equal((await send(a, "PUT", "pool/wake", [])).status, 201);
+    assert.equal(
+      (await send(a, "PUT", "__ds/subscriptions/pool", {
+        type: "pull-wake",
+        pattern: "jobs/*",
+        wake_stream: "pool/wake",
+      })).status,
+      201,
+    );
+    assert.equal((await send(b, "PUT", "jobs/1", { job: 1 })).status, 201);
+    const claim = (server: ServerProcess, worker: string) =>
+      send(server, "POST", "__ds/subscriptions/pool/claim", { worker });
+    const claimed = await claim(a, "w-a");
+    assert.equal(claimed.status, 200);
+    const lease = await claimed.json();
+    const busy = await claim(b, "w-b");
+    assert.deepEqual([busy.status, (await busy.json()).error], [409, {
+      code: "ALREADY_CLAIMED",
+      message: "another worker holds the lease",
+      current_holder: "w-a",
+      generation: lease.generation,
+    }]);
+    const ack = await send(b, "POST", "__ds/subscriptions/pool/ack", {
+      wake_id: lease.wake_id,
+      generation: lease.generation,
+      acks: [{ stream: "jobs/1", offset: lease.streams[0].tail_offset }],
+      done: true,
+    }, { authorization: `Bearer ${lease.token}` });
+    assert.deepEqual([ack.status, await ack.json()], [200, { ok: true, next_wake: false }]);
+    const wakes = await (await send(b, "GET", "pool/wake")).json();
+    assert.deepEqual(wakes.map((wake: { subscription_id: string }) => wake.subscription_id), [
+      "pool",
+    ]);
+  });
+
+  test("a process killed while its webhook holds the lease: the lease runs out and the other delivers", async () => {
+    const [a, b] = cluster.servers;
+    // The first delivery is held (the process dies with it); later ones answer done.
+    const hooks = await webhookReceiver((_, index) => index === 0 ? "hold" : [200, { done: true }]);
+    try {
+      assert.equal(
+        (await send(b, "PUT", "__ds/subscriptions/survive", {
+          type: "webhook",
+          pattern: "survive/*",
+          webhook: { url: hooks.url },
+          lease_ttl_ms: 1000,
+        })).status,
+        201,
+      );
+      // The append goes to a, so a sends the webhook and holds its lease.
+      assert.equal((await send(a, "PUT", "survive/x", { n: 1 })).status, 201);
+      const first = await hooks.nth(1);
+      a.signal("SIGKILL");
+      await a.exited;
+      const killed = Date.now();
+      const second = await hooks.nth(2);
+      const waited = Date.now() - killed;
+      assert.ok(waited < 5000, `delivered again after ${waited} ms`);
+      assert.equal(second.body.generation, first.body.generation + 1);
+      assert.deepEqual(second.body.streams[0].tail_offset, first.body.streams[0].tail_offset);
+      // The dead process's wake is fenced (b made the subscription: the callback URL is b's).
+      const stale = await fetch(first.body.callback_url, {
+        method: "POST",
+        headers: {
+          "content-type": "application/json",
+          authorization: `Bearer ${first.body.callback_token}`,
+        },
+        body: JSON.stringify({
+          wake_id: first.body.wake_id,
+          generation: first.body.generation,
+          done: true,
+        }),
+      });
+      assert.equal(stale.status, 409);
+    } finally {
+      await send(b, "DELETE", "__ds/subscriptions/survive");
+      hooks.close();
     }
   });
 });

@@ -1,0 +1,1122 @@
+// The subscription APIs (sections 6 and 7 of the Durable Streams protocol)
+// as subscriptions.ts serves them through streams.ts, in process: webhooks
+// to a real HTTP receiver on 127.0.0.1 (signatures checked with node:crypto
+// against the published JWKS), pull-wake claims, acks and releases, fencing,
+// leases that run out, a receiver that fails then recovers, patterns,
+// grants, limits and webhook URLs refused. The SubscriptionStore contract
+// runs here on MemorySubscriptionStore (Redis's is in redis_test.ts); two
+// processes sharing a Redis are in streams_cluster_test.ts.
+import { describe, test, track } from "./harness.ts";
+import assert from "node:assert/strict";
+import { createPublicKey, verify } from "node:crypto";
+import { Buffer } from "node:buffer";
+import { createStreamsHandler, MemoryStreamStore, type StreamsHandler } from "../streams.ts";
+import {
+  globMatch,
+  MemorySubscriptionStore,
+  Subscriptions,
+  type SubscriptionsOptions,
+  webhookUrlProblem,
+} from "../subscriptions.ts";
+import type { Authorize } from "../mod.ts";
+import {
+  type MakeSubscriptionStore,
+  subscriptionStoreContract,
+} from "./contract/subscription_store.ts";
+import { type Delivery, webhookReceiver as receiver } from "./helpers.ts";
+
+const ORIGIN = "http://streams.test";
+const PREFIX = "/v1/stream/";
+const ROOT = ORIGIN + PREFIX;
+
+/** The offset token of a position. */
+function at(position: number): string {
+  return `0000000000000000_${String(position).padStart(16, "0")}`;
+}
+
+/** A streams handler with subscriptions over memory stores; stopped by `close`. */
+function setup(options: SubscriptionsOptions & { authorize?: Authorize } = {}) {
+  const { authorize, ...rest } = options;
+  const store = new MemoryStreamStore();
+  const subscriptions = new Subscriptions({ allowLoopbackWebhooks: true, ...rest });
+  const untrack = track(() => subscriptions.close());
+  const handle = createStreamsHandler({ prefix: PREFIX, store, subscriptions, authorize });
+  return {
+    handle,
+    store,
+    subscriptions,
+    close() {
+      untrack();
+      subscriptions.close();
+    },
+  };
+}
+
+function call(
+  handle: StreamsHandler,
+  method: string,
+  path: string,
+  body?: unknown,
+  headers: Record<string, string> = {},
+): Promise<Response> {
+  return handle(
+    new Request(path.startsWith("http") ? path : ROOT + path, {
+      method,
+      headers: { "content-type": "application/json", ...headers },
+      body: body === undefined ? undefined : typeof body === "string" ? body : JSON.stringify(body),
+    }),
+  );
+}
+
+async function json(response: Response | Promise<Response>): Promise<[number, any]> {
+  const answered = await response;
+  const text = await answered.text();
+  return [answered.status, text === "" ? undefined : JSON.parse(text)];
+}
+
+/** Creates a text stream, with `data` in it if given. */
+async function stream(handle: StreamsHandler, name: string, data?: string): Promise<void> {
+  const response = await handle(
+    new Request(ROOT + name, {
+      method: "PUT",
+      headers: { "content-type": "text/plain" },
+      body: data,
+    }),
+  );
+  assert.equal(response.status, 201, `create ${name}`);
+}
+
+async function append(handle: StreamsHandler, name: string, data: string): Promise<void> {
+  const response = await handle(
+    new Request(ROOT + name, {
+      method: "POST",
+      headers: { "content-type": "text/plain" },
+      body: data,
+    }),
+  );
+  assert.equal(response.status, 204, `append to ${name}`);
+}
+
+/** Waits until the subscription's view satisfies `condition`. */
+async function until(
+  handle: StreamsHandler,
+  id: string,
+  condition: (view: any) => boolean,
+  what: string,
+): Promise<any> {
+  const deadline = Date.now() + 5000;
+  for (;;) {
+    const [, view] = await json(call(handle, "GET", `__ds/subscriptions/${id}`));
+    if (condition(view)) return view;
+    if (Date.now() > deadline) {
+      throw new Error(`timed out waiting for ${what}: ${JSON.stringify(view)}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+function webhook(url: string, extra: Record<string, unknown> = {}) {
+  return { type: "webhook", pattern: "events/*", webhook: { url }, lease_ttl_ms: 1000, ...extra };
+}
+
+/** Whether `delivery` carries a valid signature by a key of `jwks`, checked by node:crypto. */
+function signed(delivery: Delivery, jwks: { keys: Record<string, string>[] }): boolean {
+  const match = /^t=(\d+),kid=([^,]+),ed25519=([A-Za-z0-9_-]+)$/.exec(delivery.signature);
+  if (!match) return false;
+  const [, time, kid, signature] = match;
+  const key = jwks.keys.find((candidate) => candidate.kid === kid);
+  if (!key || Math.abs(Date.now() / 1000 - Number(time)) > 300) return false;
+  return verify(
+    null,
+    Buffer.from(`${time}.${delivery.raw}`),
+    createPublicKey({ key, format: "jwk" }),
+    Buffer.from(signature, "base64url"),
+  );
+}
+
+describe("SubscriptionStore contract: MemorySubscriptionStore", () => {
+  const make: MakeSubscriptionStore = (maxSubscriptions) =>
+    Promise.resolve({ store: new MemorySubscriptionStore({ maxSubscriptions }), close: () => {} });
+  for (const { name, run } of subscriptionStoreContract) test(name, () => run(make));
+});
+
+describe("subscriptions: patterns and webhook URLs", () => {
+  test("globMatch: * is one segment, ** any number, the rest literal", () => {
+    const cases: [string, string, boolean][] = [
+      ["events/*", "events/a", true],
+      ["events/*", "events/a/b", false],
+      ["events/*", "events", false],
+      ["events/*", "other/a", false],
+      ["events/**", "events", true],
+      ["events/**", "events/a/b/c", true],
+      ["**/x", "x", true],
+      ["**/x", "a/b/x", true],
+      ["**/x", "a/b/y", false],
+      ["a/*/c", "a/b/c", true],
+      ["a/*/c", "a/b/d", false],
+      ["a/**/c", "a/c", true],
+      ["a/**/c", "a/b/b/c", true],
+      ["a*", "ab", false],
+      ["a*", "a*", true],
+      ["exact", "exact", true],
+      ["exact", "exactly", false],
+    ];
+    for (const [pattern, name, expected] of cases) {
+      assert.equal(globMatch(pattern, name), expected, `${pattern} ~ ${name}`);
+    }
+  });
+
+  test("webhook URLs: https to public hosts; loopback only when allowed; private never", () => {
+    const refused = (url: string, loopback = false) => webhookUrlProblem(url, loopback);
+    assert.equal(refused("https://hooks.example.com/x"), undefined);
+    assert.equal(refused("https://93.184.216.34/x"), undefined);
+    assert.equal(refused("https://[2606:4700::1]/x"), undefined);
+    assert.equal(refused("http://hooks.example.com/x"), "webhook.url must use https");
+    assert.equal(refused("not a url"), "webhook.url is not a URL");
+    assert.equal(
+      refused("https://user:pw@hooks.example.com/"),
+      "webhook.url may not hold credentials",
+    );
+    const place = "webhook.url may not target a loopback, private or link-local address";
+    for (
+      const url of [
+        "https://10.0.0.1/",
+        "https://172.16.0.1/",
+        "https://172.31.255.255/",
+        "https://192.168.1.1/",
+        "https://169.254.169.254/latest/meta-data",
+        "https://100.64.0.1/",
+        "https://0.0.0.0/",
+        "https://224.0.0.1/",
+        "https://intranet/",
+        "https://[fd00::1]/",
+        "https://[fe80::1]/",
+        "https://[::]/",
+        "https://[::ffff:10.0.0.1]/",
+        "https://[ff02::1]/",
+      ]
+    ) {
+      assert.equal(refused(url), place, url);
+      assert.equal(refused(url, true), place, `${url}, loopback allowed`);
+    }
+    for (
+      const url of [
+        "https://127.0.0.1/",
+        "https://2130706433/", // 127.0.0.1 as one number
+        "https://0x7f.1/",
+        "https://localhost/",
+        "https://api.localhost/",
+        "https://[::1]/",
+        "https://[::ffff:127.0.0.1]/",
+      ]
+    ) {
+      assert.equal(refused(url), place, url);
+      assert.equal(refused(url, true), undefined, `${url}, loopback allowed`);
+    }
+    assert.equal(refused("http://127.0.0.1:9/hook"), "webhook.url must use https");
+    assert.equal(refused("http://127.0.0.1:9/hook", true), undefined);
+    assert.equal(refused("http://localhost:9/hook", true), undefined);
+    assert.equal(refused("http://10.0.0.1/hook", true), "webhook.url must use https");
+    assert.equal(refused("ftp://127.0.0.1/", true), "webhook.url must use https");
+    assert.equal(refused("https://172.15.0.1/"), undefined, "just outside 172.16/12");
+    assert.equal(refused("https://172.32.0.1/"), undefined);
+    assert.equal(refused("https://100.128.0.1/"), undefined, "just outside 100.64/10");
+    assert.equal(refused("https://169.253.0.1/"), undefined);
+    assert.equal(refused("https://192.167.0.1/"), undefined);
+  });
+
+  test("a refused webhook URL answers 400 WEBHOOK_URL_REJECTED and creates nothing", async () => {
+    const { handle, close } = setup({ allowLoopbackWebhooks: false });
+    try {
+      const [status, body] = await json(
+        call(handle, "PUT", "__ds/subscriptions/s", webhook("http://127.0.0.1:9/hook")),
+      );
+      assert.deepEqual([status, body], [400, {
+        error: { code: "WEBHOOK_URL_REJECTED", message: "webhook.url must use https" },
+      }]);
+      assert.equal((await call(handle, "GET", "__ds/subscriptions/s")).status, 404);
+    } finally {
+      close();
+    }
+  });
+});
+
+describe("subscriptions: creation and views", () => {
+  test("create 201, the same again 200, another configuration 409; the view in full", async () => {
+    const { handle, close } = setup();
+    try {
+      await stream(handle, "events/old", "abc");
+      const config = webhook("https://hooks.example.com/x", {
+        streams: ["manual/b", "manual/a", "manual/a"],
+        description: "d",
+      });
+      const [status, created] = await json(call(handle, "PUT", "__ds/subscriptions/s-1", config));
+      assert.equal(status, 201);
+      const [, jwks] = await json(call(handle, "GET", "__ds/jwks.json"));
+      const kid = jwks.keys[0].kid;
+      assert.match(kid, /^ds_[A-Za-z0-9_-]{43}$/);
+      const view = {
+        id: "s-1",
+        subscription_id: "s-1",
+        type: "webhook",
+        pattern: "events/*",
+        streams: [
+          { path: "events/old", link_type: "glob", acked_offset: at(3) },
+          { path: "manual/a", link_type: "explicit", acked_offset: at(0) },
+          { path: "manual/b", link_type: "explicit", acked_offset: at(0) },
+        ],
+        webhook: {
+          url: "https://hooks.example.com/x",
+          signing: { alg: "ed25519", kid, jwks_url: `${ROOT}__ds/jwks.json` },
+        },
+        wake_stream: null,
+        lease_ttl_ms: 1000,
+        created_at: created.created_at,
+        status: "active",
+        description: "d",
+      };
+      assert.deepEqual(created, view, "existing streams linked at their tail");
+      assert.ok(Math.abs(Date.parse(created.created_at) - Date.now()) < 5000);
+      const [again, confirmed] = await json(call(handle, "PUT", "__ds/subscriptions/s-1", {
+        ...config,
+        streams: ["manual/a", "manual/b"],
+      }));
+      assert.deepEqual([again, confirmed], [200, view], "the same streams in another order");
+      for (
+        const change of [
+          { description: "e" },
+          { lease_ttl_ms: 2000 },
+          { pattern: "events/**" },
+          { streams: ["manual/a"] },
+          { webhook: { url: "https://hooks.example.com/y" } },
+        ]
+      ) {
+        const [conflict, body] = await json(
+          call(handle, "PUT", "__ds/subscriptions/s-1", { ...config, ...change }),
+        );
+        assert.deepEqual(
+          [conflict, body.error.code],
+          [409, "SUBSCRIPTION_CONFLICT"],
+          JSON.stringify(change),
+        );
+      }
+      const [, read] = await json(call(handle, "GET", "__ds/subscriptions/s-1"));
+      assert.deepEqual(read, view);
+      assert.ok(
+        !/token|secret|hash|root|"d":|"x":/.test(JSON.stringify(read)),
+        "nothing secret shown",
+      );
+    } finally {
+      close();
+    }
+  });
+
+  test("the JWKS: public keys only, with its type and caching", async () => {
+    const { handle, close } = setup();
+    try {
+      const response = await call(handle, "GET", "__ds/jwks.json");
+      assert.equal(response.status, 200);
+      assert.equal(response.headers.get("content-type"), "application/jwk-set+json");
+      assert.equal(response.headers.get("cache-control"), "public, max-age=300");
+      const { keys } = await response.json();
+      assert.equal(keys.length, 1);
+      assert.deepEqual(Object.keys(keys[0]).sort(), ["alg", "crv", "kid", "kty", "use", "x"]);
+      assert.deepEqual([keys[0].kty, keys[0].crv, keys[0].alg, keys[0].use], [
+        "OKP",
+        "Ed25519",
+        "EdDSA",
+        "sig",
+      ]);
+      const [, again] = await json(call(handle, "GET", "__ds/jwks.json"));
+      assert.deepEqual(again.keys, keys, "one key for the engine's life");
+      assert.equal((await call(handle, "POST", "__ds/jwks.json", "{}")).status, 405);
+    } finally {
+      close();
+    }
+  });
+
+  test("each field checked where it enters, with a reason that names it", async () => {
+    const { handle, close } = setup({ maxStreams: 3 });
+    try {
+      const refusal = async (body: unknown, id = "s") => {
+        const [status, answer] = await json(call(handle, "PUT", `__ds/subscriptions/${id}`, body));
+        return `${status} ${answer.error.code}: ${answer.error.message}`;
+      };
+      const base = webhook("https://hooks.example.com/x");
+      assert.equal(await refusal("{"), "400 INVALID_REQUEST: the body is not JSON");
+      assert.equal(await refusal([]), "400 INVALID_REQUEST: the body is not a JSON object");
+      assert.equal(
+        await refusal({ ...base, type: "push" }),
+        '400 INVALID_REQUEST: type must be "webhook" or "pull-wake"',
+      );
+      assert.equal(
+        await refusal({ ...base, pattern: undefined }),
+        "400 INVALID_REQUEST: give pattern, streams or both",
+      );
+      assert.equal(
+        await refusal({ ...base, pattern: "" }),
+        "400 INVALID_REQUEST: pattern must be a non-empty glob of at most 1024 characters",
+      );
+      assert.equal(
+        await refusal({ ...base, pattern: "__ds/*" }),
+        "400 INVALID_REQUEST: pattern may not cover __ds",
+      );
+      assert.equal(
+        await refusal({ ...base, streams: "a" }),
+        "400 INVALID_REQUEST: streams must be an array of stream paths",
+      );
+      assert.equal(
+        await refusal({ ...base, streams: [""] }),
+        "400 INVALID_REQUEST: streams must be a stream path",
+      );
+      for (const path of ["a/../b", "./a", "a/%2E%2e", "a\\..\\b"]) {
+        assert.equal(
+          await refusal({ ...base, streams: [path] }),
+          "400 INVALID_REQUEST: streams may not have . or .. segments",
+          path,
+        );
+      }
+      assert.equal(
+        await refusal({ ...base, streams: ["__ds/x"] }),
+        "400 INVALID_REQUEST: streams must be a stream path outside __ds",
+      );
+      assert.equal(
+        await refusal({ type: "pull-wake", pattern: "a/*", wake_stream: "/__ds/x" }),
+        "400 INVALID_REQUEST: wake_stream must be a stream path outside __ds",
+      );
+      assert.equal(
+        await refusal({ ...base, streams: ["a", "b", "c", "d"] }),
+        "400 INVALID_REQUEST: streams lists more than 3 streams",
+      );
+      assert.equal(
+        await refusal({ ...base, webhook: undefined }),
+        "400 INVALID_REQUEST: a webhook subscription needs webhook.url",
+      );
+      for (const lease of [999, 600_001, 1.5, "1000"]) {
+        assert.equal(
+          await refusal({ ...base, lease_ttl_ms: lease }),
+          "400 INVALID_REQUEST: lease_ttl_ms must be an integer from 1000 to 600000",
+        );
+      }
+      assert.equal(
+        await refusal({ ...base, description: 7 }),
+        "400 INVALID_REQUEST: description must be a string of at most 1024 characters",
+      );
+      assert.equal(
+        await refusal({ type: "pull-wake", pattern: "a/*" }),
+        "400 INVALID_REQUEST: wake_stream must be a stream path",
+      );
+      assert.equal(
+        await refusal(base, "bad id!"),
+        "400 INVALID_REQUEST: a subscription id is 1-128 of A-Z a-z 0-9 . _ ~ -",
+      );
+      for (const name of ["e1", "e2", "e3", "e4"]) await stream(handle, `many/${name}`);
+      assert.equal(
+        await refusal({ ...base, pattern: "many/*" }),
+        "400 INVALID_REQUEST: the subscription would follow more than 3 streams",
+      );
+      const big = await call(handle, "PUT", "__ds/subscriptions/s", "x".repeat(70_000));
+      assert.deepEqual(
+        [big.status, (await big.json()).error.code],
+        [413, "PAYLOAD_TOO_LARGE"],
+      );
+      assert.equal(
+        (await call(handle, "GET", "__ds/subscriptions/s")).status,
+        404,
+        "none was made",
+      );
+      assert.equal((await call(handle, "GET", "__ds/nothing")).status, 404);
+      assert.equal((await call(handle, "GET", "__ds/subscriptions/s/other")).status, 404);
+      assert.equal((await call(handle, "PATCH", "__ds/subscriptions/s")).status, 405);
+    } finally {
+      close();
+    }
+  });
+
+  test("a store at its limit refuses another subscription with 503", async () => {
+    const { handle, close } = setup({
+      store: new MemorySubscriptionStore({ maxSubscriptions: 1 }),
+    });
+    try {
+      const config = webhook("https://hooks.example.com/x");
+      assert.equal((await call(handle, "PUT", "__ds/subscriptions/a", config)).status, 201);
+      const [status, body] = await json(call(handle, "PUT", "__ds/subscriptions/b", config));
+      assert.deepEqual([status, body.error.code], [503, "UNAVAILABLE"]);
+      assert.equal((await call(handle, "DELETE", "__ds/subscriptions/a")).status, 204);
+      assert.equal((await call(handle, "PUT", "__ds/subscriptions/b", config)).status, 201);
+    } finally {
+      close();
+    }
+  });
+
+  test("explicit streams: added at their tail, removed alone; a glob link stays", async () => {
+    const { handle, close } = setup();
+    try {
+      await stream(handle, "events/a", "12");
+      await stream(handle, "x/y", "1234");
+      assert.equal(
+        (await call(handle, "PUT", "__ds/subscriptions/s", webhook("https://hooks.example.com/x")))
+          .status,
+        201,
+      );
+      const add = await call(handle, "POST", "__ds/subscriptions/s/streams", {
+        streams: ["x/y", "events/a", "new/one"],
+      });
+      assert.equal(add.status, 204);
+      const links = async () =>
+        (await json(call(handle, "GET", "__ds/subscriptions/s")))[1].streams;
+      assert.deepEqual(await links(), [
+        { path: "events/a", link_type: "explicit", acked_offset: at(2) },
+        { path: "new/one", link_type: "explicit", acked_offset: at(0) },
+        { path: "x/y", link_type: "explicit", acked_offset: at(4) },
+      ]);
+      assert.equal(
+        (await call(handle, "POST", "__ds/subscriptions/s/streams", { streams: ["x/y"] })).status,
+        204,
+      );
+      for (const path of ["events%2Fa", "x/y", "absent%2Fstream"]) {
+        assert.equal(
+          (await call(handle, "DELETE", `__ds/subscriptions/s/streams/${path}`)).status,
+          204,
+          path,
+        );
+      }
+      assert.deepEqual(await links(), [
+        { path: "events/a", link_type: "glob", acked_offset: at(2) },
+        { path: "new/one", link_type: "explicit", acked_offset: at(0) },
+      ]);
+      assert.equal(
+        (await call(handle, "POST", "__ds/subscriptions/none/streams", { streams: ["a"] })).status,
+        404,
+      );
+      const [bad] = await json(call(handle, "DELETE", "__ds/subscriptions/s/streams/%E0%A4%A"));
+      assert.equal(bad, 400);
+    } finally {
+      close();
+    }
+  });
+});
+
+describe("subscriptions: webhook delivery", () => {
+  test("a signed wake on the first append; {done: true} acks its snapshot; the next append wakes again", async () => {
+    const hooks = await receiver(() => [200, { done: true }]);
+    const { handle, close } = setup();
+    try {
+      const [, created] = await json(
+        call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url)),
+      );
+      const [, jwks] = await json(call(handle, "GET", "__ds/jwks.json"));
+      await stream(handle, "events/a", "hello");
+      const first = await hooks.nth(1);
+      assert.ok(signed(first, jwks), "signed by the published key");
+      assert.ok(
+        !signed({ ...first, raw: first.raw.replace("events/a", "events/b") }, jwks),
+        "a changed body fails",
+      );
+      assert.deepEqual({ ...first.body, wake_id: "*", callback_token: "*" }, {
+        subscription_id: "s",
+        wake_id: "*",
+        generation: 1,
+        streams: [{
+          path: "events/a",
+          link_type: "glob",
+          acked_offset: at(0),
+          tail_offset: at(5),
+          has_pending: true,
+        }],
+        callback_url: `${ROOT}__ds/subscriptions/s/callback`,
+        callback_token: "*",
+      }, "a stream created after the subscription is linked before its first append");
+      assert.match(first.body.wake_id, /^w_/);
+      assert.match(first.body.callback_token, /^[A-Za-z0-9_-]{43}$/);
+      assert.equal(created.webhook.signing.kid, first.signature.split(",")[1].slice(4));
+      await until(handle, "s", (view) => view.streams[0].acked_offset === at(5), "the auto-ack");
+      await append(handle, "events/a", "!!");
+      const second = await hooks.nth(2);
+      assert.equal(second.body.generation, 2);
+      assert.notEqual(second.body.wake_id, first.body.wake_id);
+      assert.notEqual(second.body.callback_token, first.body.callback_token);
+      assert.deepEqual(second.body.streams[0], {
+        path: "events/a",
+        link_type: "glob",
+        acked_offset: at(5),
+        tail_offset: at(7),
+        has_pending: true,
+      });
+      await until(handle, "s", (view) => view.streams[0].acked_offset === at(7), "the second ack");
+      await stream(handle, "other/b", "not followed");
+      await append(handle, "events/a", "3");
+      await hooks.nth(3);
+      assert.equal(hooks.deliveries.length, 3, "no wake for a stream the pattern does not match");
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("callbacks: ack and heartbeat, done, then fenced; a wrong token, generation or wake id is fenced", async () => {
+    const hooks = await receiver();
+    const { handle, close } = setup();
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      await stream(handle, "events/a", "hello");
+      const { body } = await hooks.nth(1);
+      const callback = (payload: unknown, token = body.callback_token) =>
+        json(
+          call(handle, "POST", body.callback_url, payload, { authorization: `Bearer ${token}` }),
+        );
+      const wake = { wake_id: body.wake_id, generation: body.generation };
+      const fenced = [409, {
+        error: { code: "FENCED", message: "this wake is no longer current" },
+      }];
+      assert.deepEqual(await callback({ ...wake, generation: 2 }), fenced);
+      assert.deepEqual(await callback({ ...wake, wake_id: "w_other" }), fenced);
+      assert.deepEqual(await callback(wake, "A".repeat(43)), fenced);
+      assert.deepEqual(
+        await json(call(handle, "POST", body.callback_url, wake)),
+        [401, {
+          error: {
+            code: "UNAUTHORIZED",
+            message: "the wake's token is required as a Bearer token",
+          },
+        }],
+      );
+      assert.deepEqual(
+        await callback({ ...wake, acks: [{ stream: "events/a", offset: at(6) }] }),
+        [400, {
+          error: { code: "INVALID_OFFSET", message: 'an ack of "events/a" is past its tail' },
+        }],
+      );
+      assert.deepEqual(
+        await callback({ ...wake, acks: [{ stream: "events/a", offset: "12" }] }),
+        [400, { error: { code: "INVALID_OFFSET", message: "an ack's offset is malformed" } }],
+      );
+      assert.deepEqual(
+        await callback({ ...wake, acks: [{ stream: "events/zz", offset: at(0) }] }),
+        [400, {
+          error: {
+            code: "INVALID_REQUEST",
+            message: 'the subscription does not follow "events/zz"',
+          },
+        }],
+      );
+      assert.deepEqual(await callback({ generation: 1 }), [400, {
+        error: { code: "INVALID_REQUEST", message: "wake_id and generation are required" },
+      }]);
+      // A heartbeat with a partial ack: applied, the wake goes on.
+      assert.deepEqual(
+        await callback({ ...wake, acks: [{ stream: "events/a", offset: at(2) }] }),
+        [200, { ok: true, next_wake: false }],
+      );
+      const view = await until(handle, "s", () => true, "the view");
+      assert.equal(view.streams[0].acked_offset, at(2));
+      // An ack never goes back.
+      assert.deepEqual(
+        await callback({ ...wake, acks: [{ stream: "events/a", offset: at(1) }] }),
+        [200, { ok: true, next_wake: false }],
+      );
+      assert.equal(
+        (await until(handle, "s", () => true, "the view")).streams[0].acked_offset,
+        at(2),
+      );
+      assert.deepEqual(
+        await callback({ ...wake, acks: [{ stream: "events/a", offset: at(5) }], done: true }),
+        [200, { ok: true, next_wake: false }],
+      );
+      assert.deepEqual(await callback({ ...wake, done: true }), fenced, "the same callback again");
+      assert.equal(hooks.deliveries.length, 1);
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("done with work left: next_wake true and a new wake with what remains", async () => {
+    const hooks = await receiver();
+    const { handle, close } = setup();
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      await stream(handle, "events/a", "hello");
+      const { body } = await hooks.nth(1);
+      await append(handle, "events/a", "more");
+      const [status, answer] = await json(call(handle, "POST", body.callback_url, {
+        wake_id: body.wake_id,
+        generation: body.generation,
+        acks: [{ stream: "events/a", offset: at(5) }],
+        done: true,
+      }, { authorization: `Bearer ${body.callback_token}` }));
+      assert.deepEqual([status, answer], [200, { ok: true, next_wake: true }]);
+      const next = await hooks.nth(2);
+      assert.equal(next.body.generation, 2);
+      assert.deepEqual(
+        [next.body.streams[0].acked_offset, next.body.streams[0].tail_offset],
+        [at(5), at(9)],
+      );
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("a receiver that fails is tried again after about a second, and its wake is delivered once it is back", async () => {
+    const hooks = await receiver((_, index) => index === 0 ? [500, {}] : [200, { done: true }]);
+    const lines: string[] = [];
+    const { handle, close } = setup({ logger: (line) => lines.push(line), sweepInterval: 50 });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      await stream(handle, "events/a", "hello");
+      const failed = await hooks.nth(1);
+      const view = await until(
+        handle,
+        "s",
+        (view) => view.status === "failed",
+        "the failed status",
+      );
+      assert.equal(view.streams[0].acked_offset, at(0), "nothing acked by a failure");
+      assert.deepEqual(lines, ["subscription s: the webhook answered 500"]);
+      // The failed wake's token is spent.
+      const [fenced] = await json(call(handle, "POST", failed.body.callback_url, {
+        wake_id: failed.body.wake_id,
+        generation: failed.body.generation,
+        done: true,
+      }, { authorization: `Bearer ${failed.body.callback_token}` }));
+      assert.equal(fenced, 409);
+      const started = Date.now();
+      const retried = await hooks.nth(2);
+      const waited = Date.now() - started;
+      assert.ok(waited >= 600 && waited < 2000, `retried after ${waited} ms`);
+      assert.equal(retried.body.generation, 2);
+      assert.deepEqual(retried.body.streams[0].tail_offset, at(5));
+      const after = await until(
+        handle,
+        "s",
+        (view) => view.streams[0].acked_offset === at(5),
+        "the ack",
+      );
+      assert.equal(after.status, "active");
+      assert.equal(hooks.deliveries.length, 2);
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("a webhook that does not answer in time fails like an error; a redirect is not followed", async () => {
+    const hooks = await receiver((_, index) => index === 0 ? "hold" : [302, {}]);
+    const lines: string[] = [];
+    const { handle, close } = setup({
+      logger: (line) => lines.push(line),
+      webhookTimeout: 200,
+      sweepInterval: 50,
+    });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      await stream(handle, "events/a", "hello");
+      await hooks.nth(1);
+      await until(handle, "s", (view) => view.status === "failed", "the failed status");
+      await hooks.nth(2);
+      await until(handle, "s", () => lines.length === 2, "the second failure");
+      assert.deepEqual(lines, [
+        "subscription s: the webhook did not answer in time",
+        "subscription s: the webhook answered 302",
+      ]);
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("a lease that runs out ends the wake: the next wake is delivered and the old token is fenced", async () => {
+    const hooks = await receiver(); // answers {} and never calls back
+    const { handle, close } = setup({ sweepInterval: 50 });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      await stream(handle, "events/a", "hello");
+      const first = await hooks.nth(1);
+      const started = Date.now();
+      const second = await hooks.nth(2);
+      const waited = Date.now() - started;
+      assert.ok(waited >= 900 && waited < 3000, `redelivered after ${waited} ms`);
+      assert.equal(second.body.generation, 2);
+      const [status] = await json(call(handle, "POST", first.body.callback_url, {
+        wake_id: first.body.wake_id,
+        generation: first.body.generation,
+        done: true,
+      }, { authorization: `Bearer ${first.body.callback_token}` }));
+      assert.equal(status, 409);
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("a callback extends the lease: no second wake while the worker reports", async () => {
+    const hooks = await receiver();
+    const { handle, close } = setup({ sweepInterval: 50 });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      await stream(handle, "events/a", "hello");
+      const { body } = await hooks.nth(1);
+      const heartbeat = () =>
+        json(call(handle, "POST", body.callback_url, {
+          wake_id: body.wake_id,
+          generation: body.generation,
+        }, { authorization: `Bearer ${body.callback_token}` }));
+      // Six heartbeats 400 ms apart: 2.4 s, beyond the 1 s lease.
+      for (let i = 0; i < 6; i++) {
+        assert.deepEqual(await heartbeat(), [200, { ok: true, next_wake: false }]);
+        await new Promise((resolve) => setTimeout(resolve, 400));
+      }
+      assert.equal(hooks.deliveries.length, 1);
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("a deleted subscription: its callbacks fail without moving anything; its id starts over", async () => {
+    const hooks = await receiver();
+    const { handle, close } = setup();
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      await stream(handle, "events/a", "hello");
+      const { body } = await hooks.nth(1);
+      assert.equal((await call(handle, "DELETE", "__ds/subscriptions/s")).status, 204);
+      assert.equal((await call(handle, "DELETE", "__ds/subscriptions/s")).status, 404);
+      const settle = () =>
+        json(call(handle, "POST", body.callback_url, {
+          wake_id: body.wake_id,
+          generation: body.generation,
+          done: true,
+        }, { authorization: `Bearer ${body.callback_token}` }));
+      assert.deepEqual((await settle())[0], 404);
+      const [, created] = await json(
+        call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url)),
+      );
+      assert.deepEqual(created.streams, [{
+        path: "events/a",
+        link_type: "glob",
+        acked_offset: at(5),
+      }]);
+      assert.deepEqual((await settle())[0], 409, "the old token matches nothing");
+      await append(handle, "events/a", "!");
+      assert.equal((await hooks.nth(2)).body.generation, 1);
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+});
+
+describe("subscriptions: pull-wake", () => {
+  async function pullWake(handle: StreamsHandler, lease = 1000) {
+    const created = await handle(
+      new Request(ROOT + "wake/pool", {
+        method: "PUT",
+        headers: { "content-type": "application/json" },
+      }),
+    );
+    assert.equal(created.status, 201);
+    const [status] = await json(call(handle, "PUT", "__ds/subscriptions/p", {
+      type: "pull-wake",
+      pattern: "**",
+      wake_stream: "wake/pool",
+      lease_ttl_ms: lease,
+    }));
+    assert.equal(status, 201);
+  }
+
+  const wakes = async (handle: StreamsHandler) =>
+    (await json(handle(new Request(ROOT + "wake/pool"))))[1] as Record<string, unknown>[];
+
+  const claim = (handle: StreamsHandler, worker: string) =>
+    json(call(handle, "POST", "__ds/subscriptions/p/claim", { worker }));
+
+  test("a wake event on the wake stream; claim, a busy claim, ack as heartbeat, ack done", async () => {
+    const { handle, close } = setup();
+    try {
+      await pullWake(handle);
+      await stream(handle, "jobs/a", "hello");
+      const deadline = Date.now() + 5000;
+      while ((await wakes(handle)).length === 0 && Date.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      const [event] = await wakes(handle);
+      assert.deepEqual({ ...event, ts: 0 }, {
+        type: "wake",
+        subscription_id: "p",
+        stream: "jobs/a",
+        generation: 1,
+        ts: 0,
+      });
+      assert.ok(Math.abs((event.ts as number) - Date.now()) < 5000);
+      const [status, claimed] = await claim(handle, "worker-1");
+      assert.equal(status, 200);
+      assert.deepEqual({ ...claimed, wake_id: "*", token: "*" }, {
+        wake_id: "*",
+        generation: 1,
+        token: "*",
+        streams: [{
+          path: "jobs/a",
+          link_type: "glob",
+          acked_offset: at(0),
+          tail_offset: at(5),
+          has_pending: true,
+        }],
+        lease_ttl_ms: 1000,
+      }, "the wake stream itself is never linked");
+      assert.deepEqual(await claim(handle, "worker-2"), [409, {
+        error: {
+          code: "ALREADY_CLAIMED",
+          message: "another worker holds the lease",
+          current_holder: "worker-1",
+          generation: 1,
+        },
+      }]);
+      const ack = (body: unknown, token = claimed.token) =>
+        json(
+          call(handle, "POST", "__ds/subscriptions/p/ack", body, {
+            authorization: `Bearer ${token}`,
+          }),
+        );
+      const wake = { wake_id: claimed.wake_id, generation: 1 };
+      assert.deepEqual(
+        await ack({ ...wake, acks: [{ stream: "jobs/a", offset: at(3) }] }),
+        [200, { ok: true, next_wake: false }],
+      );
+      assert.deepEqual(
+        await ack({ ...wake, acks: [{ stream: "jobs/a", offset: at(5) }], done: true }),
+        [200, { ok: true, next_wake: false }],
+      );
+      assert.equal((await ack({ ...wake, done: true }))[0], 409, "fenced once done");
+      assert.deepEqual(await claim(handle, "worker-2"), [409, {
+        error: { code: "NO_PENDING_WORK", message: "the subscription has no pending work" },
+      }]);
+      assert.equal((await wakes(handle)).length, 1, "one wake event");
+      // Bad claims.
+      assert.equal((await claim(handle, ""))[0], 400);
+      assert.equal((await claim(handle, "a\nb"))[0], 400);
+      assert.equal(
+        (await json(call(handle, "POST", "__ds/subscriptions/none/claim", { worker: "w" })))[0],
+        404,
+      );
+    } finally {
+      close();
+    }
+  });
+
+  test("release with work left writes another wake; a lapsed lease lets another worker claim", async () => {
+    const { handle, close } = setup({ sweepInterval: 50 });
+    try {
+      await pullWake(handle);
+      await stream(handle, "jobs/a", "hello");
+      const [, first] = await claim(handle, "worker-1");
+      const release = (claimed: { wake_id: string; generation: number; token: string }) =>
+        call(handle, "POST", "__ds/subscriptions/p/release", {
+          wake_id: claimed.wake_id,
+          generation: claimed.generation,
+        }, { authorization: `Bearer ${claimed.token}` });
+      const released = await release(first);
+      assert.equal(released.status, 204);
+      assert.equal((await release(first)).status, 409, "fenced once released");
+      const events = await wakes(handle);
+      assert.deepEqual(
+        events.map((event) => event.generation),
+        [1, 2],
+        "a new wake for the work left",
+      );
+      const [, second] = await claim(handle, "worker-2");
+      assert.equal(second.generation, 2);
+      // worker-2 goes silent: its lease lapses and worker-3 claims.
+      const started = Date.now();
+      let [status, third] = await claim(handle, "worker-3");
+      while (status === 409 && Date.now() - started < 5000) {
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        [status, third] = await claim(handle, "worker-3");
+      }
+      const waited = Date.now() - started;
+      assert.equal(status, 200);
+      assert.ok(waited >= 800, `claimed after ${waited} ms`);
+      assert.ok(third.generation > 2, "a new generation fences the lapsed worker");
+      const [stale] = await json(call(handle, "POST", "__ds/subscriptions/p/ack", {
+        wake_id: second.wake_id,
+        generation: second.generation,
+        done: true,
+      }, { authorization: `Bearer ${second.token}` }));
+      assert.equal(stale, 409);
+      // Callbacks are for webhooks; acks for pull-wake.
+      const [wrong, body] = await json(call(handle, "POST", "__ds/subscriptions/p/callback", {
+        wake_id: third.wake_id,
+        generation: third.generation,
+      }, { authorization: `Bearer ${third.token}` }));
+      assert.deepEqual([wrong, body.error.message], [
+        400,
+        "callback does not apply to a pull-wake subscription",
+      ]);
+    } finally {
+      close();
+    }
+  });
+});
+
+describe("subscriptions: grants", () => {
+  /** Grants from the `x-grants` header, as JSON; none without it. */
+  const authorize: Authorize = (request) => {
+    const grants = request.headers.get("x-grants");
+    return grants === null ? false : JSON.parse(grants);
+  };
+
+  test("changing needs publish on the subscription, reading subscribe; its streams must be readable", async () => {
+    const hooks = await receiver(() => [200, { done: true }]);
+    const { handle, close } = setup({ authorize });
+    try {
+      const as = (grants: unknown) => ({ "x-grants": JSON.stringify(grants) });
+      const put = (grants: unknown, body: unknown) =>
+        json(call(handle, "PUT", "__ds/subscriptions/u-42", body, as(grants)));
+      const config = webhook(hooks.url, { pattern: "user/42/*" });
+      const owner = {
+        publish: ["__ds/subscriptions/u-42-*", "__ds/subscriptions/u-42"],
+        subscribe: ["user/42/*", "__ds/subscriptions/u-42"],
+      };
+      assert.equal((await call(handle, "PUT", "__ds/subscriptions/u-42", config)).status, 401);
+      assert.deepEqual(await put({ subscribe: ["user/42/*"] }, config), [403, {
+        error: { code: "FORBIDDEN", message: "no publish grant for this subscription" },
+      }]);
+      assert.deepEqual(
+        await put({ ...owner, subscribe: ["user/42/a"] }, config),
+        [403, { error: { code: "FORBIDDEN", message: "no subscribe grant for pattern" } }],
+        "a pattern wider than the grant",
+      );
+      assert.deepEqual(
+        (await put(owner, { ...config, pattern: "user/*/x" }))[0],
+        403,
+        "another user's streams by a wildcard",
+      );
+      assert.deepEqual(
+        await put(owner, { ...config, streams: ["user/7/private"] }),
+        [403, { error: { code: "FORBIDDEN", message: 'no subscribe grant for "user/7/private"' } }],
+      );
+      assert.deepEqual(
+        (await put(owner, {
+          type: "pull-wake",
+          pattern: "user/42/*",
+          wake_stream: "user/42/wake",
+        }))[1],
+        { error: { code: "FORBIDDEN", message: "no publish grant for wake_stream" } },
+      );
+      assert.equal((await put(owner, config))[0], 201);
+      assert.equal(
+        (await call(
+          handle,
+          "GET",
+          "__ds/subscriptions/u-42",
+          undefined,
+          as({ subscribe: ["user/42/*"] }),
+        )).status,
+        403,
+      );
+      assert.equal(
+        (await call(handle, "GET", "__ds/subscriptions/u-42", undefined, as(owner))).status,
+        200,
+      );
+      assert.equal(
+        (await call(
+          handle,
+          "POST",
+          "__ds/subscriptions/u-42/streams",
+          { streams: ["user/7/x"] },
+          as(owner),
+        )).status,
+        403,
+      );
+      assert.equal(
+        (await call(
+          handle,
+          "DELETE",
+          "__ds/subscriptions/u-42",
+          undefined,
+          as({ subscribe: ["*"] }),
+        )).status,
+        403,
+      );
+      // The webhook is delivered, and its callback needs the wake's token only.
+      await handle(
+        new Request(ROOT + "user/42/a", {
+          method: "PUT",
+          headers: { "content-type": "text/plain", ...as({ publish: ["user/42/*"] }) },
+          body: "x",
+        }),
+      );
+      assert.equal((await hooks.nth(1)).body.subscription_id, "u-42");
+      assert.equal(
+        (await call(handle, "GET", "__ds/jwks.json")).status,
+        200,
+        "the public keys are public",
+      );
+      assert.equal(
+        (await call(handle, "DELETE", "__ds/subscriptions/u-42", undefined, as(owner))).status,
+        204,
+      );
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+});
+
+describe("subscriptions: the engine's life", () => {
+  test("one engine serves one handler; without one, __ds answers 501", async () => {
+    const subscriptions = new Subscriptions();
+    try {
+      const handle = createStreamsHandler({ prefix: PREFIX, subscriptions });
+      assert.throws(
+        () => createStreamsHandler({ subscriptions }),
+        new TypeError("these subscriptions already serve a streams handler"),
+      );
+      const preflight = await handle(new Request(ROOT + "__ds/jwks.json", { method: "OPTIONS" }));
+      assert.equal(preflight.status, 204);
+      const response = await handle(new Request(ROOT + "__ds/jwks.json"));
+      assert.equal(response.headers.get("x-content-type-options"), "nosniff");
+      assert.equal(response.headers.get("access-control-allow-origin"), "*");
+    } finally {
+      subscriptions.close();
+    }
+    const plain = createStreamsHandler({ prefix: PREFIX });
+    const refused = await plain(new Request(ROOT + "__ds/jwks.json"));
+    assert.deepEqual([refused.status, await refused.json()], [501, {
+      error: "the subscription APIs (__ds) are not enabled here",
+    }]);
+  });
+
+  test("close: the webhook under way is aborted, and appends are no longer matched", async () => {
+    let aborted!: () => void;
+    const gone = new Promise<void>((resolve) => aborted = resolve);
+    const hooks = await receiver(() => "hold");
+    const calls: string[] = [];
+    const memory = new MemorySubscriptionStore();
+    const counted = {
+      get: (id: string) => (calls.push("get"), memory.get(id)),
+      swap: (
+        ...args: Parameters<MemorySubscriptionStore["swap"]>
+      ) => (calls.push("swap"), memory.swap(...args)),
+      matches: (known?: number) => (calls.push("matches"), memory.matches(known)),
+      due: (now: number, limit: number) => (calls.push("due"), memory.due(now, limit)),
+      signingKey: (candidate: string) => memory.signingKey(candidate),
+    };
+    const { handle, subscriptions, close } = setup({ store: counted });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      await stream(handle, "events/a", "hello");
+      await hooks.nth(1);
+      hooks.onAbort(aborted);
+      close();
+      await gone;
+      calls.length = 0;
+      await subscriptions.appended("events/a", 0);
+      assert.deepEqual(calls, []);
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+});
