@@ -327,6 +327,25 @@ function dueOf(record: SubscriptionRecord): number {
   return record.retry_at || record.lease_until;
 }
 
+/**
+ * Forgets the streams among `looked` that are gone (no tail): a link only a
+ * pattern made goes, so that deleted streams do not fill the subscription;
+ * an explicit one stays, from the start, for a stream created there again.
+ * Answers whether anything changed.
+ */
+function prune(record: SubscriptionRecord, looked: string[], tails: Map<string, number>): boolean {
+  let changed = false;
+  for (const name of looked) {
+    const link = record.links[name];
+    if (!link || tails.has(name)) continue;
+    if (!link.explicit) delete record.links[name];
+    else if (link.acked !== 0) link.acked = 0;
+    else continue;
+    changed = true;
+  }
+  return changed;
+}
+
 /** Ends the wake in flight (its tokens match nothing after). */
 function endWake(record: SubscriptionRecord): void {
   record.wake_id = null;
@@ -848,13 +867,14 @@ export class Subscriptions {
   }
 
   async #remove(id: string): Promise<void> {
-    for (;;) {
+    for (let attempt = 0; attempt < 32; attempt++) {
       const text = await this.#state.get(id);
       if (text === undefined) {
         throw new Refusal(404, "SUBSCRIPTION_NOT_FOUND", "no subscription with this id");
       }
       if (await this.#state.swap(id, text, undefined, "", 0) === true) return;
     }
+    throw new Refusal(503, "UNAVAILABLE", "the subscription is changing too often: try again");
   }
 
   async #addStreams(request: Request, id: string): Promise<Response> {
@@ -967,24 +987,33 @@ export class Subscriptions {
         const explicit = streams?.includes(name) ?? false;
         const glob = pattern !== null && globMatch(pattern, name);
         if (!explicit && !glob) return;
-        const record = await this.#update(id, (record) => {
-          const link = record.links[name];
-          if (link && (!glob || link.glob)) return false;
-          if (!link && Object.keys(record.links).length >= this.#maxStreams) {
+        let full = false;
+        const link = () =>
+          this.#update(id, (record) => {
+            const link = record.links[name];
+            if (link && (!glob || link.glob)) return false;
+            full = !link && Object.keys(record.links).length >= this.#maxStreams;
+            if (full) return false;
+            record.links[name] = {
+              ...link,
+              ...(glob ? { glob: true } : {}),
+              acked: link?.acked ?? before,
+            };
+          }).catch((error) => {
+            if (error instanceof Refusal && error.status === 404) return undefined;
+            throw error;
+          });
+        let record = await link();
+        if (full) {
+          // Deleted streams may hold places: let them go, then try again.
+          await this.#forgetGone(id);
+          record = await link();
+          if (full) {
             this.#logger?.(
               `subscription ${id} follows ${this.#maxStreams} streams: another is not linked`,
             );
-            return false;
           }
-          record.links[name] = {
-            ...link,
-            ...(glob ? { glob: true } : {}),
-            acked: link?.acked ?? before,
-          };
-        }).catch((error) => {
-          if (error instanceof Refusal && error.status === 404) return undefined;
-          throw error;
-        });
+        }
         if (record && record.wake_id === null) await this.#wake(id);
       }));
     } catch (error) {
@@ -992,6 +1021,15 @@ export class Subscriptions {
         `subscriptions: an append was not matched: ${(error as Error)?.message ?? error}`,
       );
     }
+  }
+
+  /** Forgets the streams of subscription `id` that are gone (see `prune`). */
+  async #forgetGone(id: string): Promise<void> {
+    const current = await this.#record(id);
+    if (!current) return;
+    const looked = Object.keys(current.links);
+    const tails = await this.#tailsOf(looked);
+    await this.#update(id, (record) => prune(record, looked, tails));
   }
 
   /** Every subscription's `[id, streams, pattern, wake_stream]`, cached until the store's version moves. */
@@ -1016,7 +1054,8 @@ export class Subscriptions {
   async #wake(id: string): Promise<boolean> {
     const current = await this.#record(id);
     if (!current || current.wake_id !== null || current.retry_at > Date.now()) return false;
-    const tails = await this.#tailsOf(Object.keys(current.links));
+    const looked = Object.keys(current.links);
+    const tails = await this.#tailsOf(looked);
     const token = randomToken();
     const tokenHash = await sha256(token);
     let woke = false;
@@ -1024,10 +1063,11 @@ export class Subscriptions {
       const now = Date.now();
       woke = false;
       if (record.wake_id !== null || record.retry_at > now) return false;
+      const pruned = prune(record, looked, tails);
       const pending = Object.entries(record.links).some(([name, link]) =>
         (tails.get(name) ?? 0) > link.acked
       );
-      if (!pending) return false;
+      if (!pending) return pruned;
       record.generation++;
       record.wake_id = `w_${crypto.randomUUID()}`;
       record.retry_at = 0;

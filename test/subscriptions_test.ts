@@ -808,6 +808,84 @@ describe("subscriptions: webhook delivery", () => {
   });
 });
 
+describe("subscriptions: streams that come and go", () => {
+  test("a deleted stream: its glob link goes, an explicit one starts over for the stream made again", async () => {
+    const hooks = await receiver(() => [200, { done: true }]);
+    const { handle, close } = setup();
+    try {
+      await call(
+        handle,
+        "PUT",
+        "__ds/subscriptions/s",
+        webhook(hooks.url, { streams: ["kept/one"] }),
+      );
+      await stream(handle, "events/a", "hello");
+      await stream(handle, "kept/one", "abc");
+      await hooks.nth(1);
+      await until(
+        handle,
+        "s",
+        (view) => view.streams.every((link: any) => link.acked_offset !== at(0)),
+        "the acks",
+      );
+      for (const name of ["events/a", "kept/one"]) {
+        assert.equal((await handle(new Request(ROOT + name, { method: "DELETE" }))).status, 204);
+      }
+      const seen = hooks.deliveries.length;
+      await stream(handle, "events/b", "x");
+      const next = await hooks.nth(seen + 1);
+      assert.deepEqual(next.body.streams.map((link) => link.path), ["kept/one", "events/b"]);
+      const view = await until(handle, "s", (view) => view.streams.length === 2, "the pruned view");
+      assert.deepEqual(view.streams.map((link: any) => [link.path, link.link_type]), [
+        ["kept/one", "explicit"],
+        ["events/b", "glob"],
+      ]);
+      await until(
+        handle,
+        "s",
+        (view) => view.streams[0].acked_offset === at(0),
+        "kept/one from the start",
+      );
+      await stream(handle, "kept/one", "12");
+      const last = await hooks.nth(seen + 2);
+      assert.deepEqual(last.body.streams[0], {
+        path: "kept/one",
+        link_type: "explicit",
+        acked_offset: at(0),
+        tail_offset: at(2),
+        has_pending: true,
+      });
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("a subscription at its stream limit links no more, until deleted streams make room", async () => {
+    const lines: string[] = [];
+    const { handle, close } = setup({ maxStreams: 2, logger: (line) => lines.push(line) });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook("https://hooks.example.com/x"));
+      for (const name of ["events/a", "events/b", "events/c"]) await stream(handle, name, "x");
+      const names = async () =>
+        (await json(call(handle, "GET", "__ds/subscriptions/s")))[1].streams.map((link: any) =>
+          link.path
+        );
+      assert.deepEqual(await names(), ["events/a", "events/b"]);
+      assert.deepEqual(lines, ["subscription s follows 2 streams: another is not linked"]);
+      assert.equal(
+        (await handle(new Request(ROOT + "events/a", { method: "DELETE" }))).status,
+        204,
+      );
+      await append(handle, "events/c", "y");
+      assert.deepEqual(await names(), ["events/b", "events/c"]);
+      assert.equal(lines.length, 1);
+    } finally {
+      close();
+    }
+  });
+});
+
 describe("subscriptions: pull-wake", () => {
   async function pullWake(handle: StreamsHandler, lease = 1000) {
     const created = await handle(
