@@ -998,6 +998,11 @@ export function parseOffset(text: string): number | undefined {
   return Number.isSafeInteger(position) ? position : undefined;
 }
 
+/** Whether two byte arrays hold the same bytes. */
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && a.every((byte, i) => byte === b[i]);
+}
+
 /** `Stream-Closed` counts only as exactly `true`, any case. */
 function closedHeader(headers: Headers): boolean {
   return headers.get("stream-closed")?.toLowerCase() === "true";
@@ -1790,6 +1795,170 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     }
   }
 
+  /**
+   * One reader of the stream at `path` per process: it waits for and reads
+   * each append once, builds its data event and its control event once,
+   * and hands them to every SSE reader that has caught up to the tail, so
+   * that readers at the tail cost no store read and no encoding of their
+   * own. A reader that falls behind (its queue grows) lets go and reads for
+   * itself until it catches up again.
+   */
+  interface Follower {
+    position: number;
+    /** The bytes of a character cut at `position` (see `sse`). */
+    carry: Uint8Array;
+    readonly readers: Set<TailReader>;
+    readonly stop: AbortController;
+    /** The stream's (a stream created again at the path is another). */
+    readonly incarnation: string;
+  }
+
+  /** An SSE reader attached to a follower. */
+  interface TailReader {
+    /** Where it has read to, the character it carries there, and of which stream. */
+    readonly position: number;
+    readonly carry: Uint8Array;
+    readonly incarnation: string;
+    /** Takes an append (the data and control events); false: too far behind, let go. */
+    take(from: number, next: number, info: StreamInfo, data: Uint8Array, rest: Uint8Array): boolean;
+    /** The stream ended: closed (`info` says so), gone, or the store failed. */
+    end(info?: StreamInfo): void;
+  }
+
+  const followers = new Map<string, Follower>();
+
+  /**
+   * Attaches `reader` to the follower of `path` if it is at the follower's
+   * position with the same carried bytes (or starts one there); false when
+   * it is not, and the reader reads for itself.
+   */
+  function follow(path: string, reader: TailReader): boolean {
+    let follower = followers.get(path);
+    if (!follower) {
+      follower = {
+        position: reader.position,
+        carry: reader.carry,
+        readers: new Set(),
+        stop: new AbortController(),
+        incarnation: reader.incarnation,
+      };
+      followers.set(path, follower);
+      void lead(path, follower);
+    }
+    if (
+      follower.position !== reader.position || follower.incarnation !== reader.incarnation ||
+      !sameBytes(follower.carry, reader.carry)
+    ) {
+      return false;
+    }
+    follower.readers.add(reader);
+    return true;
+  }
+
+  /** Detaches `reader`; the follower stops once it has no reader left. */
+  function unfollow(path: string, reader: TailReader): void {
+    const follower = followers.get(path);
+    if (!follower?.readers.delete(reader) || follower.readers.size > 0) return;
+    followers.delete(path);
+    follower.stop.abort();
+  }
+
+  async function lead(path: string, follower: Follower): Promise<void> {
+    const { readers, stop } = follower;
+    const endAll = (info?: StreamInfo) => {
+      if (followers.get(path) === follower) followers.delete(path);
+      stop.abort();
+      for (const reader of [...readers]) reader.end(info);
+      readers.clear();
+    };
+    try {
+      while (!stop.signal.aborted) {
+        await stored(store.waitForData(path, follower.position, stop.signal));
+        if (stop.signal.aborted) return;
+        const result = await stored(store.read(path, follower.position, maxReadBytes, false));
+        if (stop.signal.aborted) return;
+        if (result.status !== "ok") return endAll();
+        const { info, records, next } = result;
+        // A stream created again at this path is another stream.
+        if (info.incarnation !== follower.incarnation) return endAll();
+        if (records.length === 0) {
+          if (info.closed) return endAll(info);
+          continue;
+        }
+        const from = follower.position;
+        const [data, rest] = frameOf(path, info, records, from, next, follower.carry);
+        follower.position = next;
+        follower.carry = rest;
+        for (const reader of [...readers]) {
+          if (!reader.take(from, next, info, data, rest)) readers.delete(reader);
+        }
+        if (info.closed && next >= info.tail) return endAll();
+        if (readers.size === 0) {
+          if (followers.get(path) === follower) followers.delete(path);
+          return;
+        }
+      }
+    } catch {
+      endAll(); // the store failed: each reader resumes from its last offset
+    }
+  }
+
+  /**
+   * The data event of `records`, read at `from` up to `next` by a reader
+   * carrying `carry`, and what it carries after. Readers at the same
+   * position with nothing carried share it, built once.
+   */
+  function frameOf(
+    path: string,
+    info: StreamInfo,
+    records: Uint8Array[],
+    from: number,
+    next: number,
+    carry: Uint8Array,
+  ): [Uint8Array, Uint8Array] {
+    const key = carry.length === 0 ? `${info.incarnation} ${from} ${next} ${path}` : undefined;
+    const shared = key === undefined ? undefined : frames.get(key);
+    if (shared !== undefined) return [shared.bytes, shared.carry];
+    const text = isTextual(info.contentType);
+    let payload: string;
+    let rest: Uint8Array = EMPTY;
+    if (!text) payload = base64(concat(records));
+    else if (info.framing === "messages") payload = decoder.decode(bodyOf(info, records));
+    else {
+      const bytes = concat(carry.length === 0 ? records : [carry, ...records]);
+      const end = wholeCharacters(bytes);
+      payload = decoder.decode(bytes.subarray(0, end));
+      rest = bytes.slice(end);
+    }
+    const lines = text ? payload.split(/\r\n|\r|\n/) : payload.match(/.{1,76}/g) ?? [""];
+    const bytes = encoder.encode(
+      `event: data\n${lines.map((line) => `data:${line}`).join("\n")}\n\n`,
+    );
+    if (key !== undefined) keepFrame(key, bytes, rest);
+    return [bytes, rest];
+  }
+
+  /** The last control events built, by what they say: shared by the readers that say the same. */
+  const controls = new Map<string, Uint8Array>();
+
+  function controlOf(info: StreamInfo, next: number, cursor: string): Uint8Array {
+    const atTail = next >= info.tail;
+    const closing = info.closed && atTail;
+    const key = `${next} ${atTail} ${closing} ${closing ? "" : cursor}`;
+    let bytes = controls.get(key);
+    if (bytes === undefined) {
+      const control: Record<string, unknown> = { streamNextOffset: formatOffset(next) };
+      if (closing) control.streamClosed = true;
+      else control.streamCursor = cursor;
+      if (atTail) control.upToDate = true;
+      bytes = encoder.encode(`event: control\ndata:${JSON.stringify(control)}\n\n`);
+      // A few: the readers of a moment share one or two.
+      if (controls.size >= MAX_FRAMES) controls.delete(controls.keys().next().value!);
+      controls.set(key, bytes);
+    }
+    return bytes;
+  }
+
   function sse(
     request: Request,
     path: string,
@@ -1799,86 +1968,88 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     ms: number,
     release: () => void,
   ): Response {
-    const text = isTextual(info.contentType);
     /** The bytes of a character cut at the end of the last read, kept for the next one. */
     let carry: Uint8Array = EMPTY;
     const { signal, dispose } = deadline(request.signal, ms);
     let position = start;
     let announced = false;
     let finished = false;
+    let attached = false;
     let output: ReadableStreamDefaultController<Uint8Array> | undefined;
     const finish = () => {
       if (finished) return;
       finished = true;
+      if (attached) unfollow(path, reader);
+      attached = false;
       dispose();
       release();
       try {
         output?.close();
       } catch { /* cancelled or already closed */ }
     };
-    /**
-     * A data event, as bytes. Readers at the same position of a stream,
-     * with nothing carried, share it: built once per append for every
-     * reader, not once per reader.
-     */
-    const dataFrame = (info: StreamInfo, records: Uint8Array[], next: number): Uint8Array => {
-      const key = carry.length === 0
-        ? `${info.incarnation} ${position} ${next} ${path}`
-        : undefined;
-      const shared = key === undefined ? undefined : frames.get(key);
-      if (shared !== undefined) {
-        carry = shared.carry;
-        return shared.bytes;
-      }
-      let payload: string;
-      let rest: Uint8Array = EMPTY;
-      if (!text) payload = base64(concat(records));
-      else if (info.framing === "messages") payload = decoder.decode(bodyOf(info, records));
-      else {
-        const bytes = concat(carry.length === 0 ? records : [carry, ...records]);
-        const end = wholeCharacters(bytes);
-        payload = decoder.decode(bytes.subarray(0, end));
-        rest = bytes.slice(end);
-      }
-      const lines = text ? payload.split(/\r\n|\r|\n/) : payload.match(/.{1,76}/g) ?? [""];
-      const bytes = encoder.encode(
-        `event: data\n${lines.map((line) => `data:${line}`).join("\n")}\n\n`,
-      );
-      if (key !== undefined) keepFrame(key, bytes, rest);
-      carry = rest;
-      return bytes;
+    const deliver = (info: StreamInfo, data: Uint8Array, next: number): void => {
+      output!.enqueue(data); // from `position`
+      output!.enqueue(controlOf(info, next, cursorFor(givenCursor)));
+      position = next;
+      announced = true;
+      if (info.closed && next >= info.tail) finish();
     };
-    const controlEvent = (info: StreamInfo, next: number): Uint8Array => {
-      const atTail = next >= info.tail;
-      const control: Record<string, unknown> = { streamNextOffset: formatOffset(next) };
-      if (info.closed && atTail) control.streamClosed = true;
-      else control.streamCursor = cursorFor(givenCursor);
-      if (atTail) control.upToDate = true;
-      return encoder.encode(`event: control\ndata:${JSON.stringify(control)}\n\n`);
+    const reader: TailReader = {
+      get position() {
+        return position;
+      },
+      get carry() {
+        return carry;
+      },
+      incarnation: info.incarnation,
+      take(from, next, info, data, rest) {
+        // Stryker disable next-line ConditionalExpression: a follower hands out only what follows its readers' position
+        if (finished || from !== position) return false;
+        // Past 64 queued events the reader is slow: it lets go, and reads for itself when it pulls.
+        if ((output!.desiredSize ?? 0) < -64) {
+          attached = false;
+          return false;
+        }
+        carry = rest;
+        deliver(info, data, next);
+        return !finished;
+      },
+      end(info) {
+        attached = false;
+        if (info?.closed && !finished) {
+          output!.enqueue(controlOf(info, position, cursorFor(givenCursor)));
+        }
+        finish();
+      },
     };
     const body = new ReadableStream<Uint8Array>({
       start(controller) {
         output = controller;
       },
-      async pull(controller) {
+      async pull() {
         try {
-          while (!finished) {
+          while (!finished && !attached) {
             if (signal.aborted) return finish();
             const result = await stored(store.read(path, position, maxReadBytes, false));
-            if (result.status !== "ok") return finish();
+            // Gone, or created again: another stream.
+            if (result.status !== "ok" || result.info.incarnation !== reader.incarnation) {
+              return finish();
+            }
             const { info, records, next } = result;
             if (records.length > 0) {
-              controller.enqueue(dataFrame(info, records, next)); // from `position`
-              controller.enqueue(controlEvent(info, next));
-              position = next;
-              announced = true;
-              if (info.closed && next >= info.tail) finish();
-              return;
+              const [data, rest] = frameOf(path, info, records, position, next, carry);
+              carry = rest;
+              return deliver(info, data, next);
             }
             if (!announced || info.closed) {
               announced = true;
-              controller.enqueue(controlEvent(info, position));
+              output!.enqueue(controlOf(info, position, cursorFor(givenCursor)));
               if (info.closed) finish();
+              return;
+            }
+            // At the tail: the follower hands on what comes next.
+            if (follow(path, reader)) {
+              attached = true;
               return;
             }
             await stored(store.waitForData(path, position, signal));
@@ -1894,7 +2065,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     signal.addEventListener("abort", () => finish(), { once: true });
     return respond(200, body, {
       ...EVENT_STREAM_HEADERS,
-      "stream-sse-data-encoding": text ? undefined : "base64",
+      "stream-sse-data-encoding": isTextual(info.contentType) ? undefined : "base64",
     });
   }
 

@@ -18,6 +18,7 @@ import {
 } from "../mod.ts";
 import { eventLogContract, type MakeLog } from "./contract/event_log.ts";
 import { type MakeStore, streamStoreContract } from "./contract/stream_store.ts";
+import { liveReadCases, type MakeLiveStore } from "./contract/live_reads.ts";
 import {
   type MakeSubscriptionStore,
   subscriptionStoreContract,
@@ -409,6 +410,15 @@ describe("StreamStore contract: RedisStreamStore", () => {
     return { store, close: () => store.close() };
   };
   for (const { name, run } of streamStoreContract) test(name, () => run(make));
+});
+
+describe("shared live reads on RedisStreamStore", () => {
+  let made = 0;
+  const make: MakeLiveStore = async () => {
+    const store = await RedisStreamStore.connect({ url: redis.url, prefix: `l${made++}:` });
+    return { store, close: () => store.close() };
+  };
+  for (const { name, run } of liveReadCases) test(name, () => run(make));
 });
 
 describe("SubscriptionStore contract: RedisStreamStore.subscriptionStore", () => {

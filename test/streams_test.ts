@@ -5,6 +5,7 @@ import { describe, test } from "./harness.ts";
 import assert from "node:assert/strict";
 import { createStreamsHandler, MemoryStreamStore, type StreamsHandler } from "../streams.ts";
 import { withServer } from "./helpers.ts";
+import { liveReadCases, type MakeLiveStore } from "./contract/live_reads.ts";
 
 const BASE = "http://streams.test/v1/stream/";
 
@@ -151,6 +152,12 @@ describe("streams.ts live reads", () => {
     const quiet = await handle(new Request(`${BASE}g?offset=now&live=sse`));
     assert.match(await quiet.text(), /"upToDate":true/);
   });
+});
+
+describe("streams.ts shared live reads: MemoryStreamStore", () => {
+  const make: MakeLiveStore = () =>
+    Promise.resolve({ store: new MemoryStreamStore(), close: () => {} });
+  for (const { name, run } of liveReadCases) test(name, () => run(make));
 });
 
 describe("streams.ts SSE text", () => {

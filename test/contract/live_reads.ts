@@ -1,0 +1,175 @@
+// Live SSE reads shared per stream (streams.ts's follower), as plain cases
+// run against the handler over each store: MemoryStreamStore in
+// test/streams_test.ts, RedisStreamStore in test/redis_test.ts. The store is
+// wrapped to count its calls: readers at the tail cost one store read per
+// append, not one each.
+import assert from "node:assert/strict";
+import { createStreamsHandler, type StreamStore } from "../../streams.ts";
+
+export type MakeLiveStore = () => Promise<{ store: StreamStore; close(): void | Promise<void> }>;
+
+export interface LiveReadCase {
+  name: string;
+  run(make: MakeLiveStore): Promise<void>;
+}
+
+const BASE = "http://streams.test/v1/stream/";
+const decoder = new TextDecoder();
+
+/** `store` with its reads and waits counted. */
+function counted(store: StreamStore) {
+  const calls = { read: 0, wait: 0 };
+  const wrapped: StreamStore = {
+    create: (path, request) => store.create(path, request),
+    append: (path, request) => store.append(path, request),
+    read: (path, position, maxBytes, touch) => {
+      calls.read++;
+      return store.read(path, position, maxBytes, touch);
+    },
+    info: (path) => store.info(path),
+    delete: (path) => store.delete(path),
+    list: (prefix, limit) => store.list(prefix, limit),
+    waitForData: (path, position, signal) => {
+      calls.wait++;
+      return store.waitForData(path, position, signal);
+    },
+  };
+  return { store: wrapped, calls };
+}
+
+/** An SSE reader: its data events' texts so far, read on demand. */
+async function open(
+  handle: (request: Request) => Promise<Response>,
+  name: string,
+  signal: AbortSignal,
+) {
+  const response = await handle(new Request(`${BASE}${name}?offset=now&live=sse`, { signal }));
+  assert.equal(response.status, 200);
+  const reader = response.body!.getReader();
+  let text = "";
+  const data = () => [...text.matchAll(/^event: data\ndata:(.*)$/gm)].map((match) => match[1]);
+  const controls = () => [...text.matchAll(/^event: control$/gm)].length;
+  return {
+    data,
+    /** Reads until `done` holds (or the stream ends: then false). */
+    async until(done: () => boolean): Promise<boolean> {
+      while (!done()) {
+        const { value, done: ended } = await reader.read();
+        if (ended) return false;
+        text += decoder.decode(value, { stream: true });
+      }
+      return true;
+    },
+    controls,
+    async ended(): Promise<boolean> {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return true;
+        text += decoder.decode(value, { stream: true });
+      }
+    },
+  };
+}
+
+async function using(
+  make: MakeLiveStore,
+  body: (subject: {
+    handle: (request: Request) => Promise<Response>;
+    calls: { read: number; wait: number };
+    signal: AbortSignal;
+  }) => Promise<void>,
+): Promise<void> {
+  const { store, close } = await make();
+  const { store: wrapped, calls } = counted(store);
+  const handle = createStreamsHandler({ prefix: "/v1/stream/", store: wrapped });
+  const controller = new AbortController();
+  try {
+    await body({ handle, calls, signal: controller.signal });
+  } finally {
+    controller.abort();
+    await close();
+  }
+}
+
+const send = (
+  handle: (request: Request) => Promise<Response>,
+  method: string,
+  name: string,
+  body?: string,
+) => handle(new Request(BASE + name, { method, headers: { "content-type": "text/plain" }, body }));
+
+export const liveReadCases: LiveReadCase[] = [
+  {
+    name: "readers at the tail share one store read and one wait per append",
+    run: (make) =>
+      using(make, async ({ handle, calls, signal }) => {
+        assert.equal((await send(handle, "PUT", "shared")).status, 201);
+        const readers = await Promise.all(
+          Array.from({ length: 20 }, () => open(handle, "shared", signal)),
+        );
+        for (const reader of readers) await reader.until(() => reader.controls() >= 1);
+        // Each reader has looked once and found the tail; from here the follower reads.
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        calls.read = calls.wait = 0;
+        for (let i = 0; i < 5; i++) {
+          assert.equal((await send(handle, "POST", "shared", `m${i}`)).status, 204);
+          for (const reader of readers) {
+            assert.ok(await reader.until(() => reader.data().length > i));
+          }
+        }
+        for (const reader of readers) {
+          assert.deepEqual(reader.data(), ["m0", "m1", "m2", "m3", "m4"]);
+        }
+        assert.ok(
+          calls.read >= 1 && calls.read <= 5,
+          `${calls.read} reads for 5 appends and 20 readers`,
+        );
+        assert.ok(calls.wait <= 6, `${calls.wait} waits for 5 appends and 20 readers`);
+      }),
+  },
+  {
+    name:
+      "a reader that stops reading lets go: the others go on, and it gets every append later, in order",
+    run: (make) =>
+      using(make, async ({ handle, signal }) => {
+        assert.equal((await send(handle, "PUT", "slow")).status, 201);
+        const [slow, quick] = [
+          await open(handle, "slow", signal),
+          await open(handle, "slow", signal),
+        ];
+        await slow.until(() => slow.controls() >= 1);
+        await quick.until(() => quick.controls() >= 1);
+        const sent: string[] = [];
+        for (let i = 0; i < 200; i++) {
+          const line = `${i} ${"x".repeat(1000)}`;
+          sent.push(line);
+          assert.equal((await send(handle, "POST", "slow", line)).status, 204);
+          await quick.until(() => quick.data().length > i);
+        }
+        assert.deepEqual(quick.data(), sent);
+        // What it reads for itself comes as fewer, larger data events: the same bytes.
+        const all = sent.join("");
+        assert.ok(await slow.until(() => slow.data().join("").length >= all.length));
+        assert.equal(slow.data().join(""), all);
+        assert.ok(slow.data().length < sent.length, "it let go of the follower");
+      }),
+  },
+  {
+    name: "the stream deleted, or created again: readers at the tail end",
+    run: (make) =>
+      using(make, async ({ handle, signal }) => {
+        assert.equal((await send(handle, "PUT", "gone")).status, 201);
+        const reader = await open(handle, "gone", signal);
+        await reader.until(() => reader.controls() >= 1);
+        assert.equal((await send(handle, "DELETE", "gone")).status, 204);
+        assert.equal(await reader.ended(), true);
+        assert.equal((await send(handle, "PUT", "again")).status, 201);
+        const old = await open(handle, "again", signal);
+        await old.until(() => old.controls() >= 1);
+        assert.equal((await send(handle, "DELETE", "again")).status, 204);
+        assert.equal((await send(handle, "PUT", "again", "new")).status, 201);
+        assert.equal(await old.ended(), true);
+        assert.deepEqual(old.data(), [], "nothing of the new stream reaches a reader of the old");
+      }),
+  },
+];
