@@ -1751,9 +1751,15 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       const { signal, dispose } = deadline(request.signal, ms);
       try {
         while (!signal.aborted) {
-          await stored(store.waitForData(path, position, signal));
+          const handed = await handedOn(path, position, result.info.incarnation, signal);
           if (request.signal.aborted) break;
-          result = found(await stored(store.read(path, position, maxReadBytes, false)));
+          if (typeof handed === "object") result = handed;
+          else {
+            if (handed === "alone") await stored(store.waitForData(path, position, signal));
+            else if (signal.aborted) break;
+            if (request.signal.aborted) break;
+            result = found(await stored(store.read(path, position, maxReadBytes, false)));
+          }
           if (result.records.length > 0 || result.info.closed) break;
         }
       } finally {
@@ -1815,12 +1821,24 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
 
   /** An SSE reader attached to a follower. */
   interface TailReader {
-    /** Where it has read to, the character it carries there, and of which stream. */
+    /**
+     * Where it has read to, the character it carries there (`undefined`:
+     * it takes records, not SSE frames), and of which stream.
+     */
     readonly position: number;
-    readonly carry: Uint8Array;
+    readonly carry: Uint8Array | undefined;
     readonly incarnation: string;
-    /** Takes an append (the data and control events); false: too far behind, let go. */
-    take(from: number, next: number, info: StreamInfo, data: Uint8Array, rest: Uint8Array): boolean;
+    /**
+     * Takes an append: what was read from `from`, and its SSE data event
+     * with what that carries after. False: it let go (too far behind, or
+     * done).
+     */
+    take(
+      from: number,
+      read: Extract<ReadResult, { status: "ok" }>,
+      data: Uint8Array,
+      rest: Uint8Array,
+    ): boolean;
     /** The stream ended: closed (`info` says so), gone, or the store failed. */
     end(info?: StreamInfo): void;
   }
@@ -1837,7 +1855,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     if (!follower) {
       follower = {
         position: reader.position,
-        carry: reader.carry,
+        carry: reader.carry ?? EMPTY,
         readers: new Set(),
         stop: new AbortController(),
         incarnation: reader.incarnation,
@@ -1847,12 +1865,49 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
     }
     if (
       follower.position !== reader.position || follower.incarnation !== reader.incarnation ||
-      !sameBytes(follower.carry, reader.carry)
+      (reader.carry !== undefined && !sameBytes(follower.carry, reader.carry))
     ) {
       return false;
     }
     follower.readers.add(reader);
     return true;
+  }
+
+  /**
+   * What the follower of `path` reads next from `position`, for a
+   * long-poll: the read; `"ended"` when the follower ended or `signal`
+   * aborted first (the caller looks for itself); `"alone"` when no follower
+   * is at `position` (the caller waits and reads for itself).
+   */
+  function handedOn(
+    path: string,
+    position: number,
+    incarnation: string,
+    signal: AbortSignal,
+  ): Promise<Extract<ReadResult, { status: "ok" }> | "ended" | "alone"> {
+    return new Promise((resolve) => {
+      const settle = (value: Extract<ReadResult, { status: "ok" }> | "ended" | "alone") => {
+        signal.removeEventListener("abort", onAbort);
+        resolve(value);
+      };
+      const reader: TailReader = {
+        position,
+        carry: undefined,
+        incarnation,
+        take(_from, read) {
+          settle(read);
+          return false; // one read is all a long-poll takes
+        },
+        end: () => settle("ended"),
+      };
+      const onAbort = () => {
+        unfollow(path, reader);
+        settle("ended");
+      };
+      if (signal.aborted) return settle("ended");
+      if (!follow(path, reader)) return settle("alone");
+      signal.addEventListener("abort", onAbort, { once: true });
+    });
   }
 
   /** Detaches `reader`; the follower stops once it has no reader left. */
@@ -1890,7 +1945,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
         follower.position = next;
         follower.carry = rest;
         for (const reader of [...readers]) {
-          if (!reader.take(from, next, info, data, rest)) readers.delete(reader);
+          if (!reader.take(from, result, data, rest)) readers.delete(reader);
         }
         if (info.closed && next >= info.tail) return endAll();
         if (readers.size === 0) {
@@ -2002,7 +2057,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
         return carry;
       },
       incarnation: info.incarnation,
-      take(from, next, info, data, rest) {
+      take(from, { info, next }, data, rest) {
         // Stryker disable next-line ConditionalExpression: a follower hands out only what follows its readers' position
         if (finished || from !== position) return false;
         // Past 64 queued events the reader is slow: it lets go, and reads for itself when it pulls.

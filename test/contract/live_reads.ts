@@ -128,6 +128,33 @@ export const liveReadCases: LiveReadCase[] = [
       }),
   },
   {
+    name: "long-poll readers at the tail share one read: each answers with the append",
+    run: (make) =>
+      using(make, async ({ handle, calls, signal }) => {
+        const created = await send(handle, "PUT", "polled", "ab");
+        const tail = created.headers.get("stream-next-offset");
+        const started = calls.read;
+        const polls = Array.from({ length: 20 }, () =>
+          handle(new Request(`${BASE}polled?offset=${tail}&live=long-poll`, { signal })));
+        // Each has looked once and found nothing; then they wait together.
+        const deadline = Date.now() + 5000;
+        while (calls.read < started + 20 && Date.now() < deadline) {
+          await new Promise((resolve) =>
+            setTimeout(resolve, 5)
+          );
+        }
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        calls.read = calls.wait = 0;
+        assert.equal((await send(handle, "POST", "polled", "cd")).status, 204);
+        for (const poll of await Promise.all(polls)) {
+          assert.equal(poll.status, 200);
+          assert.equal(await poll.text(), "cd");
+          assert.equal(poll.headers.get("stream-next-offset"), "0000000000000000_0000000000000004");
+        }
+        assert.ok(calls.read <= 2, `${calls.read} reads for 20 long-polls`);
+      }),
+  },
+  {
     name:
       "a reader that stops reading lets go: the others go on, and it gets every append later, in order",
     run: (make) =>
