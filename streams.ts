@@ -1995,8 +1995,14 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
 
   /** The last control events built, by what they say: shared by the readers that say the same. */
   const controls = new Map<string, Uint8Array>();
+  /** The last one asked for: the readers of one append ask with the same `info`, one after another. */
+  let lastControl:
+    | { info: StreamInfo; next: number; cursor: string; bytes: Uint8Array }
+    | undefined;
 
   function controlOf(info: StreamInfo, next: number, cursor: string): Uint8Array {
+    const last = lastControl;
+    if (last?.info === info && last.next === next && last.cursor === cursor) return last.bytes;
     const atTail = next >= info.tail;
     const closing = info.closed && atTail;
     const key = `${next} ${atTail} ${closing} ${closing ? "" : cursor}`;
@@ -2011,6 +2017,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       if (controls.size >= MAX_FRAMES) controls.delete(controls.keys().next().value!);
       controls.set(key, bytes);
     }
+    lastControl = { info, next, cursor, bytes };
     return bytes;
   }
 
