@@ -1202,3 +1202,307 @@ describe("subscriptions: the engine's life", () => {
     }
   });
 });
+
+describe("subscriptions: every answer's details", () => {
+  test("answers are not cached; HEAD of the JWKS has no body; option values are checked", async () => {
+    const hooks = await receiver();
+    const { handle, close } = setup();
+    try {
+      const put = await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      assert.equal(put.headers.get("cache-control"), "no-store");
+      assert.equal(
+        (await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url))).headers.get(
+          "cache-control",
+        ),
+        "no-store",
+      );
+      assert.equal(
+        (await call(handle, "GET", "__ds/subscriptions/s")).headers.get("cache-control"),
+        "no-store",
+      );
+      const refused = await call(handle, "GET", "__ds/subscriptions/none");
+      assert.deepEqual(
+        [refused.status, refused.headers.get("cache-control"), await refused.json()],
+        [404, "no-store", {
+          error: { code: "SUBSCRIPTION_NOT_FOUND", message: "no subscription with this id" },
+        }],
+      );
+      const head = await call(handle, "HEAD", "__ds/jwks.json");
+      assert.deepEqual([head.status, await head.text(), head.headers.get("content-type")], [
+        200,
+        "",
+        "application/jwk-set+json",
+      ]);
+      await stream(handle, "events/a", "hello");
+      const { body } = await hooks.nth(1);
+      const callback = await call(handle, "POST", body.callback_url, {
+        wake_id: body.wake_id,
+        generation: body.generation,
+      }, { authorization: `Bearer ${body.callback_token}` });
+      assert.equal(callback.headers.get("cache-control"), "no-store");
+      for (
+        const [name, options] of [
+          ["maxStreams", { maxStreams: -1 }],
+          ["webhookTimeout", { webhookTimeout: 1.5 }],
+          ["sweepInterval", { sweepInterval: Number.NaN }],
+          ["maxBodyBytes", { maxBodyBytes: -2 }],
+        ] as const
+      ) {
+        assert.throws(
+          () => new Subscriptions(options),
+          new RangeError(`${name} must be a non-negative integer`),
+        );
+      }
+      assert.throws(
+        () => new MemorySubscriptionStore({ maxSubscriptions: -1 }),
+        new RangeError("maxSubscriptions must be a non-negative integer"),
+      );
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("a subscription store that fails: 503 UNAVAILABLE with no detail, and one line to the logger", async () => {
+    const lines: string[] = [];
+    const failing = new MemorySubscriptionStore();
+    const broken = {
+      get: () => Promise.reject(new Error("store down")),
+      swap: failing.swap.bind(failing),
+      matches: () => Promise.reject(new Error("store down")),
+      due: () => Promise.reject(new Error("store down")),
+      signingKey: failing.signingKey.bind(failing),
+    };
+    const { handle, close } = setup({
+      store: broken,
+      logger: (line) => lines.push(line),
+      sweepInterval: 20,
+    });
+    try {
+      const [status, body] = await json(call(handle, "GET", "__ds/subscriptions/s"));
+      assert.deepEqual([status, body], [503, {
+        error: { code: "UNAVAILABLE", message: "the subscription store is unavailable: try again" },
+      }]);
+      assert.ok(lines.includes("subscription request failed: store down"), lines.join("\n"));
+      // An append is accepted all the same; the failure to match it is told.
+      await stream(handle, "events/a", "x");
+      assert.ok(
+        lines.includes("subscriptions: an append was not matched: store down"),
+        lines.join("\n"),
+      );
+      const deadline = Date.now() + 5000;
+      while (
+        !lines.includes("subscriptions: the sweep failed: store down") && Date.now() < deadline
+      ) {
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      assert.ok(lines.includes("subscriptions: the sweep failed: store down"));
+    } finally {
+      close();
+    }
+  });
+
+  test("an engine used before a handler serves it says so", async () => {
+    const subscriptions = new Subscriptions();
+    try {
+      const [status, body] = await json(
+        subscriptions.handle(new Request("http://h/x"), "subscriptions/s"),
+      );
+      assert.deepEqual([status, body.error.code], [503, "UNAVAILABLE"]);
+      await subscriptions.appended("a", 0); // never rejects
+    } finally {
+      subscriptions.close();
+    }
+    // Closed before it was attached: no sweep starts.
+    const closed = new Subscriptions({ sweepInterval: 1 });
+    closed.close();
+    createStreamsHandler({ subscriptions: closed });
+  });
+
+  test("paths, patterns and tokens: each malformed one refused with its reason", async () => {
+    const hooks = await receiver();
+    const { handle, close } = setup();
+    try {
+      assert.equal((await call(handle, "POST", "__ds/subscriptions/s/claim/x", {})).status, 404);
+      assert.equal((await call(handle, "GET", "__ds")).status, 404);
+      const [, created] = await json(call(handle, "PUT", "__ds/subscriptions/s", {
+        ...webhook(hooks.url),
+        pattern: "/events/*/",
+      }));
+      assert.equal(created.pattern, "events/*", "leading and trailing slashes dropped");
+      const [long] = await json(
+        call(
+          handle,
+          "PUT",
+          "__ds/subscriptions/t",
+          webhook(`https://a.example/${"x".repeat(2050)}`),
+        ),
+      );
+      assert.equal(long, 400);
+      await stream(handle, "events/a", "hello");
+      const { body } = await hooks.nth(1);
+      const settle = (
+        authorization: string,
+        payload: unknown = { wake_id: body.wake_id, generation: body.generation },
+      ) => json(call(handle, "POST", body.callback_url, payload, { authorization }));
+      const missing = [401, {
+        error: { code: "UNAUTHORIZED", message: "the wake's token is required as a Bearer token" },
+      }];
+      assert.deepEqual(await settle(`Bearer ${"a".repeat(129)}`), missing);
+      assert.deepEqual(await settle(`Basic ${body.callback_token}`), missing);
+      assert.deepEqual(await settle(`Bearer ${body.callback_token} x`), missing);
+      const token = `Bearer ${body.callback_token}`;
+      assert.deepEqual(await settle(token, { wake_id: body.wake_id, generation: "1" }), [400, {
+        error: { code: "INVALID_REQUEST", message: "wake_id and generation are required" },
+      }]);
+      assert.deepEqual(
+        await settle(token, { wake_id: body.wake_id, generation: body.generation, acks: {} }),
+        [400, {
+          error: { code: "INVALID_REQUEST", message: "acks must be an array of {stream, offset}" },
+        }],
+      );
+      assert.deepEqual(
+        await settle(token, { wake_id: body.wake_id, generation: body.generation, acks: [null] }),
+        [400, { error: { code: "INVALID_OFFSET", message: "an ack's offset is malformed" } }],
+      );
+      assert.deepEqual(
+        await settle(token, {
+          wake_id: body.wake_id,
+          generation: body.generation,
+          acks: [{ stream: 7, offset: at(1) }],
+        }),
+        [400, {
+          error: { code: "INVALID_REQUEST", message: "acks[].stream must be a stream path" },
+        }],
+      );
+      // A claim is for pull-wake subscriptions.
+      assert.deepEqual(
+        await json(call(handle, "POST", "__ds/subscriptions/s/claim", { worker: "w" })),
+        [400, {
+          error: { code: "INVALID_REQUEST", message: "only a pull-wake subscription is claimed" },
+        }],
+      );
+      assert.deepEqual(
+        (await json(
+          call(handle, "POST", "__ds/subscriptions/s/ack", {}, { authorization: token }),
+        ))[1],
+        {
+          error: {
+            code: "INVALID_REQUEST",
+            message: "ack does not apply to a webhook subscription",
+          },
+        },
+      );
+      // None of that moved the wake: its own callback still works (done, nothing acked: work remains).
+      assert.deepEqual(
+        await settle(token, { wake_id: body.wake_id, generation: body.generation, done: true }),
+        [200, {
+          ok: true,
+          next_wake: true,
+        }],
+      );
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("webhook answers: non-JSON or oversized is taken, not done; a refused connection is a failure", async () => {
+    const hooks = await receiver((_, index) =>
+      index === 0 ? [200, "x".repeat(70_000)] : [200, { done: false }]
+    );
+    const lines: string[] = [];
+    const { handle, close } = setup({ logger: (line) => lines.push(line), sweepInterval: 50 });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url, { lease_ttl_ms: 1000 }));
+      await stream(handle, "events/a", "hello");
+      await hooks.nth(1);
+      // Not done: the lease runs, then the wake goes out again (a second, also not done).
+      const second = await hooks.nth(2);
+      assert.equal(second.body.generation, 2);
+      assert.equal(lines.length, 0);
+      const view = await until(handle, "s", () => true, "the view");
+      assert.deepEqual([view.status, view.streams[0].acked_offset], ["active", at(0)]);
+    } finally {
+      close();
+      hooks.close();
+    }
+    // A receiver that is gone: the connection is refused.
+    const gone = await receiver();
+    const url = gone.url;
+    gone.close();
+    const refused = setup({ logger: (line) => lines.push(line) });
+    try {
+      await call(refused.handle, "PUT", "__ds/subscriptions/s", webhook(url));
+      await stream(refused.handle, "events/a", "hello");
+      await until(refused.handle, "s", (view) => view.status === "failed", "the failure");
+      assert.match(lines.at(-1)!, /^subscription s: the webhook failed: \w+$/);
+    } finally {
+      refused.close();
+    }
+  });
+
+  test("a wake event that cannot be written is told; claims still work", async () => {
+    const lines: string[] = [];
+    const { handle, close } = setup({ logger: (line) => lines.push(line) });
+    try {
+      const [status] = await json(call(handle, "PUT", "__ds/subscriptions/p", {
+        type: "pull-wake",
+        pattern: "jobs/*",
+        wake_stream: "wake/missing",
+      }));
+      assert.equal(status, 201);
+      await stream(handle, "jobs/a", "x");
+      assert.deepEqual(lines, ["subscription p: the wake event was not written (missing)"]);
+      const [claimed, body] = await json(
+        call(handle, "POST", "__ds/subscriptions/p/claim", { worker: "w" }),
+      );
+      assert.deepEqual([claimed, body.generation, body.lease_ttl_ms], [200, 1, 30000]);
+    } finally {
+      close();
+    }
+  });
+
+  test("the wake event names the first stream with work; several subscriptions wake on one append", async () => {
+    const { handle, close } = setup();
+    try {
+      await handle(
+        new Request(ROOT + "wake/a", {
+          method: "PUT",
+          headers: { "content-type": "application/json" },
+        }),
+      );
+      await handle(
+        new Request(ROOT + "wake/b", {
+          method: "PUT",
+          headers: { "content-type": "application/json" },
+        }),
+      );
+      await stream(handle, "jobs/old", "1");
+      for (const [id, wake] of [["p1", "wake/a"], ["p2", "wake/b"]]) {
+        assert.equal(
+          (await call(handle, "PUT", `__ds/subscriptions/${id}`, {
+            type: "pull-wake",
+            pattern: "jobs/*",
+            streams: ["jobs/old"],
+            wake_stream: wake,
+          })).status,
+          201,
+        );
+      }
+      await stream(handle, "jobs/new", "2");
+      for (const wake of ["wake/a", "wake/b"]) {
+        const [, events] = await json(handle(new Request(ROOT + wake)));
+        assert.deepEqual(events.map((event: Answer) => [event.stream, event.generation]), [[
+          "jobs/new",
+          1,
+        ]], wake);
+      }
+      // A wake stream is an ordinary stream: another subscription may follow it.
+      const [, view] = await json(call(handle, "GET", "__ds/subscriptions/p1"));
+      assert.deepEqual(view.streams.map((link: Answer) => link.path), ["jobs/old", "jobs/new"]);
+    } finally {
+      close();
+    }
+  });
+});
