@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type EventReader, eventually, ROOT, RUNTIME, subscribe } from "./helpers.ts";
 import { eventLogContract } from "./contract/event_log.ts";
+import { streamStoreContract } from "./contract/stream_store.ts";
 
 const EXAMPLE = join(ROOT, "examples", "workers");
 
@@ -299,7 +300,11 @@ describe(`the Workers example in wrangler dev (test run by ${RUNTIME})`, () => {
   });
 });
 
-describe(`the EventLog contract against SqliteLog in workerd (test run by ${RUNTIME})`, () => {
+/**
+ * Runs a contract in workerd (test/workers/contract_worker.ts): each case is
+ * a request that runs it in a Durable Object of its own.
+ */
+function contractInWorkerd(contract: "log" | "streams", cases: readonly { name: string }[]) {
   let dir: string;
   let workerd: Workerd;
 
@@ -328,10 +333,19 @@ describe(`the EventLog contract against SqliteLog in workerd (test run by ${RUNT
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
-  eventLogContract.forEach(({ name }, index) => {
+  cases.forEach(({ name }, index) => {
     test(name, async () => {
-      const answer = await (await fetch(`${workerd.url}/?case=${index}`)).json();
+      const answer = await (await fetch(`${workerd.url}/?contract=${contract}&case=${index}`))
+        .json();
       assert.ok(answer.ok, answer.message);
     });
   });
+}
+
+describe(`the EventLog contract against SqliteLog in workerd (test run by ${RUNTIME})`, () => {
+  contractInWorkerd("log", eventLogContract);
+});
+
+describe(`the StreamStore contract against SqliteStreamStore in workerd (test run by ${RUNTIME})`, () => {
+  contractInWorkerd("streams", streamStoreContract);
 });

@@ -14,11 +14,14 @@ import {
   parseEventId,
 } from "../../mod.ts";
 
-/** The part of `ctx.storage` the log uses (a SQLite-backed namespace). */
+/** A value SQLite keeps: text, a number, null, or bytes (read back as an `ArrayBuffer`). */
+export type SqlValue = string | number | null | ArrayBuffer | Uint8Array;
+
+/** The part of `ctx.storage` the log (and `SqliteStreamStore`) uses: a SQLite-backed namespace. */
 export interface SqlStorageLike {
   sql: {
-    exec(query: string, ...bindings: (string | number | null)[]): {
-      toArray(): Record<string, string | number | null>[];
+    exec(query: string, ...bindings: SqlValue[]): {
+      toArray(): Record<string, SqlValue>[];
     };
   };
   transactionSync<T>(body: () => T): T;
@@ -38,7 +41,7 @@ export interface SqliteLogOptions {
   idempotencyKeys?: number;
 }
 
-type Row = Record<string, string | number | null>;
+type Row = Record<string, SqlValue>;
 
 // Ids are `<ms>-<row>`: the append's time (never going back) and its row number.
 
@@ -194,7 +197,7 @@ export class SqliteLog implements EventLog {
     this.#setNamed("dropped", `${dropped.ms}-${dropped.row}`);
   }
 
-  #exec(query: string, ...bindings: (string | number | null)[]): Row[] {
+  #exec(query: string, ...bindings: SqlValue[]): Row[] {
     return this.#storage.sql.exec(query, ...bindings).toArray();
   }
 
