@@ -73,8 +73,8 @@ export interface SubscriptionStore {
     due: number,
   ): Promise<boolean | "full">;
   /**
-   * The `match` of every record and a version that changes whenever one
-   * of them does, so that a process can keep them until the version moves.
+   * The `match` of every record and a version that grows whenever one of
+   * them changes (or a record comes or goes), so that a process can keep them until the version moves.
    * With `known` equal to the current version, `entries` is `undefined`.
    */
   matches(known?: number): Promise<{ version: number; entries?: [string, string][] }>;
@@ -186,7 +186,9 @@ function segmentsMatch(pattern: string[], p: number, name: string[], n: number):
       }
       return false;
     }
-    if (n >= name.length || (pattern[p] !== "*" && pattern[p] !== name[n])) return false;
+    // Past the name's end, name[n] is undefined: a literal fails here, a
+    // `*` ends up past the end (no `**` loop runs there) and fails below.
+    if (pattern[p] !== "*" && pattern[p] !== name[n]) return false;
   }
   return n === name.length;
 }
@@ -287,8 +289,6 @@ interface SubscriptionRecord {
   lease_ttl_ms: number;
   description: string | null;
   created_at: string;
-  /** The SHA-256 of the normalized configuration, to compare a re-confirmation. */
-  hash: string;
   /** The URL of the streams' root, as the subscription was created at. */
   root: string;
   links: Record<string, Link>;
@@ -344,6 +344,22 @@ function prune(record: SubscriptionRecord, looked: string[], tails: Map<string, 
     changed = true;
   }
   return changed;
+}
+
+/**
+ * The SHA-256 of a subscription's normalized configuration, which a
+ * re-confirmation must match (its explicit streams sorted, each once).
+ */
+function configHash(
+  config: Pick<
+    SubscriptionRecord,
+    "type" | "pattern" | "streams" | "webhook" | "wake_stream" | "lease_ttl_ms" | "description"
+  >,
+): Promise<string> {
+  const { type, pattern, streams, webhook, wake_stream, lease_ttl_ms, description } = config;
+  return sha256(
+    JSON.stringify([type, pattern, streams, webhook, wake_stream, lease_ttl_ms, description]),
+  );
 }
 
 /** Ends the wake in flight (its tokens match nothing after). */
@@ -735,11 +751,18 @@ export class Subscriptions {
     if (pattern !== null) await this.#mayRead(request, pattern, "pattern");
     for (const name of streams) await this.#mayRead(request, name, JSON.stringify(name));
 
-    const hash = await sha256(
-      JSON.stringify([type, pattern, streams, webhook, wakeStream, lease, description]),
-    );
+    const hash = await configHash({
+      type,
+      pattern,
+      streams,
+      webhook,
+      wake_stream: wakeStream,
+      lease_ttl_ms: lease,
+      description,
+    });
     const confirm = async (existing: SubscriptionRecord) => {
-      if (existing.hash !== hash) {
+      // Its configuration now: explicit streams added or removed since count.
+      if (await configHash(existing) !== hash) {
         throw new Refusal(
           409,
           "SUBSCRIPTION_CONFLICT",
@@ -763,7 +786,6 @@ export class Subscriptions {
       lease_ttl_ms: lease,
       description,
       created_at: new Date().toISOString(),
-      hash,
       root: `${origin ?? new URL(request.url).origin}${prefix}`,
       links: {},
       generation: 0,

@@ -1506,3 +1506,167 @@ describe("subscriptions: every answer's details", () => {
     }
   });
 });
+
+describe("subscriptions: edges", () => {
+  test("webhook URLs: anchors of the address checks, credentials alone, trailing dots", () => {
+    const place = "webhook.url may not target a loopback, private or link-local address";
+    const cases: [string, boolean, string | undefined][] = [
+      ["https://user@hooks.example.com/", false, "webhook.url may not hold credentials"],
+      ["https://:pw@hooks.example.com/", false, "webhook.url may not hold credentials"],
+      ["https://localhost./", false, place],
+      ["https://localhost./", true, undefined],
+      ["https://10.0.0.1.example.com/", false, undefined],
+      ["https://xfcx.example.com/", false, undefined],
+      ["https://fe80.example.com/", false, undefined],
+      ["https://[2001:db8::fc00:1]/", false, undefined],
+      ["https://[2001:db8::fe80:1]/", false, undefined],
+      ["https://[2001:db8::ffff:7f00:1]/", true, undefined],
+      ["https://[::1:2]/", true, place],
+      ["https://[::ffff:7f00:1:2]/", true, place],
+      ["https://[::ffff:7f00:101]/", true, undefined],
+      ["https://[::ffff:a00:1]/", true, place],
+      ["https://[fc00::1]/", false, place],
+      ["https://[feb0::1]/", false, place],
+      ["https://[fec0::1]/", false, undefined],
+      ["https://100.63.0.1/", false, undefined],
+      ["https://100.127.0.1/", false, place],
+      ["https://223.0.0.1/", false, undefined],
+      ["https://11.0.0.1/", false, undefined],
+      ["https://1.0.0.1/", false, undefined],
+      ["https://169.254.0.1/", false, place],
+      ["https://168.254.0.1/", false, undefined],
+      ["https://192.168.0.1/", false, place],
+      ["https://193.168.0.1/", false, undefined],
+      ["https://172.16.0.1/", false, place],
+      ["https://173.16.0.1/", false, undefined],
+      ["https://100.64.0.1/", false, place],
+      ["https://101.64.0.1/", false, undefined],
+    ];
+    for (const [url, loopback, expected] of cases) {
+      assert.equal(webhookUrlProblem(url, loopback), expected, `${url} (loopback ${loopback})`);
+    }
+  });
+
+  test("a pattern's literal start is where the streams are listed; zero limits are limits", async () => {
+    const listed: string[] = [];
+    const memory = new MemoryStreamStore();
+    const store = Object.assign(Object.create(memory), {
+      list: (prefix: string, limit: number) => {
+        listed.push(`${prefix} ${limit}`);
+        return memory.list(prefix, limit);
+      },
+    });
+    const subscriptions = new Subscriptions({ maxStreams: 5 });
+    try {
+      const handle = createStreamsHandler({ prefix: PREFIX, store, subscriptions });
+      const config = (pattern: string) => ({ ...webhook("https://hooks.example.com/x"), pattern });
+      for (const [id, pattern] of [["a", "x/y/*/z"], ["b", "x/**"], ["c", "x/y"], ["d", "*"]]) {
+        assert.equal(
+          (await call(handle, "PUT", `__ds/subscriptions/${id}`, config(pattern))).status,
+          201,
+        );
+      }
+      assert.deepEqual(listed, [
+        `${PREFIX}x/y/ 6`,
+        `${PREFIX}x/ 6`,
+        `${PREFIX}x/y 6`,
+        `${PREFIX} 6`,
+      ]);
+    } finally {
+      subscriptions.close();
+    }
+    new MemorySubscriptionStore({ maxSubscriptions: 0 }).get("a");
+    new Subscriptions({ maxStreams: 0, webhookTimeout: 0, sweepInterval: 0, maxBodyBytes: 0 })
+      .close();
+  });
+
+  test("listing: only streams the pattern matches, never under __ds; a wake stream is not linked", async () => {
+    const { handle, close } = setup();
+    try {
+      await stream(handle, "events/a", "1");
+      await stream(handle, "events/a/deeper", "1");
+      await stream(handle, "eventsx/b", "1");
+      await handle(
+        new Request(ROOT + "events/wake", {
+          method: "PUT",
+          headers: { "content-type": "application/json" },
+        }),
+      );
+      const [, created] = await json(call(handle, "PUT", "__ds/subscriptions/p", {
+        type: "pull-wake",
+        pattern: "events/*",
+        streams: ["events/wake", "other/x"],
+        wake_stream: "events/wake",
+      }));
+      assert.deepEqual(created.streams.map((link: Answer) => link.path), ["events/a", "other/x"]);
+      assert.equal(
+        (await call(handle, "POST", "__ds/subscriptions/p/streams", { streams: ["events/wake"] }))
+          .status,
+        204,
+      );
+      const [, view] = await json(call(handle, "GET", "__ds/subscriptions/p"));
+      assert.deepEqual(view.streams.map((link: Answer) => link.path), ["events/a", "other/x"]);
+      const [, every] = await json(call(handle, "PUT", "__ds/subscriptions/all", {
+        ...webhook("https://hooks.example.com/x"),
+        pattern: "**",
+      }));
+      assert.ok(every.streams.every((link: Answer) => !link.path.startsWith("__ds")));
+      assert.equal(every.streams.length, 4);
+    } finally {
+      close();
+    }
+  });
+
+  test("explicit streams: adding keeps them sorted and once; removing one not listed changes nothing", async () => {
+    const { handle, close } = setup({ maxStreams: 3 });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", {
+        ...webhook("https://hooks.example.com/x"),
+        pattern: undefined,
+        streams: ["m/b"],
+      });
+      await call(handle, "POST", "__ds/subscriptions/s/streams", {
+        streams: ["m/c", "m/a", "m/b"],
+      });
+      const [, view] = await json(call(handle, "PUT", "__ds/subscriptions/s", {
+        ...webhook("https://hooks.example.com/x"),
+        pattern: undefined,
+        streams: ["m/b"],
+      }));
+      assert.equal(
+        view.error.code,
+        "SUBSCRIPTION_CONFLICT",
+        "its streams changed its configuration",
+      );
+      const [status] = await json(call(handle, "PUT", "__ds/subscriptions/s", {
+        ...webhook("https://hooks.example.com/x"),
+        pattern: undefined,
+        streams: ["m/a", "m/b", "m/c"],
+      }));
+      assert.equal(status, 200, "its configuration is what it is now");
+      const [over, body] = await json(
+        call(handle, "POST", "__ds/subscriptions/s/streams", { streams: ["m/d"] }),
+      );
+      assert.deepEqual([over, body.error.message], [
+        400,
+        "the subscription would follow more than 3 streams",
+      ]);
+      assert.equal(
+        (await call(handle, "DELETE", "__ds/subscriptions/s/streams/m%2Fz")).status,
+        204,
+      );
+      assert.equal(
+        (await call(handle, "DELETE", "__ds/subscriptions/s/streams/m%2Fb")).status,
+        204,
+      );
+      const [, after] = await json(call(handle, "GET", "__ds/subscriptions/s"));
+      assert.deepEqual(after.streams.map((link: Answer) => link.path), ["m/a", "m/c"]);
+      assert.equal(
+        (await call(handle, "DELETE", "__ds/subscriptions/none/streams/m%2Fb")).status,
+        404,
+      );
+    } finally {
+      close();
+    }
+  });
+});
