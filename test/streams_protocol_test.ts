@@ -909,6 +909,8 @@ describe("streams.ts SSE", () => {
     const reader = response.body!.getReader();
     await reader.read();
     store.read = () => Promise.reject(new Error("down"));
+    // At the tail, the follower reads the next append for it, and fails.
+    assert.equal((await call(handle, "POST", "f", { headers: text, body: "b" })).status, 204);
     for (;;) if ((await reader.read()).done) break;
   });
 });
