@@ -395,6 +395,18 @@ export async function webhookReceiver(
       while (deliveries.length < count) await new Promise<void>((wake) => waiters.push(wake));
       return deliveries[count - 1];
     },
+    /** Answers the held requests now; resolves once the answers are sent. */
+    answerHeld(status: number, body: unknown): Promise<void> {
+      return Promise.all(
+        held.splice(0).map((response) =>
+          new Promise<void>((resolve) => {
+            response.on("finish", () => resolve());
+            response.writeHead(status, { "content-type": "application/json" });
+            response.end(JSON.stringify(body));
+          })
+        ),
+      ).then(() => {});
+    },
     /** Calls `abort` when the client of a held request goes away. */
     onAbort(abort: () => void) {
       onAbort = abort;

@@ -8,7 +8,7 @@
 // processes sharing a Redis are in streams_cluster_test.ts.
 import { describe, test, track } from "./harness.ts";
 import assert from "node:assert/strict";
-import { createPublicKey, verify } from "node:crypto";
+import { createHash, createPublicKey, verify } from "node:crypto";
 import { Buffer } from "node:buffer";
 import { createStreamsHandler, MemoryStreamStore, type StreamsHandler } from "../streams.ts";
 import {
@@ -686,15 +686,17 @@ describe("subscriptions: webhook delivery", () => {
       }, { authorization: `Bearer ${failed.body.callback_token}` }));
       assert.equal(fenced, 409);
       const started = Date.now();
+      // An append meanwhile does not hurry the retry.
+      await append(handle, "events/a", "!");
       const retried = await hooks.nth(2);
       const waited = Date.now() - started;
       assert.ok(waited >= 600 && waited < 2000, `retried after ${waited} ms`);
       assert.equal(retried.body.generation, 2);
-      assert.deepEqual(retried.body.streams[0].tail_offset, at(5));
+      assert.deepEqual(retried.body.streams[0].tail_offset, at(6));
       const after = await until(
         handle,
         "s",
-        (view) => view.streams[0].acked_offset === at(5),
+        (view) => view.streams[0].acked_offset === at(6),
         "the ack",
       );
       assert.equal(after.status, "active");
@@ -1665,6 +1667,227 @@ describe("subscriptions: edges", () => {
         (await call(handle, "DELETE", "__ds/subscriptions/none/streams/m%2Fb")).status,
         404,
       );
+    } finally {
+      close();
+    }
+  });
+});
+
+describe("subscriptions: more edges", () => {
+  test("a late done from a superseded wake acks nothing and leaves the new wake alone", async () => {
+    const hooks = await receiver((_, index) => index === 0 ? "hold" : [200, {}]);
+    const { handle, close } = setup({ sweepInterval: 50 });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url, { lease_ttl_ms: 1000 }));
+      await stream(handle, "events/a", "hello");
+      await hooks.nth(1);
+      const second = await hooks.nth(2); // the lease ran out: generation 2
+      assert.equal(second.body.generation, 2);
+      await hooks.answerHeld(200, { done: true });
+      // Nothing to wait for when it is right: give the late answer a moment to be read.
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      const [, view] = await json(call(handle, "GET", "__ds/subscriptions/s"));
+      assert.equal(view.streams[0].acked_offset, at(0), "the late done acked nothing");
+      const [status] = await json(call(handle, "POST", second.body.callback_url, {
+        wake_id: second.body.wake_id,
+        generation: 2,
+      }, { authorization: `Bearer ${second.body.callback_token}` }));
+      assert.equal(status, 200, "the new wake goes on");
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("an oversized done is no answer: nothing acked, the lease runs", async () => {
+    const hooks = await receiver((_, index) =>
+      index === 0 ? [200, { done: true, pad: "x".repeat(70_000) }] : [200, { done: true }]
+    );
+    const { handle, close } = setup({ sweepInterval: 50 });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url, { lease_ttl_ms: 1000 }));
+      await stream(handle, "events/a", "hello");
+      await hooks.nth(1);
+      const [, view] = await json(call(handle, "GET", "__ds/subscriptions/s"));
+      assert.equal(view.streams[0].acked_offset, at(0));
+      assert.equal(
+        (await hooks.nth(2)).body.generation,
+        2,
+        "delivered again once the lease ran out",
+      );
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("a failed subscription with nothing left to do is active again at its retry time", async () => {
+    const hooks = await receiver(() => [500, {}]);
+    const { handle, close } = setup({ sweepInterval: 50 });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      await stream(handle, "events/a", "hello");
+      await hooks.nth(1);
+      await until(handle, "s", (view) => view.status === "failed", "the failure");
+      assert.equal(
+        (await handle(new Request(ROOT + "events/a", { method: "DELETE" }))).status,
+        204,
+      );
+      await until(handle, "s", (view) => view.status === "active", "active again");
+      assert.equal(hooks.deliveries.length, 1, "nothing to deliver");
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("a wake lists every stream followed, with has_pending only where there is more", async () => {
+    const hooks = await receiver();
+    const { handle, close } = setup();
+    try {
+      await stream(handle, "events/a", "12");
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      await stream(handle, "events/b", "x");
+      const { body } = await hooks.nth(1);
+      assert.deepEqual(
+        body.streams.map((link) => [link.path, link.has_pending, link.tail_offset]),
+        [
+          ["events/a", false, at(2)],
+          ["events/b", true, at(1)],
+        ],
+      );
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("streams only: a subscription without a pattern wakes on its streams; one made later is matched", async () => {
+    const hooks = await receiver(() => [200, { done: true }]);
+    const { handle, close } = setup();
+    try {
+      await stream(handle, "early/x", "1"); // matched against no subscription yet
+      const config = { ...webhook(hooks.url), pattern: undefined, streams: ["only/a"] };
+      assert.equal((await call(handle, "PUT", "__ds/subscriptions/first", config)).status, 201);
+      await stream(handle, "only/a", "1");
+      assert.equal((await hooks.nth(1)).body.subscription_id, "first");
+      assert.equal(
+        (await call(handle, "PUT", "__ds/subscriptions/second", { ...config, streams: ["only/b"] }))
+          .status,
+        201,
+      );
+      await stream(handle, "only/b", "1");
+      assert.equal((await hooks.nth(2)).body.subscription_id, "second");
+      // Explicit first, then the pattern too: removing the explicit link keeps the pattern's.
+      const both = { ...webhook(hooks.url), pattern: "both/*", streams: ["both/n"] };
+      assert.equal((await call(handle, "PUT", "__ds/subscriptions/both", both)).status, 201);
+      await stream(handle, "both/n", "1");
+      await hooks.nth(3);
+      assert.equal(
+        (await call(handle, "DELETE", "__ds/subscriptions/both/streams/both%2Fn")).status,
+        204,
+      );
+      const [, view] = await json(call(handle, "GET", "__ds/subscriptions/both"));
+      assert.deepEqual(view.streams.map((link: Answer) => [link.path, link.link_type]), [[
+        "both/n",
+        "glob",
+      ]]);
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("a store whose records keep changing: 503 after a bounded number of tries", async () => {
+    const memory = new MemorySubscriptionStore();
+    let swaps = 0;
+    const busy = {
+      get: (id: string) => memory.get(id),
+      swap: (...args: Parameters<MemorySubscriptionStore["swap"]>) => {
+        swaps++;
+        // The first (the creation) goes through; every later one finds the record changed.
+        return swaps === 1 ? memory.swap(...args) : Promise.resolve(false);
+      },
+      matches: (known?: number) => memory.matches(known),
+      due: (now: number, limit: number) => memory.due(now, limit),
+      signingKey: (candidate: string) => memory.signingKey(candidate),
+    };
+    const { handle, close } = setup({ store: busy });
+    try {
+      assert.equal(
+        (await call(handle, "PUT", "__ds/subscriptions/s", webhook("https://hooks.example.com/x")))
+          .status,
+        201,
+      );
+      const changing = [503, {
+        error: {
+          code: "UNAVAILABLE",
+          message: "the subscription is changing too often: try again",
+        },
+      }];
+      assert.deepEqual(
+        await json(call(handle, "POST", "__ds/subscriptions/s/streams", { streams: ["a"] })),
+        changing,
+      );
+      assert.equal(swaps, 33);
+      assert.deepEqual(await json(call(handle, "DELETE", "__ds/subscriptions/s")), changing);
+      assert.equal(swaps, 65);
+    } finally {
+      close();
+    }
+  });
+
+  test("bodies, names and fields at their exact limits", async () => {
+    const { handle, close } = setup({ maxStreams: 2 });
+    try {
+      const base = webhook("https://hooks.example.com/x");
+      const put = async (id: string, body: unknown) =>
+        (await json(call(handle, "PUT", `__ds/subscriptions/${id}`, body)))[0];
+      for (const body of ["5", "null", '"x"']) assert.equal(await put("j", body), 400, body);
+      assert.equal(await put("p1", { ...base, pattern: "p/" + "x".repeat(1022) }), 201);
+      assert.equal(await put("p2", { ...base, pattern: "p/" + "x".repeat(1023) }), 400);
+      assert.equal(await put("p3", { ...base, pattern: "//events/*//" }), 201);
+      const [, p3] = await json(call(handle, "GET", "__ds/subscriptions/p3"));
+      assert.equal(p3.pattern, "events/*");
+      const url = "https://hooks.example.com/";
+      assert.equal(
+        await put("u1", { ...base, webhook: { url: url + "x".repeat(2048 - url.length) } }),
+        201,
+      );
+      assert.equal(
+        await put("u2", { ...base, webhook: { url: url + "x".repeat(2049 - url.length) } }),
+        400,
+      );
+      assert.equal(await put("l1", { ...base, lease_ttl_ms: 600_000 }), 201);
+      assert.equal(await put("l2", { ...base, lease_ttl_ms: 1000 }), 201);
+      assert.equal(await put("d1", { ...base, description: "d".repeat(1024) }), 201);
+      assert.equal(await put("d2", { ...base, description: "d".repeat(1025) }), 400);
+      assert.equal(await put("n1", { ...base, streams: ["n/" + "x".repeat(1022)] }), 201);
+      assert.equal(await put("n2", { ...base, streams: ["n/" + "x".repeat(1023)] }), 400);
+      assert.equal(await put("s1", { ...base, streams: ["a", "b"] }), 201, "exactly maxStreams");
+      const [, slashes] = await json(
+        call(handle, "PUT", "__ds/subscriptions/s2", { ...base, streams: ["//lead/x"] }),
+      );
+      assert.deepEqual(slashes.streams.map((link: Answer) => link.path), ["lead/x"]);
+      await stream(handle, "two/a", "1");
+      await stream(handle, "two/b", "1");
+      assert.equal(await put("t1", { ...base, pattern: "two/*" }), 201, "exactly maxStreams found");
+      // An ack list longer than maxStreams.
+      assert.equal((await call(handle, "GET", "__ds/x/subscriptions/s1")).status, 404);
+      assert.equal((await call(handle, "POST", "__ds/subscriptions/s1/claimx", {})).status, 404);
+    } finally {
+      close();
+    }
+  });
+
+  test("the key id is the RFC 7638 thumbprint of the public key", async () => {
+    const { handle, close } = setup();
+    try {
+      const [, { keys: [key] }] = await json(call(handle, "GET", "__ds/jwks.json"));
+      const thumbprint = createHash("sha256").update(
+        JSON.stringify({ crv: key.crv, kty: key.kty, x: key.x }),
+      ).digest("base64url");
+      assert.equal(key.kid, `ds_${thumbprint}`);
     } finally {
       close();
     }
