@@ -1137,10 +1137,51 @@ describe("subscriptions: grants", () => {
         200,
         "the public keys are public",
       );
+      const unlink = (grants: unknown) =>
+        call(
+          handle,
+          "DELETE",
+          "__ds/subscriptions/u-42/streams/user%2F42%2Fa",
+          undefined,
+          as(grants),
+        );
+      assert.equal((await unlink({ subscribe: ["*"] })).status, 403);
+      assert.equal((await unlink(owner)).status, 204);
       assert.equal(
         (await call(handle, "DELETE", "__ds/subscriptions/u-42", undefined, as(owner))).status,
         204,
       );
+      // Streams only: no pattern to read; a pull-wake worker claims with a subscribe grant.
+      await handle(
+        new Request(ROOT + "user/42/wake", {
+          method: "PUT",
+          headers: { "content-type": "application/json", ...as({ publish: ["user/42/*"] }) },
+        }),
+      );
+      const pull = {
+        type: "pull-wake",
+        streams: ["user/42/jobs"],
+        wake_stream: "user/42/wake",
+      };
+      const mine = { ...owner, publish: [...owner.publish, "user/42/*"] };
+      const [created, view] = await put(mine, pull);
+      assert.equal(created, 201);
+      assert.deepEqual([view.webhook, view.wake_stream, view.pattern], [
+        null,
+        "user/42/wake",
+        null,
+      ]);
+      await handle(
+        new Request(ROOT + "user/42/jobs", {
+          method: "PUT",
+          headers: { "content-type": "text/plain", ...as({ publish: ["user/42/*"] }) },
+          body: "job",
+        }),
+      );
+      const claim = (grants: unknown) =>
+        json(call(handle, "POST", "__ds/subscriptions/u-42/claim", { worker: "w" }, as(grants)));
+      assert.equal((await claim({ publish: ["*"] }))[0], 403);
+      assert.equal((await claim({ subscribe: ["__ds/subscriptions/u-42"] }))[0], 200);
     } finally {
       close();
       hooks.close();
