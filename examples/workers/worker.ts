@@ -8,14 +8,7 @@
 //   POST /<name>/publish   publish (the body as in mod.ts's createHandler)
 //   GET  /<name>/stats     the broker's counters
 //   *    /v1/stream/<name> a Durable Stream (the protocol, as streams.ts serves it)
-import {
-  type Authorize,
-  Broker,
-  concat,
-  createHandler,
-  EVENT_STREAM_HEADERS,
-  tokenAuth,
-} from "../../mod.ts";
+import { type Authorize, Broker, createHandler, tokenAuth } from "../../mod.ts";
 import { createStreamsHandler } from "../../streams.ts";
 import { SqliteLog, type SqlStorageLike } from "./sqlite_log.ts";
 import { SqliteStreamStore } from "./sqlite_stream_store.ts";
@@ -135,10 +128,6 @@ export class StreamObject {
     if (location?.startsWith("/")) {
       response.headers.set("location", new URL(location, request.url).href);
     }
-    const type = response.headers.get("content-type");
-    if (type === EVENT_STREAM_HEADERS["content-type"] && response.body) {
-      return new Response(coalesced(response.body), response);
-    }
     return response;
   }
 
@@ -159,45 +148,6 @@ export class StreamObject {
 
 /** How long a refused body may take to arrive, read and dropped: readBody's default limit. */
 const BODY_MS = 10_000;
-
-/**
- * An event stream whose chunks queued together go out as one write: the
- * handler enqueues each data event and its control event apart, and
- * workerd writes each chunk to the network alone, so that a client's read
- * could end between an event and its control event.
- */
-function coalesced(body: ReadableStream<Uint8Array>): ReadableStream<Uint8Array> {
-  const reader = body.getReader();
-  const none = Symbol("nothing queued");
-  /** A read that found nothing queued yet: the next pull awaits it. */
-  let waiting: Promise<ReadableStreamReadResult<Uint8Array>> | undefined;
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      const first = await (waiting ?? reader.read());
-      waiting = undefined;
-      if (first.done) return controller.close();
-      const chunks = [first.value];
-      for (;;) {
-        // A chunk already queued resolves its read at once, before `none`.
-        const next = reader.read();
-        const result = await Promise.race([next, Promise.resolve(none)]);
-        if (result === none) {
-          waiting = next;
-          break;
-        }
-        if (result.done) {
-          waiting = next;
-          break;
-        }
-        chunks.push(result.value);
-      }
-      controller.enqueue(concat(chunks));
-    },
-    cancel(reason) {
-      return reader.cancel(reason);
-    },
-  });
-}
 
 /** The tokens' check, or `undefined` (all allowed) when neither is set. */
 function authorizeOf(env: Env): Authorize | undefined {
