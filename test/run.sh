@@ -79,6 +79,13 @@ env "$mark" timeout -k 10 600 node --test --test-force-exit test/release/package
 check_leftovers release || status=1
 printf 'release: %s passed, %s failed\n' "$(strip "$out/release" | count '^ℹ pass [0-9]+$')" \
   "$(strip "$out/release" | count '^ℹ fail [0-9]+$')"
+# The conformance suite against the Workers example in workerd (one Durable
+# Object per stream, without the subscription APIs), once: it runs no runtime of ours.
+env "$mark" bash test/conformance.sh workers 2>&1 | tee "$out/workers-conformance" || status=1
+check_leftovers "workers conformance" || status=1
+tests=$(strip "$out/workers-conformance" | grep -E '^ +Tests ' | tail -1 || true)
+printf 'workers conformance: %s passed, %s failed, %s skipped\n' "$(count '[0-9]+ passed' <<<"$tests")" \
+  "$(count '[0-9]+ failed' <<<"$tests")" "$(count '[0-9]+ skipped' <<<"$tests")"
 for run in $(seq "$repeat"); do
   for runtime in deno bun node; do
     started=$SECONDS
