@@ -2069,12 +2069,26 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
         output?.close();
       } catch { /* cancelled or already closed */ }
     };
-    const deliver = (info: StreamInfo, data: Uint8Array, next: number): void => {
-      // One chunk, one write: the readers of an append share it too.
-      output!.enqueue(eventsOf(data, controlOf(info, next, cursorFor(givenCursor))));
+    /**
+     * Appends the follower handed on while the client was still taking the
+     * last chunk: sent as one chunk at its next pull, so that a client that
+     * is slower than the appends gets fewer, larger writes.
+     */
+    let pending: Uint8Array[] = [];
+    /** Whether the client waits for the next chunk (a pull the follower answers). */
+    let waiting = false;
+    const flush = () => {
+      if (pending.length === 0) return;
+      // Taken first: enqueue may call pull at once, which flushes too.
+      const chunks = pending;
+      pending = [];
+      output!.enqueue(chunks.length === 1 ? chunks[0] : concat(chunks));
+    };
+    /** An append's data event and its control event, as one chunk (the readers of an append share it). */
+    const chunkOf = (info: StreamInfo, data: Uint8Array, next: number): Uint8Array => {
       position = next;
       announced = true;
-      if (info.closed && next >= info.tail) finish();
+      return eventsOf(data, controlOf(info, next, cursorFor(givenCursor)));
     };
     const reader: TailReader = {
       get position() {
@@ -2087,19 +2101,29 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
       take(from, { info, next }, data, rest) {
         // Stryker disable next-line ConditionalExpression: a follower hands out only what follows its readers' position
         if (finished || from !== position) return false;
-        // Past 64 queued events the reader is slow: it lets go, and reads for itself when it pulls.
-        if ((output!.desiredSize ?? 0) < -64) {
+        carry = rest;
+        pending.push(chunkOf(info, data, next));
+        const closing = info.closed && next >= info.tail;
+        if (waiting || closing) {
+          waiting = false;
+          flush();
+        }
+        if (closing) {
+          finish();
+          return false;
+        }
+        // 64 appends behind, the reader is slow: it lets go, and reads for itself after these.
+        if (pending.length >= 64) {
           attached = false;
           return false;
         }
-        carry = rest;
-        deliver(info, data, next);
-        return !finished;
+        return true;
       },
       end(info) {
         attached = false;
-        if (info?.closed && !finished) {
-          output!.enqueue(controlOf(info, position, cursorFor(givenCursor)));
+        if (!finished) {
+          flush();
+          if (info?.closed) output!.enqueue(controlOf(info, position, cursorFor(givenCursor)));
         }
         finish();
       },
@@ -2109,8 +2133,13 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
         output = controller;
       },
       async pull() {
+        if (pending.length > 0) return flush();
+        if (attached) {
+          waiting = true;
+          return;
+        }
         try {
-          while (!finished && !attached) {
+          while (!finished) {
             if (signal.aborted) return finish();
             const result = await stored(store.read(path, position, maxReadBytes, false));
             // Gone, or created again: another stream.
@@ -2121,7 +2150,9 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
             if (records.length > 0) {
               const [data, rest] = frameOf(path, info, records, position, next, carry);
               carry = rest;
-              return deliver(info, data, next);
+              output!.enqueue(chunkOf(info, data, next));
+              if (info.closed && next >= info.tail) finish();
+              return;
             }
             if (!announced || info.closed) {
               announced = true;
@@ -2132,6 +2163,7 @@ export function createStreamsHandler(options: StreamsHandlerOptions = {}): Strea
             // At the tail: the follower hands on what comes next.
             if (follow(path, reader)) {
               attached = true;
+              waiting = true;
               return;
             }
             await stored(store.waitForData(path, position, signal));
