@@ -155,9 +155,12 @@ function authorizeOf(env: Env): Authorize | undefined {
   return tokens.publish || tokens.subscribe ? tokenAuth(tokens) : undefined;
 }
 
-/** A whole-number variable, or `undefined` (the default) when unset. */
-function setting(value: string | undefined, name: string): number | undefined {
-  if (value === undefined || value === "") return undefined;
+/**
+ * A whole-number variable, or `undefined` (the default) when unset: workerd
+ * gives `null` for a `fromEnvironment` binding whose variable is not set.
+ */
+function setting(value: string | null | undefined, name: string): number | undefined {
+  if (value === undefined || value === null || value === "") return undefined;
   if (!/^\d+$/.test(value)) throw new RangeError(`${name} must be a whole number, got "${value}"`);
   return Number(value);
 }
