@@ -53,26 +53,35 @@ function startWorkerd(dir: string): Promise<Workerd> {
   });
 }
 
+/**
+ * A temporary directory with the example bundled by esbuild (as `wrangler
+ * deploy` would), its config.capnp, and an empty storage directory.
+ */
+function buildExample(prefix: string): string {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  const built = spawnSync(
+    join(ROOT, "node_modules", ".bin", "esbuild"),
+    [
+      "--bundle",
+      "--format=esm",
+      "--log-level=warning",
+      join(EXAMPLE, "worker.ts"),
+      `--outfile=${join(dir, "worker.js")}`,
+    ],
+    { encoding: "utf8" },
+  );
+  assert.equal(built.status, 0, built.stderr);
+  copyFileSync(join(EXAMPLE, "config.capnp"), join(dir, "config.capnp"));
+  mkdirSync(join(dir, "storage"));
+  return dir;
+}
+
 describe(`the Workers example in workerd (test run by ${RUNTIME})`, () => {
   let dir: string;
   let workerd: Workerd;
 
   before(() => {
-    dir = mkdtempSync(join(tmpdir(), "sse-workers-"));
-    const built = spawnSync(
-      join(ROOT, "node_modules", ".bin", "esbuild"),
-      [
-        "--bundle",
-        "--format=esm",
-        "--log-level=warning",
-        join(EXAMPLE, "worker.ts"),
-        `--outfile=${join(dir, "worker.js")}`,
-      ],
-      { encoding: "utf8" },
-    );
-    assert.equal(built.status, 0, built.stderr);
-    copyFileSync(join(EXAMPLE, "config.capnp"), join(dir, "config.capnp"));
-    mkdirSync(join(dir, "storage"));
+    dir = buildExample("sse-workers-");
   });
 
   before(async () => {
@@ -214,6 +223,141 @@ describe(`the Workers example in workerd (test run by ${RUNTIME})`, () => {
     const response = await fetch(`${workerd.url}/room-1/other`);
     assert.equal(response.status, 404);
     assert.match((await response.json()).error, /\/<name>\/events/);
+  });
+});
+
+describe(`Durable Streams in the Workers example in workerd, one object per stream (test run by ${RUNTIME})`, () => {
+  let dir: string;
+  let workerd: Workerd;
+
+  before(async () => {
+    dir = buildExample("sse-streams-");
+    workerd = await startWorkerd(dir);
+  });
+
+  after(async () => {
+    await workerd?.kill();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  const url = (name: string) => `${workerd.url}/v1/stream/${name}`;
+  const send = async (
+    method: string,
+    name: string,
+    body?: string,
+    headers: Record<string, string> = {},
+  ) => {
+    const response = await fetch(url(name), {
+      method,
+      headers: { "content-type": "text/plain", ...headers },
+      body,
+    });
+    await response.body?.cancel();
+    return response;
+  };
+  const readAll = async (name: string) => {
+    const response = await fetch(`${url(name)}?offset=-1`);
+    return [response.status, await response.text()];
+  };
+  const status = async (name: string) => (await send("HEAD", name)).status;
+
+  test("a stream is in the object's storage: after workerd restarts it has its data and takes appends", async () => {
+    assert.equal((await send("PUT", "kept", "before ")).status, 201);
+    assert.equal((await send("POST", "kept", "restart")).status, 204);
+    await workerd.kill();
+    workerd = await startWorkerd(dir);
+    assert.deepEqual(await readAll("kept"), [200, "before restart"]);
+    assert.equal((await send("POST", "kept", ", after")).status, 204);
+    assert.deepEqual(await readAll("kept"), [200, "before restart, after"]);
+  });
+
+  test("a live SSE reader gets each append as it is made, with its control event", async () => {
+    assert.equal((await send("PUT", "live", "a")).status, 201);
+    const reader = await subscribe(`${url("live")}?offset=-1&live=sse`);
+    try {
+      const first = await reader.events(2);
+      assert.deepEqual(first.map((event) => [event.event, event.data]).slice(0, 1), [[
+        "data",
+        "a",
+      ]]);
+      assert.equal(first[1].event, "control");
+      for (const text of ["b", "c"]) {
+        assert.equal((await send("POST", "live", text)).status, 204);
+        const [data, control] = await reader.events(2);
+        assert.deepEqual([data.event, data.data], ["data", text]);
+        assert.equal(control.event, "control");
+        assert.equal(JSON.parse(control.data).upToDate, true);
+      }
+    } finally {
+      await reader.cancel();
+    }
+  });
+
+  test("a fork reads its source's data from the source's object; the source deleted answers 410 while the fork lives, 404 after", async () => {
+    assert.equal((await send("PUT", "origin", "shared")).status, 201);
+    const fork = { "stream-forked-from": "/v1/stream/origin" };
+    assert.equal((await send("PUT", "branch", undefined, fork)).status, 201);
+    assert.equal((await send("PUT", "branch", undefined, fork)).status, 200, "the same again");
+    assert.equal((await send("POST", "origin", " source only")).status, 204);
+    assert.equal((await send("POST", "branch", " fork only")).status, 204);
+    assert.deepEqual(await readAll("branch"), [200, "shared fork only"]);
+    assert.equal((await send("DELETE", "origin")).status, 204);
+    assert.equal(await status("origin"), 410);
+    assert.equal((await readAll("origin"))[0], 410);
+    assert.equal((await send("PUT", "origin")).status, 409, "its path is held");
+    assert.equal((await send("PUT", "twig", undefined, fork)).status, 409, "no fork of it");
+    assert.deepEqual(await readAll("branch"), [200, "shared fork only"], "the fork reads on");
+    assert.equal((await send("DELETE", "branch")).status, 204);
+    assert.equal(await status("origin"), 404, "its last fork gone, the source goes");
+    assert.equal((await send("PUT", "origin")).status, 201);
+  });
+
+  test("a deleted source goes once its last fork expires, unread: the fork's alarm drops it and releases the source", async () => {
+    assert.equal((await send("PUT", "elder", "data")).status, 201);
+    const fork = { "stream-forked-from": "/v1/stream/elder", "stream-ttl": "1" };
+    assert.equal((await send("PUT", "brief", undefined, fork)).status, 201);
+    assert.equal((await send("DELETE", "elder")).status, 204);
+    assert.equal(await status("elder"), 410);
+    await eventually(async () => await status("elder") === 404, 8000, "the source to go");
+  });
+
+  test(
+    "a JSON message longer than a SQLite row may hold is kept whole, and copied whole into a fork",
+    { timeout: 30_000 },
+    async () => {
+      const long = "x".repeat(3 * 1024 * 1024);
+      const json = { "content-type": "application/json" };
+      assert.equal((await send("PUT", "large", undefined, json)).status, 201);
+      assert.equal((await send("POST", "large", JSON.stringify(long), json)).status, 204);
+      assert.equal((await send("POST", "large", "[1, 2]", json)).status, 204);
+      /** Every message, read on from each answer's next offset (a read stops near 1 MiB). */
+      const messages = async (name: string) => {
+        const all: unknown[] = [];
+        for (let offset = "-1";;) {
+          const response = await fetch(`${url(name)}?offset=${offset}`);
+          assert.equal(response.status, 200);
+          all.push(...await response.json());
+          if (response.headers.get("stream-up-to-date") === "true") return all;
+          offset = response.headers.get("stream-next-offset")!;
+        }
+      };
+      // Compared by sizes and values: a failure does not print 3 MiB.
+      const shape = (all: unknown[]) =>
+        all.map((message) => message === long ? "the long message" : message);
+      assert.deepEqual(shape(await messages("large")), ["the long message", 1, 2]);
+      const fork = { ...json, "stream-forked-from": "/v1/stream/large" };
+      assert.equal((await send("PUT", "large-fork", undefined, fork)).status, 201);
+      assert.deepEqual(shape(await messages("large-fork")), ["the long message", 1, 2]);
+    },
+  );
+
+  test("the route between objects is not a client's: the Worker answers 404", async () => {
+    const response = await fetch(`${workerd.url}/.source/describe`, {
+      method: "POST",
+      body: JSON.stringify({ path: "/v1/stream/origin" }),
+    });
+    assert.equal(response.status, 404);
+    assert.match((await response.json()).error, /no such path/);
   });
 });
 
