@@ -10,7 +10,15 @@ import * as jose from "jose";
 import { type App, startApp } from "../app.ts";
 import { currentRuntime, SettingError } from "../runtime.ts";
 import { METRICS_CONTENT_TYPE } from "../mod.ts";
-import { type EventReader, eventually, publish, RUNTIME, stats, subscribe } from "./helpers.ts";
+import {
+  type EventReader,
+  eventually,
+  publish,
+  RUNTIME,
+  stats,
+  subscribe,
+  webhookReceiver,
+} from "./helpers.ts";
 import { RedisServer } from "./redis_server.mjs";
 
 const system = currentRuntime();
@@ -441,6 +449,39 @@ describe("app.ts routes", () => {
       assert.ok(Date.now() - started < 2000, "answered at its timeout");
     });
   });
+
+  test("subscriptions are served; STREAMS_ALLOW_PRIVATE_WEBHOOKS=1 lets webhooks reach this machine", async () => {
+    const hooks = await webhookReceiver(() => [200, { done: true }]);
+    const subscription = (url: string) =>
+      fetch(`${url}v1/stream/__ds/subscriptions/s`, {
+        method: "PUT",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ type: "webhook", pattern: "hooked/*", webhook: { url: hooks.url } }),
+      });
+    try {
+      await withApp({}, async (url) => {
+        const refused = await subscription(url);
+        assert.equal(refused.status, 400);
+        assert.equal((await refused.json()).error.code, "WEBHOOK_URL_REJECTED");
+      });
+      await withApp({ STREAMS_ALLOW_PRIVATE_WEBHOOKS: "1" }, async (url) => {
+        const created = await subscription(url);
+        assert.equal(created.status, 201);
+        assert.equal(
+          (await created.json()).webhook.signing.jwks_url,
+          `${url}v1/stream/__ds/jwks.json`,
+        );
+        await fetch(`${url}v1/stream/hooked/a`, {
+          method: "PUT",
+          headers: { "content-type": "text/plain" },
+          body: "x",
+        });
+        assert.equal((await hooks.nth(1)).body.subscription_id, "s");
+      });
+    } finally {
+      hooks.close();
+    }
+  });
 });
 
 describe("app.ts broker settings", () => {
@@ -721,6 +762,20 @@ describe("app.ts on Redis", () => {
         await fetch(`${a}v1/stream/shared`, { method: "PUT", headers: text });
         await fetch(`${a}v1/stream/shared`, { method: "POST", headers: text, body: "from a" });
         assert.equal(await (await fetch(`${b}v1/stream/shared?offset=-1`)).text(), "from a");
+        // Subscriptions live in Redis too: made on a, read on b.
+        const made = await fetch(`${a}v1/stream/__ds/subscriptions/both`, {
+          method: "PUT",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({
+            type: "webhook",
+            pattern: "x/*",
+            webhook: { url: "https://h.example/x" },
+          }),
+        });
+        assert.equal(made.status, 201);
+        await made.body?.cancel();
+        const seen = await fetch(`${b}v1/stream/__ds/subscriptions/both`);
+        assert.equal((await seen.json()).id, "both");
         assert.deepEqual(await (await fetch(`${b}ready`)).json(), {
           ready: true,
           eventLogUp: true,
