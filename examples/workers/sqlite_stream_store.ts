@@ -16,15 +16,16 @@
 // - ds_forks: the forks made from each stream and not yet gone, by path and
 //   incarnation: a deleted stream that has some is soft-deleted (410, its
 //   path held) until its last one goes.
-// - ds_releases: forks gone whose source lives in another object, to tell it
-//   (an outbox, sent until it answers, so a source is never pinned for ever).
+// - ds_releases: the releases owed to sources in other objects, by forks
+//   gone or copies cut short: an outbox, sent until the source answers, so
+//   that no source stays soft-deleted for ever.
 //
 // A fork copies the data it inherits. When its source is in this store the
-// copy is one more statement of the same transaction. When it is elsewhere
-// (`sources`: one Durable Object per stream), the source checks the fork
-// and registers it in one step (`lend`), then hands its pieces over in runs;
-// the fork's copy stays invisible until whole, and a copy cut short (the
-// source deleted meanwhile, a failure, a restart) releases the source.
+// copy is part of the create's transaction. When it is elsewhere (`sources`:
+// one Durable Object per stream), the source checks the fork and registers
+// it in one step (`lend`), then hands its pieces over in runs; the fork's
+// copy stays invisible until whole, and a copy cut short (the source
+// deleted meanwhile, a failure, a restart) releases the source.
 import { concat } from "../../mod.ts";
 import {
   type AppendRequest,
@@ -1030,6 +1031,10 @@ export class SqliteStreamStore implements StreamStore {
           fork,
           incarnation,
         );
+        // A copy cut short by a restart left pieces at a path with no stream.
+        if (!this.#copying.has(fork) && this.#transaction(() => this.#get(fork)) === undefined) {
+          this.#drop(fork);
+        }
       } catch {
         this.#unsent = true; // sent again by the next call, or by tidy
       }
