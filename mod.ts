@@ -1875,9 +1875,17 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 /**
  * Runs a callback at the end of this turn of the event loop, after the I/O
  * callbacks already due: `setImmediate` where the runtime has it (Deno, Bun,
- * Node), else a timer turn.
+ * Node), else a timer turn. The broker hands out the publishes of a turn
+ * together this way; `streams.ts` reads the appends of a turn together.
+ *
+ * @example
+ * ```ts
+ * import { endOfTurn } from "./mod.ts";
+ *
+ * endOfTurn(() => console.log("after this turn's I/O"));
+ * ```
  */
-const endOfTurn: (callback: () => void) => void =
+export const endOfTurn: (callback: () => void) => void =
   // Stryker disable next-line all: the fallback is for runtimes without setImmediate, and every test runtime has it
   (globalThis as { setImmediate?: (callback: () => void) => void }).setImmediate ??
     // Stryker disable next-line all: as above
