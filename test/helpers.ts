@@ -344,6 +344,7 @@ export interface Delivery {
   };
   raw: string;
   signature: string;
+  contentType: string;
 }
 
 /**
@@ -366,6 +367,7 @@ export async function webhookReceiver(
         body: JSON.parse(raw),
         raw,
         signature: String(request.headers["webhook-signature"]),
+        contentType: String(request.headers["content-type"]),
       };
       deliveries.push(delivery);
       for (const wake of waiters.splice(0)) wake();

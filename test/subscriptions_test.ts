@@ -10,7 +10,12 @@ import { describe, test, track } from "./harness.ts";
 import assert from "node:assert/strict";
 import { createHash, createPublicKey, verify } from "node:crypto";
 import { Buffer } from "node:buffer";
-import { createStreamsHandler, MemoryStreamStore, type StreamsHandler } from "../streams.ts";
+import {
+  createStreamsHandler,
+  MemoryStreamStore,
+  type StreamsHandler,
+  type StreamStore,
+} from "../streams.ts";
 import {
   globMatch,
   MemorySubscriptionStore,
@@ -36,6 +41,20 @@ type Answer = any;
 /** The offset token of a position. */
 function at(position: number): string {
   return `0000000000000000_${String(position).padStart(16, "0")}`;
+}
+
+/** `store` with `overrides` in place of some of its methods. */
+function over(store: StreamStore, overrides: Partial<StreamStore>): StreamStore {
+  return {
+    create: (path, request) => store.create(path, request),
+    append: (path, request) => store.append(path, request),
+    read: (path, position, maxBytes, touch) => store.read(path, position, maxBytes, touch),
+    info: (path) => store.info(path),
+    delete: (path) => store.delete(path),
+    list: (prefix, limit) => store.list(prefix, limit),
+    waitForData: (path, position, signal) => store.waitForData(path, position, signal),
+    ...overrides,
+  };
 }
 
 /** A streams handler with subscriptions over memory stores; stopped by `close`. */
@@ -506,8 +525,9 @@ describe("subscriptions: webhook delivery", () => {
     const hooks = await receiver(() => [200, { done: true }]);
     const { handle, close } = setup();
     try {
+      // A lease far longer than the test: each wake ends by its done, not by its lease.
       const [, created] = await json(
-        call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url)),
+        call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url, { lease_ttl_ms: 600_000 })),
       );
       const [, jwks] = await json(call(handle, "GET", "__ds/jwks.json"));
       await stream(handle, "events/a", "hello");
@@ -990,7 +1010,8 @@ describe("subscriptions: pull-wake", () => {
   });
 
   test("release with work left writes another wake; a lapsed lease lets another worker claim", async () => {
-    const { handle, close } = setup({ sweepInterval: 50 });
+    // No sweep within the test: the claim itself sees that the lease has lapsed.
+    const { handle, close } = setup({ sweepInterval: 60_000 });
     try {
       await pullWake(handle);
       await stream(handle, "jobs/a", "hello");
@@ -1021,7 +1042,7 @@ describe("subscriptions: pull-wake", () => {
       const waited = Date.now() - started;
       assert.equal(status, 200);
       assert.ok(waited >= 800, `claimed after ${waited} ms`);
-      assert.ok(third.generation > 2, "a new generation fences the lapsed worker");
+      assert.equal(third.generation, 3, "a new generation fences the lapsed worker");
       const [stale] = await json(call(handle, "POST", "__ds/subscriptions/p/ack", {
         wake_id: second.wake_id,
         generation: second.generation,
@@ -1593,8 +1614,8 @@ describe("subscriptions: edges", () => {
   test("a pattern's literal start is where the streams are listed; zero limits are limits", async () => {
     const listed: string[] = [];
     const memory = new MemoryStreamStore();
-    const store = Object.assign(Object.create(memory), {
-      list: (prefix: string, limit: number) => {
+    const store = over(memory, {
+      list: (prefix, limit) => {
         listed.push(`${prefix} ${limit}`);
         return memory.list(prefix, limit);
       },
@@ -1931,6 +1952,373 @@ describe("subscriptions: more edges", () => {
       assert.equal(key.kid, `ds_${thumbprint}`);
     } finally {
       close();
+    }
+  });
+});
+
+describe("subscriptions: every refusal's words", () => {
+  const pick = async (response: Promise<Response>) => {
+    const [status, body] = await json(response);
+    return `${status} ${body?.error?.code}: ${body?.error?.message}`;
+  };
+
+  test("routes, methods, ids, bodies and fields", async () => {
+    const { handle, close } = setup({ maxStreams: 1 });
+    try {
+      const base = webhook("https://hooks.example.com/x");
+      assert.equal(
+        await pick(call(handle, "POST", "__ds/jwks.json", "{}")),
+        "405 METHOD_NOT_ALLOWED: use GET",
+      );
+      assert.equal(
+        await pick(call(handle, "GET", "__ds/subscriptions/s/other")),
+        "404 NOT_FOUND: no such subscription API",
+      );
+      assert.equal(
+        await pick(call(handle, "PATCH", "__ds/subscriptions/s")),
+        "405 METHOD_NOT_ALLOWED: this method does not apply here",
+      );
+      assert.equal(
+        await pick(call(handle, "PUT", "__ds/subscriptions/x%20y", base)),
+        "400 INVALID_REQUEST: a subscription id is 1-128 of A-Z a-z 0-9 . _ ~ -",
+      );
+      assert.equal(
+        await pick(call(handle, "PUT", "__ds/subscriptions/s", "5")),
+        "400 INVALID_REQUEST: the body is not a JSON object",
+      );
+      assert.equal(
+        await pick(call(handle, "PUT", "__ds/subscriptions/s", { ...base, pattern: 5 })),
+        "400 INVALID_REQUEST: pattern must be a non-empty glob of at most 1024 characters",
+      );
+      assert.equal((await call(handle, "PUT", "__ds/subscriptions/s", base)).status, 201);
+      assert.equal(
+        await pick(call(handle, "PUT", "__ds/subscriptions/s", { ...base, description: "x" })),
+        "409 SUBSCRIPTION_CONFLICT: a subscription with this id has another configuration",
+      );
+      assert.equal(
+        await pick(call(handle, "POST", "__ds/subscriptions/s/streams", { streams: "a" })),
+        "400 INVALID_REQUEST: streams must be an array of stream paths",
+      );
+      assert.equal(
+        await pick(call(handle, "POST", "__ds/subscriptions/s/streams", { streams: ["a", "b"] })),
+        "400 INVALID_REQUEST: streams lists more than 1 streams",
+      );
+      assert.equal(
+        (await call(handle, "POST", "__ds/subscriptions/s/streams", { streams: ["a"] })).status,
+        204,
+      );
+      assert.equal(
+        await pick(call(handle, "POST", "__ds/subscriptions/s/streams", { streams: ["b"] })),
+        "400 INVALID_REQUEST: the subscription would follow more than 1 streams",
+      );
+      assert.equal(
+        await pick(call(handle, "DELETE", "__ds/subscriptions/s/streams/a%2F%2E%2E")),
+        "400 INVALID_REQUEST: the stream path may not have . or .. segments",
+      );
+      assert.equal(
+        await pick(call(handle, "DELETE", "__ds/subscriptions/s/streams/%E0%A4%A")),
+        "400 INVALID_REQUEST: the stream path is not URL-encoded",
+      );
+      const gone = "404 SUBSCRIPTION_NOT_FOUND: no subscription with this id";
+      assert.equal(
+        await pick(call(handle, "POST", "__ds/subscriptions/none/streams", { streams: ["a"] })),
+        gone,
+      );
+      assert.equal((await call(handle, "DELETE", "__ds/subscriptions/s")).status, 204);
+      assert.equal(await pick(call(handle, "DELETE", "__ds/subscriptions/s")), gone);
+    } finally {
+      close();
+    }
+  });
+
+  test("a full store, a missing token, a claim's worker, a token's spelling, too many acks", async () => {
+    const authorize: Authorize = (request) =>
+      request.headers.get("x-grants") === null
+        ? false
+        : JSON.parse(request.headers.get("x-grants")!);
+    const hooks = await receiver();
+    const { handle, close } = setup({
+      store: new MemorySubscriptionStore({ maxSubscriptions: 2 }),
+      authorize,
+      maxStreams: 1,
+    });
+    try {
+      const all = { "x-grants": JSON.stringify({ publish: ["*"], subscribe: ["*"] }) };
+      const unauthorized = await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url));
+      assert.equal(unauthorized.headers.get("www-authenticate"), 'Bearer realm="sse"');
+      assert.deepEqual((await unauthorized.json()).error, {
+        code: "UNAUTHORIZED",
+        message: "a valid token is required",
+      });
+      assert.equal(
+        (await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url), all)).status,
+        201,
+      );
+      await handle(
+        new Request(ROOT + "wake/w", {
+          method: "PUT",
+          headers: { "content-type": "application/json", ...all },
+        }),
+      );
+      const pull = { type: "pull-wake", pattern: "jobs/*", wake_stream: "wake/w" };
+      assert.equal((await call(handle, "PUT", "__ds/subscriptions/p", pull, all)).status, 201);
+      assert.equal(
+        await pick(call(handle, "PUT", "__ds/subscriptions/t", webhook(hooks.url), all)),
+        "503 UNAVAILABLE: the server holds as many subscriptions as it may",
+      );
+      for (const worker of [5, "", "a\nb"]) {
+        assert.equal(
+          await pick(call(handle, "POST", "__ds/subscriptions/p/claim", { worker }, all)),
+          "400 INVALID_REQUEST: worker must be 1-256 characters without control characters",
+        );
+      }
+      await handle(
+        new Request(ROOT + "jobs/a", {
+          method: "PUT",
+          headers: { "content-type": "text/plain", ...all },
+          body: "x",
+        }),
+      );
+      const claimed = await call(
+        handle,
+        "POST",
+        "__ds/subscriptions/p/claim",
+        { worker: "w" },
+        all,
+      );
+      assert.equal(claimed.headers.get("cache-control"), "no-store");
+      const lease = await claimed.json();
+      const ack = (authorization: string, acks: unknown) =>
+        pick(call(handle, "POST", "__ds/subscriptions/p/ack", {
+          wake_id: lease.wake_id,
+          generation: lease.generation,
+          acks,
+        }, { authorization }));
+      assert.equal(
+        await ack(`xBearer ${lease.token}`, []),
+        "401 UNAUTHORIZED: the wake's token is required as a Bearer token",
+      );
+      const two = [{ stream: "jobs/a", offset: at(1) }, { stream: "jobs/a", offset: at(1) }];
+      assert.equal(
+        await ack(`Bearer ${lease.token}`, two),
+        "400 INVALID_REQUEST: acks must be an array of {stream, offset}",
+      );
+      assert.equal(await ack(`Bearer ${lease.token}`, two.slice(1)), "200 undefined: undefined");
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("no option: webhooks to this machine are refused", async () => {
+    const subscriptions = new Subscriptions();
+    try {
+      const handle = createStreamsHandler({ prefix: PREFIX, subscriptions });
+      assert.equal(
+        await pick(call(handle, "PUT", "__ds/subscriptions/s", webhook("http://127.0.0.1:9/x"))),
+        "400 WEBHOOK_URL_REJECTED: webhook.url must use https",
+      );
+    } finally {
+      subscriptions.close();
+    }
+  });
+
+  test("a store that fails without an error: each failure still told in one line", async () => {
+    const lines: string[] = [];
+    const memory = new MemorySubscriptionStore();
+    const broken = {
+      get: () => Promise.reject(undefined),
+      swap: memory.swap.bind(memory),
+      matches: () => Promise.reject(undefined),
+      due: () => Promise.reject(undefined),
+      signingKey: memory.signingKey.bind(memory),
+    };
+    const { handle, close } = setup({
+      store: broken,
+      logger: (line) => lines.push(line),
+      sweepInterval: 10,
+    });
+    try {
+      assert.equal((await call(handle, "GET", "__ds/subscriptions/s")).status, 503);
+      await stream(handle, "events/a", "x");
+      const deadline = Date.now() + 5000;
+      while (
+        !lines.includes("subscriptions: the sweep failed: undefined") && Date.now() < deadline
+      ) {
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      for (
+        const line of [
+          "subscription request failed: undefined",
+          "subscriptions: an append was not matched: undefined",
+          "subscriptions: the sweep failed: undefined",
+        ]
+      ) {
+        assert.ok(lines.includes(line), `${line}\n${lines.join("\n")}`);
+      }
+    } finally {
+      close();
+    }
+  });
+
+  test("the engine's own sweep: none before a handler serves it or after close", async () => {
+    let looks = 0;
+    const memory = new MemorySubscriptionStore();
+    const counted = {
+      get: (id: string) => memory.get(id),
+      swap: memory.swap.bind(memory),
+      matches: (known?: number) => memory.matches(known),
+      due: (now: number, limit: number) => (looks++, memory.due(now, limit)),
+      signingKey: memory.signingKey.bind(memory),
+    };
+    const lines: string[] = [];
+    const early = new Subscriptions({
+      store: counted,
+      sweepInterval: 5,
+      logger: (line) => lines.push(line),
+    });
+    assert.equal((await early.handle(new Request("http://h/x"), "subscriptions/s")).status, 503);
+    assert.deepEqual(lines, [
+      "subscription request failed: the subscriptions serve no streams handler",
+    ]);
+    early.close();
+    createStreamsHandler({ subscriptions: early }); // closed before it served: no sweep starts
+    const running = new Subscriptions({ store: counted, sweepInterval: 5 });
+    createStreamsHandler({ subscriptions: running });
+    while (looks === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+    running.close();
+    const seen = looks;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(looks, seen, "no look after close, and none by the engine closed early");
+  });
+
+  test("streams under __ds in the store are never listed; an unlinked explicit stream stays unlinked", async () => {
+    const hooks = await receiver(() => [200, { done: true }]);
+    const store = new MemoryStreamStore();
+    const subscriptions = new Subscriptions({ allowLoopbackWebhooks: true });
+    try {
+      const handle = createStreamsHandler({ prefix: PREFIX, store, subscriptions });
+      await store.create(`${PREFIX}__ds/hidden`, {
+        contentType: "text/plain",
+        framing: "bytes",
+        closed: false,
+        records: [],
+        contentTypeGiven: true,
+      });
+      const [, every] = await json(
+        call(handle, "PUT", "__ds/subscriptions/all", { ...webhook(hooks.url), pattern: "**" }),
+      );
+      assert.deepEqual(every.streams, []);
+      const config = { ...webhook(hooks.url), pattern: undefined, streams: ["m/a", "m/b"] };
+      assert.equal((await call(handle, "PUT", "__ds/subscriptions/s", config)).status, 201);
+      assert.equal(
+        (await call(handle, "DELETE", "__ds/subscriptions/s/streams/m%2Fb")).status,
+        204,
+      );
+      assert.equal(
+        (await call(handle, "PUT", "__ds/subscriptions/s", { ...config, streams: ["m/a"] })).status,
+        200,
+        "its configuration lists m/a alone now",
+      );
+      await stream(handle, "m/b", "1");
+      const [, view] = await json(call(handle, "GET", "__ds/subscriptions/s"));
+      assert.deepEqual(
+        view.streams.map((link: Answer) => link.path),
+        ["m/a"],
+        "m/b is not followed again",
+      );
+    } finally {
+      subscriptions.close();
+      hooks.close();
+    }
+  });
+
+  test("a failure answered by a superseded wake leaves the new wake alone; an answer of exactly 64 KiB is read", async () => {
+    const pad = (size: number) => {
+      const text = JSON.stringify({ done: true, pad: "" });
+      return { done: true, pad: "x".repeat(size - text.length) };
+    };
+    const hooks = await receiver((_, index) =>
+      index === 0 ? "hold" : index === 1 ? [200, {}] : [200, pad(65_536)]
+    );
+    const { handle, close } = setup({ sweepInterval: 50 });
+    try {
+      await call(handle, "PUT", "__ds/subscriptions/s", webhook(hooks.url, { lease_ttl_ms: 1000 }));
+      await stream(handle, "events/a", "hello");
+      const first = await hooks.nth(1);
+      assert.equal(first.contentType, "application/json");
+      const second = await hooks.nth(2);
+      await hooks.answerHeld(500, {});
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      const [status] = await json(call(handle, "POST", second.body.callback_url, {
+        wake_id: second.body.wake_id,
+        generation: 2,
+      }, { authorization: `Bearer ${second.body.callback_token}` }));
+      assert.equal(status, 200, "the new wake goes on");
+      const [, view] = await json(call(handle, "GET", "__ds/subscriptions/s"));
+      assert.equal(view.status, "active");
+      // The third answers done with exactly 64 KiB: acked.
+      await hooks.nth(3);
+      await until(handle, "s", (view) => view.streams[0].acked_offset === at(5), "the ack");
+    } finally {
+      close();
+      hooks.close();
+    }
+  });
+
+  test("wake events: an append that fails is told; a subscription that follows a wake stream is woken from the event", async () => {
+    const hooks = await receiver();
+    const lines: string[] = [];
+    const memory = new MemoryStreamStore();
+    const store = over(memory, {
+      append: (path, request) =>
+        path.endsWith("/broken")
+          ? Promise.reject(new Error("disk gone"))
+          : memory.append(path, request),
+    });
+    const subscriptions = new Subscriptions({
+      allowLoopbackWebhooks: true,
+      logger: (line) => lines.push(line),
+    });
+    try {
+      const handle = createStreamsHandler({ prefix: PREFIX, store, subscriptions });
+      for (const wake of ["wake/broken", "wake/ok"]) {
+        await handle(
+          new Request(ROOT + wake, {
+            method: "PUT",
+            headers: { "content-type": "application/json" },
+          }),
+        );
+      }
+      await call(handle, "PUT", "__ds/subscriptions/b", {
+        type: "pull-wake",
+        pattern: "jobs/*",
+        wake_stream: "wake/broken",
+      });
+      await call(handle, "PUT", "__ds/subscriptions/o", {
+        type: "pull-wake",
+        pattern: "jobs/*",
+        wake_stream: "wake/ok",
+      });
+      await call(handle, "PUT", "__ds/subscriptions/w", {
+        ...webhook(hooks.url),
+        pattern: "wake/ok",
+      });
+      await stream(handle, "jobs/a", "x");
+      assert.deepEqual(lines, [
+        "subscription b: the wake event was not written (failed: disk gone)",
+      ]);
+      const { body } = await hooks.nth(1);
+      assert.deepEqual(body.streams, [{
+        path: "wake/ok",
+        link_type: "glob",
+        acked_offset: at(0),
+        tail_offset: at(1),
+        has_pending: true,
+      }]);
+    } finally {
+      subscriptions.close();
+      hooks.close();
     }
   });
 });
