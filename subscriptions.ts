@@ -100,7 +100,11 @@ export class MemorySubscriptionStore implements SubscriptionStore {
   #version = 0;
   #key: string | undefined;
 
-  /** @param options See {@linkcode MemorySubscriptionStoreOptions}. */
+  /**
+   * Creates an empty store.
+   *
+   * @param options See {@linkcode MemorySubscriptionStoreOptions}.
+   */
   constructor(options: MemorySubscriptionStoreOptions = {}) {
     this.#maxSubscriptions = count("maxSubscriptions", options.maxSubscriptions ?? 1000);
   }
@@ -493,7 +497,11 @@ export class Subscriptions {
   /** Webhook requests under way, aborted on close. */
   readonly #deliveries = new Set<AbortController>();
 
-  /** @param options See {@linkcode SubscriptionsOptions}. */
+  /**
+   * Creates the engine; it starts once a streams handler serves it.
+   *
+   * @param options See {@linkcode SubscriptionsOptions}.
+   */
   constructor(options: SubscriptionsOptions = {}) {
     this.#state = options.store ?? new MemorySubscriptionStore();
     this.#allowLoopback = options.allowLoopbackWebhooks ?? false;
