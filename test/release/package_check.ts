@@ -176,7 +176,7 @@ describe("the npm package, installed fresh", () => {
     // attw exits 1 on a problem; ESM-only ignores the CommonJS resolutions.
     const types = await sh(`${BIN}/attw`, [tarball, "--profile", "esm-only", "--format", "ascii"]);
     const resolutions = types.match(/^(node16 \(from ESM\)|bundler): .*$/gm) ?? [];
-    assert.equal(resolutions.length, 8, types); // two for each of the four entry points
+    assert.equal(resolutions.length, 10, types); // two for each of the five entry points
     for (const line of resolutions) assert.match(line, /: 🟢/, types);
   });
 
