@@ -350,16 +350,17 @@ function prune(record: SubscriptionRecord, looked: string[], tails: Map<string, 
   return changed;
 }
 
+/** What a subscription is made with: what a re-confirmation compares. */
+type SubscriptionConfig = Pick<
+  SubscriptionRecord,
+  "type" | "pattern" | "streams" | "webhook" | "wake_stream" | "lease_ttl_ms" | "description"
+>;
+
 /**
  * The SHA-256 of a subscription's normalized configuration, which a
  * re-confirmation must match (its explicit streams sorted, each once).
  */
-function configHash(
-  config: Pick<
-    SubscriptionRecord,
-    "type" | "pattern" | "streams" | "webhook" | "wake_stream" | "lease_ttl_ms" | "description"
-  >,
-): Promise<string> {
+function configHash(config: SubscriptionConfig): Promise<string> {
   const { type, pattern, streams, webhook, wake_stream, lease_ttl_ms, description } = config;
   return sha256(
     JSON.stringify([type, pattern, streams, webhook, wake_stream, lease_ttl_ms, description]),
@@ -633,11 +634,20 @@ export class Subscriptions {
     return allowed;
   }
 
-  /** Refuses a stream (or pattern) the request may not read. */
-  async #mayRead(request: Request, name: string, what: string): Promise<void> {
+  /**
+   * Refuses the pattern or a stream the request may not read: its grants
+   * asked for once, however many streams it names.
+   */
+  async #mayRead(request: Request, pattern: string | null, names: string[]): Promise<void> {
     const allowed = await access(this.#streams.authorize, request, "subscribe");
-    if (allowed !== true && !selectorsMatch(allowed.subscribe ?? [], name)) {
-      throw new Refusal(403, "FORBIDDEN", `no subscribe grant for ${what}`);
+    if (allowed === true) return;
+    const readable = (name: string) => selectorsMatch(allowed.subscribe ?? [], name);
+    if (pattern !== null && !readable(pattern)) {
+      throw new Refusal(403, "FORBIDDEN", "no subscribe grant for pattern");
+    }
+    const refused = names.find((name) => !readable(name));
+    if (refused !== undefined) {
+      throw new Refusal(403, "FORBIDDEN", `no subscribe grant for ${JSON.stringify(refused)}`);
     }
   }
 
@@ -751,10 +761,9 @@ export class Subscriptions {
         "description must be a string of at most 1024 characters",
       );
     }
-    if (pattern !== null) await this.#mayRead(request, pattern, "pattern");
-    for (const name of streams) await this.#mayRead(request, name, JSON.stringify(name));
+    await this.#mayRead(request, pattern, streams);
 
-    const hash = await configHash({
+    const config: SubscriptionConfig = {
       type,
       pattern,
       streams,
@@ -762,7 +771,8 @@ export class Subscriptions {
       wake_stream: wakeStream,
       lease_ttl_ms: lease,
       description,
-    });
+    };
+    const hash = await configHash(config);
     const confirm = async (existing: SubscriptionRecord) => {
       // Its configuration now: explicit streams added or removed since count.
       if (await configHash(existing) !== hash) {
@@ -781,13 +791,7 @@ export class Subscriptions {
     const { prefix, origin } = this.#streams;
     const record: SubscriptionRecord = {
       id,
-      type,
-      pattern,
-      streams,
-      webhook,
-      wake_stream: wakeStream,
-      lease_ttl_ms: lease,
-      description,
+      ...config,
       created_at: new Date().toISOString(),
       root: `${origin ?? new URL(request.url).origin}${prefix}`,
       links: {},
@@ -905,7 +909,7 @@ export class Subscriptions {
   async #addStreams(request: Request, id: string): Promise<Response> {
     const body = await this.#body(request);
     const names = this.#names(body.streams, "streams");
-    for (const name of names) await this.#mayRead(request, name, JSON.stringify(name));
+    await this.#mayRead(request, null, names);
     const tails = await this.#tailsOf(names);
     await this.#update(id, (record) => {
       for (const name of names) {
