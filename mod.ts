@@ -703,6 +703,14 @@ export interface SubscribeOptions {
    * the `?since=` parameter (an ISO 8601 time), or none.
    */
   since?: number;
+  /**
+   * Write each event's topics into its frame, one `topic:` line each after
+   * its `id:` (a private event's only where the client named or is granted
+   * them), for a client that shares one stream among several consumers and
+   * hands each its own topics (`client.ts`). `EventSource` ignores the
+   * lines. Defaults to the `?withTopics=1` parameter, or false.
+   */
+  withTopics?: boolean;
 }
 
 /**
@@ -877,10 +885,13 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
 
   /**
    * The client's topics as one string (sorted, one per line: topics hold no
-   * control characters). Clients with the same key want the same events, so
-   * a flush builds their chunk once.
+   * control characters), and, when it asked for `topic:` lines, its grants
+   * (which decide a private event's lines) after a NUL. Clients with the
+   * same key want the same bytes, so a flush builds their chunk once.
    */
-  readonly topicKey: string | undefined;
+  readonly shareKey: string | undefined;
+  /** Whether its frames carry `topic:` lines ({@linkcode SubscribeOptions.withTopics}). */
+  readonly withTopics: boolean;
   /** The topics it named; `undefined` when it named none and wants every event. */
   readonly topics: ReadonlySet<string> | undefined;
   /** Matches the topics of the private events it may receive. */
@@ -891,11 +902,22 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
     topics: ReadonlySet<string> | undefined,
     grants: RegExp,
     callbacks: ClientCallbacks,
+    withTopics: boolean,
   ) {
     this.topics = topics;
     this.grants = grants;
     this.callbacks = callbacks;
-    this.topicKey = topics && [...topics].sort().join("\n");
+    this.withTopics = withTopics;
+    const topicKey = topics && [...topics].sort().join("\n");
+    this.shareKey = withTopics ? `\0${grants.source}\0${topicKey ?? ""}` : topicKey;
+  }
+
+  /** The event's bytes as this client is sent them. */
+  bytesOf(event: LogEvent): Uint8Array {
+    if (!this.withTopics || event.topics.length === 0) return bytesOf(event);
+    if (event.private !== true) return taggedBytesOf(event);
+    const topics = event.topics.filter((t) => this.topics?.has(t) || this.grants.test(t));
+    return encoder.encode(`id: ${event.id}\n${topicLines(topics)}${event.text}`);
   }
 
   start(controller: ReadableStreamDefaultController<Uint8Array>): void {
@@ -1126,6 +1148,7 @@ export class Broker {
       topics.length > 0 ? new Set(topics) : undefined,
       options.grants === undefined ? NO_GRANTS : selectorPattern(options.grants),
       this.#clientCallbacks,
+      options.withTopics ?? url.searchParams.get("withTopics") === "1",
     );
     const body = new ReadableStream(client, BYTE_QUEUING);
     // From an id; from the oldest retained event (`earliest`, or `since`,
@@ -1599,24 +1622,29 @@ export class Broker {
     const privateEvents = batch.filter((event) => event.private === true);
     const shares = new Map<string | undefined, Map<string, Share>>();
     const shareOf = (client: Client): Share => {
-      let byGrants = shares.get(client.topicKey);
-      if (byGrants === undefined) shares.set(client.topicKey, byGrants = new Map());
+      let byGrants = shares.get(client.shareKey);
+      if (byGrants === undefined) shares.set(client.shareKey, byGrants = new Map());
       const granted = grantedOf(client, privateEvents);
       let share = byGrants.get(granted);
       if (share === undefined) {
         const wanted = batch.filter((event) => client.wants(event));
         byGrants.set(
           granted,
-          share = { chunk: concat(wanted.map(bytesOf)), events: wanted.length },
+          share = {
+            chunk: concat(wanted.map((event) => client.bytesOf(event))),
+            events: wanted.length,
+          },
         );
       }
       return share;
     };
-    // Without private events, every client that named no topic wants the
-    // whole batch: one chunk for all, looked up once per flush, not per client.
+    // Without private events, every client that named no topic (and wants
+    // no `topic:` lines) wants the whole batch: one chunk for all, looked up
+    // once per flush, not per client.
     let all: Share | undefined;
     for (const client of this.#everyone) {
-      this.#send(client, privateEvents.length === 0 ? all ??= shareOf(client) : shareOf(client));
+      const same = privateEvents.length === 0 && !client.withTopics;
+      this.#send(client, same ? all ??= shareOf(client) : shareOf(client));
     }
     this.#flushTopics(batch, shareOf);
     this.#catchUp.flushed();
@@ -1781,7 +1809,7 @@ class CatchUp {
       if (queuedBytes(client) >= this.#maxQueueBytes / 2) return;
       client.cursor = event.id;
       if (client.wants(event) && parseEventId(event.id)![0] > client.since) {
-        client.controller.enqueue(bytesOf(event));
+        client.controller.enqueue(client.bytesOf(event));
         client.replayed++;
         this.replayed++;
       }
@@ -2988,6 +3016,22 @@ function bytesOf(event: LogEvent): Uint8Array {
     encoded.set(event, bytes = encoder.encode(`id: ${event.id}\n${event.text}`));
   }
   return bytes;
+}
+
+/** A public event's bytes with its `topic:` lines, encoded once as well. */
+const tagged = new WeakMap<LogEvent, Uint8Array>();
+
+function taggedBytesOf(event: LogEvent): Uint8Array {
+  let bytes = tagged.get(event);
+  if (bytes === undefined) {
+    const text = `id: ${event.id}\n${topicLines(event.topics)}${event.text}`;
+    tagged.set(event, bytes = encoder.encode(text));
+  }
+  return bytes;
+}
+
+function topicLines(topics: readonly string[]): string {
+  return topics.map((topic) => `topic: ${topic}\n`).join("");
 }
 
 /**

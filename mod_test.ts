@@ -24,6 +24,7 @@ import {
   selectorsMatch,
   type ServerSentEventMessage,
   ServerSentEventStream,
+  type SubscribeOptions,
   tokenAuth,
   TokenError,
 } from "./mod.ts";
@@ -2724,6 +2725,81 @@ describe("jwtVerifier", () => {
         message: "publicKey is not a PEM public key of RSA, P-256 or Ed25519",
       });
     }
+  });
+});
+
+describe("topic: lines (withTopics)", () => {
+  /** The text a reader gets next, whole chunks until `count` blank-line ends. */
+  const chunks = async (reader: ReadableStreamDefaultReader<Uint8Array>, events: number) => {
+    let text = "";
+    while (text.split("\n\n").length <= events) {
+      text += new TextDecoder().decode((await reader.read()).value);
+    }
+    return text;
+  };
+  const reader = (broker: Broker, query: string, options?: SubscribeOptions) =>
+    broker.subscribe(new Request(`http://x/events${query}`), options).body!.getReader();
+
+  test("each event names its topics after its id, only for clients that ask", async () => {
+    const broker = new Broker({ retry: 100 });
+    // Tagged and plain, with and without topics: four chunks for one burst.
+    const tagged = reader(broker, "?withTopics=1");
+    const plain = reader(broker, "");
+    const taggedA = reader(broker, "?topic=a&withTopics=1");
+    const plainA = reader(broker, "?topic=a");
+    const byOption = reader(broker, "?withTopics=0", { withTopics: true });
+    const notOne = reader(broker, "?withTopics=true");
+    for (const r of [tagged, plain, taggedA, plainA, byOption, notOne]) await r.read(); // retry:
+    const [one, two] = await Promise.all([
+      broker.publish({ data: "both" }, { topics: ["a", "b"] }),
+      broker.publish({ event: "e", data: "none" }),
+    ]);
+    const both = `id: ${one}\ntopic: a\ntopic: b\ndata: both\n\n`;
+    assert.equal(await chunks(tagged, 2), `${both}id: ${two}\nevent: e\ndata: none\n\n`);
+    assert.equal(await chunks(byOption, 2), `${both}id: ${two}\nevent: e\ndata: none\n\n`);
+    const plainText = `id: ${one}\ndata: both\n\nid: ${two}\nevent: e\ndata: none\n\n`;
+    assert.equal(await chunks(plain, 2), plainText);
+    assert.equal(await chunks(notOne, 2), plainText, "only ?withTopics=1 asks");
+    assert.equal(await chunks(taggedA, 1), both);
+    assert.equal(await chunks(plainA, 1), `id: ${one}\ndata: both\n\n`);
+    broker.close();
+  });
+
+  test("a private event names only the topics a client named or is granted", async () => {
+    const broker = new Broker({ retry: 100 });
+    const granted = reader(broker, "?withTopics=1", { grants: ["user/7/*"] });
+    const named = reader(broker, "?topic=audit&withTopics=1", { grants: ["user/*"] });
+    const other = reader(broker, "?withTopics=1", { grants: ["user/7/inbox", "z"] });
+    for (const r of [granted, named, other]) await r.read(); // retry:
+    const id = await broker.publish({ data: "s" }, {
+      topics: ["user/7/inbox", "audit", "secret"],
+      private: true,
+    });
+    assert.equal(await chunks(granted, 1), `id: ${id}\ntopic: user/7/inbox\ndata: s\n\n`);
+    assert.equal(
+      await chunks(named, 1),
+      `id: ${id}\ntopic: user/7/inbox\ntopic: audit\ndata: s\n\n`,
+    );
+    assert.equal(await chunks(other, 1), `id: ${id}\ntopic: user/7/inbox\ndata: s\n\n`);
+    broker.close();
+  });
+
+  test("replayed events carry their topic: lines too", async () => {
+    const broker = new Broker({ retry: 100 });
+    const first = await broker.publish({ data: "1" }, { topics: ["a"] });
+    const second = await broker.publish({ data: "2" }, { topics: ["b"] });
+    const third = await broker.publish({ data: "3" }, { topics: ["c"], private: true });
+    const resumed = broker.subscribe(
+      new Request("http://x/events?withTopics=1", { headers: { "last-event-id": first } }),
+      { grants: ["c"] },
+    ).body!.getReader();
+    const text = await chunks(resumed, 4);
+    assert.equal(
+      text,
+      `retry: 100\n\nid: ${second}\ntopic: b\ndata: 2\n\nid: ${third}\ntopic: c\ndata: 3\n\n` +
+        'event: replayed\ndata: {"count":2}\n\n',
+    );
+    broker.close();
   });
 });
 
