@@ -27,6 +27,7 @@ import {
   tokenAuth,
 } from "./mod.ts";
 import { renderPage } from "./page.ts";
+import { CLIENT_MODULE } from "./client_bundle.ts";
 import { createStreamsHandler, type StreamsHandler } from "./streams.ts";
 import { Subscriptions } from "./subscriptions.ts";
 import { probeResponse } from "./probe.ts";
@@ -288,6 +289,15 @@ export async function startApp(system: Runtime): Promise<App> {
   /** The demo's own routes, by path: each answers GET (and HEAD, which runtimes strip). */
   const routes: Record<string, Handler> = {
     "/": () => new Response(page, { headers: { "content-type": "text/html; charset=utf-8" } }),
+    // The browser client (client.ts) the page imports, for other pages too.
+    "/client.js": () =>
+      new Response(CLIENT_MODULE, {
+        headers: {
+          "content-type": "text/javascript; charset=utf-8",
+          "access-control-allow-origin": "*",
+          "cache-control": "public, max-age=300",
+        },
+      }),
     "/health": () => Response.json({ status: "alive" }),
     "/ready": async () => {
       const { ready, eventLogUp, reason } = await broker.health();

@@ -128,8 +128,8 @@ const PAGE = `<!doctype html>
         <label>Topics <input name="topics" placeholder="all topics" autocomplete="off"></label>
         <label>Event names <input name="events" value="quote" autocomplete="off"></label>
         <p id="subscription-help" class="muted" style="margin: 0">
-          Comma-separated. No topic receives every topic. A browser's EventSource hears only the
-          event names it listens for: unnamed events, tick, these, and those published here.
+          Comma-separated. No topic receives every topic. The page hears only the event names
+          it listens for: unnamed events, tick, these, and those published here.
         </p>
         <label class="check"><input type="checkbox" name="ticks"> Log ticks too</label>
         <button>Subscribe</button>
@@ -172,14 +172,14 @@ const PAGE = `<!doctype html>
   </section>
 </main>
 <script id="config" type="application/json">{{config}}</script>
-<script>
-"use strict";
+<script type="module">
+import { connect } from "/client.js";
 const config = JSON.parse(document.getElementById("config").textContent);
 const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token");
 const MAX_ROWS = 500;
 
-let source = null;
+let stream = null;        // the connection (client.js), shared with this browser's other tabs
 let topics = [];          // the current subscription; empty means all
 let logTicks = false;
 let eventNames = ["quote"]; // named events listened for, besides tick and those published here
@@ -196,9 +196,9 @@ function setState(state, text) {
   $("state-text").textContent = text ?? state;
 }
 
-function startCountdown() {
+function startCountdown(ms) {
   clearInterval(countdown);
-  const until = Date.now() + config.retryMs;
+  const until = Date.now() + ms;
   const render = () => {
     const left = Math.max(0, until - Date.now());
     setState("reconnecting", left > 0 ? "reconnecting in " + (left / 1000).toFixed(1) + " s"
@@ -210,12 +210,11 @@ function startCountdown() {
 
 function addRow(event, kind) {
   const row = document.createElement("tr");
-  row.dataset.id = event.lastEventId;
+  row.dataset.id = event.id;
   row.dataset.event = event.type;
   if (kind) row.className = kind;
-  if (privateIds.has(event.lastEventId)) row.classList.add("private");
-  const topic = event.type === "tick" ? "time" : topics.length === 1 ? topics[0] : "";
-  for (const [text, className] of [[event.lastEventId, ""], [event.type, ""], [topic, ""],
+  if (privateIds.has(event.id)) row.classList.add("private");
+  for (const [text, className] of [[event.id, ""], [event.type, ""], [event.topics.join(", "), ""],
                                    [event.data, "data"]]) {
     const cell = document.createElement("td");
     cell.textContent = text;
@@ -229,51 +228,51 @@ function addRow(event, kind) {
 }
 
 function onEvent(event) {
-  $("last-id").textContent = event.lastEventId || "none";
+  $("last-id").textContent = event.id || "none";
   addRow(event, replaying ? "replayed" : "");
 }
 
 function listen(name) {
   // message, tick, gap and replayed have their own listeners.
-  if (!name || listening.has(name) || !source) return;
+  if (!name || listening.has(name) || !stream) return;
   if (["message", "tick", "gap", "replayed"].includes(name)) return;
   listening.add(name);
-  source.addEventListener(name, onEvent);
+  stream.on(name, onEvent);
 }
 
 function subscribe() {
-  source?.close();
+  stream?.close();
   listening.clear();
   wasOpen = false;
-  const url = new URL("/events", location.href);
-  for (const topic of topics) url.searchParams.append("topic", topic);
-  if (token) url.searchParams.set("token", token);
-  source = new EventSource(url);
   setState("connecting");
-  source.onopen = () => {
-    clearInterval(countdown);
-    setState("open");
-    replaying = wasOpen;
-    wasOpen = true;
-    refreshClients(); // at once, not at the next interval
-  };
-  source.onerror = () => {
-    if (source.readyState === EventSource.CLOSED) {
+  // One stream for every tab of this page in this browser; each tab gets its own topics.
+  stream = connect("/events", {
+    topics,
+    token: token ?? undefined,
+    retry: config.retryMs,
+    onStateChange({ state, reason, retryIn }) {
       clearInterval(countdown);
-      setState("closed", "closed: reload to retry");
-    } else startCountdown();
-  };
-  source.onmessage = onEvent;
-  source.addEventListener("tick", (event) => {
+      if (state === "open") {
+        setState("open");
+        replaying = wasOpen;
+        wasOpen = true;
+        refreshClients(); // at once, not at the next interval
+      } else if (state === "closed") setState("closed", "closed (" + reason + "): reload to retry");
+      else if (retryIn !== undefined) startCountdown(retryIn);
+      else setState(wasOpen ? "reconnecting" : "connecting");
+    },
+  });
+  stream.on("message", onEvent);
+  stream.on("tick", (event) => {
     $("clock").textContent = new Date(event.data).toLocaleTimeString();
-    $("last-id").textContent = event.lastEventId;
+    $("last-id").textContent = event.id;
     if (logTicks) addRow(event, replaying ? "replayed" : "");
   });
-  source.addEventListener("gap", (event) => {
+  stream.on("gap", (event) => {
     gap = true;
     addRow(event, "control");
   });
-  source.addEventListener("replayed", (event) => {
+  stream.on("replayed", (event) => {
     replaying = false;
     const { count } = JSON.parse(event.data);
     $("notice").textContent = "Resumed at " + new Date().toLocaleTimeString() + ": replayed " +
@@ -424,7 +423,7 @@ async function checkConnection() {
 $("check-button").addEventListener("click", checkConnection);
 
 async function refreshClients() {
-  if (source?.readyState !== EventSource.OPEN) return; // no noise while the server is away
+  if (stream?.state !== "open") return; // no noise while the server is away
   try {
     const stats = await (await fetch("/stats")).json();
     $("clients").textContent = stats.clients;
@@ -434,8 +433,8 @@ async function refreshClients() {
 }
 
 $("token-field").hidden = !config.publishToken;
-// With signed tokens, the cookie carries the token: EventSource sends it, and
-// so does fetch on this origin, for publishing.
+// With signed tokens, the cookie carries the token: the stream's fetch sends
+// it, and so does the fetch of a publish on this origin.
 $("sign-in").hidden = !config.jwtCookie;
 $("private-field").hidden = !config.jwtCookie;
 // The server sets the cookie (HttpOnly: no script of this page can read it)

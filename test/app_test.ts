@@ -251,7 +251,7 @@ describe("app.ts routes", () => {
       const page = await fetch(url);
       assert.equal(page.headers.get("content-type"), "text/html; charset=utf-8");
       const html = await page.text();
-      assert.match(html, /new EventSource\(/);
+      assert.match(html, /import { connect } from "\/client.js";/);
       assert.match(html, /1234/, "the page knows RETRY_MS");
       assert.match(html, /4321/, "the page knows HEARTBEAT_MS");
       assert.deepEqual(await (await fetch(`${url}health`)).json(), { status: "alive" });

@@ -34,9 +34,9 @@ fi
 
 deno fmt --check
 deno lint
-deno check mod.ts redis.ts server.ts app.ts runtime.ts probe.ts bench/servers/ bench/token_check.ts test/ mod_test.ts examples/
-deno check --doc mod.ts streams.ts subscriptions.ts redis.ts   # the JSDoc examples type-check
-deno doc --lint mod.ts redis.ts streams.ts subscriptions.ts
+deno check mod.ts client.ts client_bundle.ts redis.ts server.ts app.ts runtime.ts probe.ts bench/servers/ bench/token_check.ts test/ mod_test.ts examples/
+deno check --doc mod.ts streams.ts subscriptions.ts client.ts redis.ts   # the JSDoc examples type-check
+deno doc --lint mod.ts redis.ts streams.ts subscriptions.ts client.ts
 deno publish --dry-run --allow-dirty --quiet   # the JSR package: no slow types, only its files
 
 # Every process the tests start carries this mark in its environment, so
