@@ -144,7 +144,8 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
   const { retry = 1000, maxRetry = 30000, token } = options;
   const handlers = new Map<string, Set<EventHandler>>();
   const me = crypto.randomUUID();
-  const key = options.name ?? target.href;
+  // Prefixed, so that no other lock or channel of the page can be taken for it.
+  const key = `sse-broker ${options.name ?? target.href}`;
   const locks = g.navigator?.locks;
   const channel = locks && typeof BroadcastChannel === "function" && options.shared !== false
     ? new BroadcastChannel(key)
