@@ -47,6 +47,7 @@ function smoke(specifier: (path: string) => string): string {
 import { Broker, createHandler } from "${specifier("")}";
 import { createStreamsHandler } from "${specifier("/streams")}";
 import { Subscriptions } from "${specifier("/subscriptions")}";
+import { connect } from "${specifier("/client")}";
 import { RedisLog, RedisStreamStore } from "${specifier("/redis")}";
 
 const broker = new Broker();
@@ -79,6 +80,7 @@ console.log(JSON.stringify({
   read,
   redis: typeof RedisLog === "function" && typeof RedisStreamStore === "function",
   signingKeys: jwks.keys.length,
+  client: typeof connect === "function",
   server: import.meta.resolve("${specifier("/server")}").endsWith("/server.js"),
 }));
 `;
@@ -139,7 +141,15 @@ describe("the npm package, installed fresh", () => {
     assert.match(result.id, /^\d+-\d+$/);
     assert.deepEqual(
       { ...result, id: "" },
-      { id: "", delivered: true, read: "hi", redis: true, signingKeys: 1, server: true },
+      {
+        id: "",
+        delivered: true,
+        read: "hi",
+        redis: true,
+        signingKeys: 1,
+        client: true,
+        server: true,
+      },
     );
   };
 
@@ -157,6 +167,7 @@ describe("the npm package, installed fresh", () => {
       ".",
       "./streams",
       "./subscriptions",
+      "./client",
       "./redis",
       "./server",
     ]);
@@ -176,7 +187,7 @@ describe("the npm package, installed fresh", () => {
     // attw exits 1 on a problem; ESM-only ignores the CommonJS resolutions.
     const types = await sh(`${BIN}/attw`, [tarball, "--profile", "esm-only", "--format", "ascii"]);
     const resolutions = types.match(/^(node16 \(from ESM\)|bundler): .*$/gm) ?? [];
-    assert.equal(resolutions.length, 10, types); // two for each of the five entry points
+    assert.equal(resolutions.length, 12, types); // two for each of the six entry points
     for (const line of resolutions) assert.match(line, /: 🟢/, types);
   });
 
