@@ -293,9 +293,11 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
       credentials: options.withCredentials ? "include" : "same-origin",
     });
     const { status } = response;
-    const reason = `HTTP ${status}`;
+    let reason = `HTTP ${status}`;
     if (status === 204) return { reason, fatal: true };
-    if (status !== 200 || !response.body) {
+    const mediaType = response.headers.get("content-type") ?? "";
+    if (status === 200 && !/^text\/event-stream\b/i.test(mediaType)) reason += `: ${mediaType}`;
+    if (reason !== "HTTP 200" || !response.body) {
       response.body?.cancel().catch(() => {});
       const lasting = status >= 400 && status < 500 && status !== 408 && status !== 429 &&
         !(typeof token === "function" && (status === 401 || status === 403));

@@ -19,6 +19,9 @@ case "${1:-}" in
       ./test/security_test.ts -t "$in_process" ;;
   subscriptions.ts)
     exec "$bin/bun" test --bail ./test/subscriptions_test.ts ;;
+  client.ts)
+    # Node: it has the Web Locks that sharing needs (Bun has none).
+    exec "$bin/node" --test --test-force-exit ./test/client_process_test.ts >/dev/null ;;
   redis.ts)
     exec "$bin/bun" test --bail ./test/redis_test.ts ;;
   probe.ts)
@@ -38,6 +41,6 @@ case "${1:-}" in
     # launcher watched (seconds of processes, hence the longer limit).
     TEST_TIMEOUT_MS=10000 exec "$bin/bun" test --bail ./test/server_test.ts ;;
   *)
-    echo "usage: $0 <mod.ts|streams.ts|subscriptions.ts|redis.ts|runtime.ts|probe.ts|app.ts|server.ts>" >&2
+    echo "usage: $0 <mod.ts|streams.ts|subscriptions.ts|client.ts|redis.ts|runtime.ts|probe.ts|app.ts|server.ts>" >&2
     exit 2 ;;
 esac

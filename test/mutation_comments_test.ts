@@ -12,6 +12,7 @@ const FILES = [
   "mod.ts",
   "streams.ts",
   "subscriptions.ts",
+  "client.ts",
   "redis.ts",
   "runtime.ts",
   "probe.ts",

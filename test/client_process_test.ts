@@ -1,0 +1,314 @@
+// client.ts in process, on the runtime that runs this file: its parser and
+// its reconnections against an HTTP server that writes exact bytes, and
+// several connections of one process sharing one stream of a real app.ts
+// where the runtime has Web Locks and BroadcastChannel (Deno, Node), each
+// connecting by itself where it has not (Bun). The browser itself is
+// test/client_test.ts's.
+import { describe, test, track } from "./harness.ts";
+import assert from "node:assert/strict";
+import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
+import { connect, type ConnectOptions, type ReceivedEvent, type StateChange } from "../client.ts";
+import { startApp } from "../app.ts";
+import { currentRuntime } from "../runtime.ts";
+import { eventually, publish, stats } from "./helpers.ts";
+
+/** What one connection to the scripted server does: its status, headers and chunks. */
+interface Answer {
+  status?: number;
+  headers?: Record<string, string>;
+  chunks?: string[];
+  /** Keep the response open after the chunks. */
+  open?: boolean;
+}
+
+/**
+ * An HTTP server that answers the n-th request with the n-th answer (the
+ * last one again after that) and records every request.
+ */
+async function scripted(answers: Answer[]) {
+  const requests: IncomingMessage[] = [];
+  const open = new Set<ServerResponse>();
+  const server = createServer(async (request, response) => {
+    requests.push(request);
+    const answer = answers[Math.min(requests.length, answers.length) - 1];
+    response.writeHead(answer.status ?? 200, {
+      "content-type": "text/event-stream",
+      ...answer.headers,
+    });
+    response.flushHeaders();
+    for (const chunk of answer.chunks ?? []) {
+      response.write(chunk);
+      await new Promise((resolve) => setTimeout(resolve, 5)); // separate reads
+    }
+    if (answer.open) {
+      open.add(response);
+      response.on("close", () => open.delete(response));
+    } else response.end();
+  });
+  const untrack = track(() => server.close());
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return {
+    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/events`,
+    requests,
+    /** Writes to every response held open. */
+    write(text: string) {
+      for (const response of open) response.write(text);
+    },
+    async close() {
+      for (const response of open) response.destroy();
+      await new Promise((resolve) => server.close(resolve));
+      untrack();
+    },
+  };
+}
+
+/** Connects with `options` and records every event of `types` and every state change. */
+function record(url: string, options: ConnectOptions = {}, types = ["message"]) {
+  const events: ReceivedEvent[] = [];
+  const changes: StateChange[] = [];
+  const stream = connect(url, { ...options, onStateChange: (change) => changes.push(change) });
+  const untrack = track(() => stream.close());
+  for (const type of types) stream.on(type, (event) => events.push(event));
+  return {
+    stream,
+    events,
+    changes,
+    close() {
+      stream.close();
+      untrack();
+    },
+  };
+}
+
+describe("client.ts: the event stream format", () => {
+  test("parses lines, fields and events as the HTML standard does, in any chunking", async () => {
+    const server = await scripted([{
+      chunks: [
+        "\ufeffdata: first\r\n\r\n", // a BOM, CRLF
+        "id: 1-0\rdata:no space\r\rdata:  two spaces\n\n", // CR alone; one space is taken
+        "event: named\ndata: a\ndata\ndata: c\n\n", // several data lines, a field without colon
+        ": a comment\nunknown: field\nid: 2-0\n\n", // no data: nothing dispatched
+        "data: after\r", // a CR at the end of a read, its LF in the next
+        "\nid: 3-\u00000\n\n", // an id with NUL is ignored
+        "data: x\ntopic: a\ntopic: b\nid: 4-0\n\n",
+        "event: named\ndata: half", // an event the stream ends in the middle of
+      ],
+      open: true,
+    }]);
+    const { events, close } = record(server.url, { shared: false }, ["message", "named"]);
+    try {
+      await eventually(() => events.length === 6, 5000, "six events");
+      assert.deepEqual(events.map(({ type, data, id, topics }) => ({ type, data, id, topics })), [
+        { type: "message", data: "first", id: "", topics: [] },
+        { type: "message", data: "no space", id: "1-0", topics: [] },
+        { type: "message", data: " two spaces", id: "", topics: [] },
+        { type: "named", data: "a\n\nc", id: "", topics: [] },
+        { type: "message", data: "after", id: "", topics: [] },
+        { type: "message", data: "x", id: "4-0", topics: ["a", "b"] },
+      ]);
+    } finally {
+      close();
+      await server.close();
+    }
+  });
+
+  test("asks for topic: lines with its topics, and resumes with Last-Event-ID", async () => {
+    const server = await scripted([
+      { chunks: ["retry: 10\nid: 5-0\ndata: one\n\n", "id: 6-0\n\n"] },
+      { chunks: [], open: true },
+    ]);
+    const { events, close } = record(server.url, { shared: false, topics: ["a", "b/c"] });
+    try {
+      await eventually(() => server.requests.length === 2, 5000, "a reconnection");
+      const [first, second] = server.requests;
+      assert.equal(first.url, "/events?topic=a&topic=b%2Fc&withTopics=1");
+      assert.equal(first.headers["last-event-id"], undefined);
+      assert.equal(first.headers.accept, "text/event-stream");
+      assert.equal(first.headers.authorization, undefined);
+      assert.equal(second.headers["last-event-id"], "6-0", "the id of an event without data too");
+      assert.deepEqual(events.map((event) => event.data), []);
+    } finally {
+      close();
+      await server.close();
+    }
+  });
+});
+
+describe("client.ts: reconnecting", () => {
+  test("waits the server's retry:, doubling while nothing comes, up to maxRetry", async () => {
+    const server = await scripted([{ chunks: ["retry: 40\n\n"] }]);
+    const { changes, close } = record(server.url, { shared: false, maxRetry: 200 });
+    try {
+      await eventually(() => server.requests.length >= 5, 10_000, "five connections");
+      const waits = changes.flatMap((change) => change.retryIn ?? []);
+      for (const [i, base] of [40, 80, 160, 200].entries()) {
+        assert.ok(
+          waits[i] >= base && waits[i] <= base * 1.5,
+          `wait ${i}: ${waits[i]} from ${base}`,
+        );
+      }
+      assert.deepEqual(changes.slice(0, 2), [
+        { state: "open", reason: "" },
+        { state: "connecting", reason: "ended", retryIn: waits[0] },
+      ]);
+    } finally {
+      close();
+      await server.close();
+    }
+  });
+
+  test("starts from retry without a retry: field, and again from it after an event", async () => {
+    const server = await scripted([
+      { chunks: [] },
+      { chunks: [] },
+      { chunks: ["data: in\n\n"] },
+      { chunks: [], open: true },
+    ]);
+    const { changes, close } = record(server.url, { shared: false, retry: 30 });
+    try {
+      await eventually(() => server.requests.length === 4, 5000, "four connections");
+      const waits = changes.flatMap((change) => change.retryIn ?? []);
+      assert.equal(waits.length, 3);
+      assert.ok(waits[0] >= 30 && waits[0] <= 45, `first ${waits[0]}`);
+      assert.ok(waits[1] >= 60 && waits[1] <= 90, `second ${waits[1]}`);
+      assert.ok(waits[2] >= 30 && waits[2] <= 45, `after an event ${waits[2]}`);
+    } finally {
+      close();
+      await server.close();
+    }
+  });
+
+  test("a retry: longer than maxRetry is honoured", async () => {
+    const server = await scripted([{ chunks: ["retry: 300\n\n"] }, { open: true }]);
+    const { changes, close } = record(server.url, { shared: false, maxRetry: 100 });
+    try {
+      await eventually(() => changes.some((change) => change.retryIn), 5000, "a wait");
+      const wait = changes.find((change) => change.retryIn)!.retryIn!;
+      assert.ok(wait >= 300 && wait <= 450, `${wait}`);
+    } finally {
+      close();
+      await server.close();
+    }
+  });
+
+  for (const status of [500, 503, 408, 429, 200]) {
+    test(`${status}${status === 200 ? " that is no event stream" : ""}: tried again`, async () => {
+      const headers: Record<string, string> = status === 200
+        ? { "content-type": "text/plain" }
+        : {};
+      const server = await scripted([{ status, headers }, { open: true }]);
+      const { changes, close } = record(server.url, { shared: false, retry: 10 });
+      try {
+        await eventually(() => server.requests.length === 2, 5000, "tried again");
+        assert.equal(changes[0].state, "connecting");
+        assert.equal(changes[0].reason, status === 200 ? "HTTP 200: text/plain" : `HTTP ${status}`);
+      } finally {
+        close();
+        await server.close();
+      }
+    });
+  }
+
+  for (const status of [204, 400, 401, 403, 404]) {
+    test(`${status}: closed for good, with the status as its reason`, async () => {
+      const server = await scripted([{ status }]);
+      const { stream, changes, close } = record(server.url, { shared: false, token: "t" });
+      try {
+        await eventually(() => stream.state === "closed", 5000, "closed");
+        assert.deepEqual(changes, [{ state: "closed", reason: `HTTP ${status}` }]);
+        assert.equal(server.requests.length, 1);
+        assert.equal(server.requests[0].headers.authorization, "Bearer t");
+      } finally {
+        close();
+        await server.close();
+      }
+    });
+  }
+
+  test("a token function is asked before each connection, and a 401 then tried again", async () => {
+    const server = await scripted([{ status: 401 }, { status: 403 }, { open: true }]);
+    let asked = 0;
+    const { stream, close } = record(server.url, {
+      shared: false,
+      retry: 10,
+      token: () => Promise.resolve(`t${++asked}`),
+    });
+    try {
+      await eventually(() => stream.state === "open", 5000, "open");
+      assert.deepEqual(server.requests.map((r) => r.headers.authorization), [
+        "Bearer t1",
+        "Bearer t2",
+        "Bearer t3",
+      ]);
+    } finally {
+      close();
+      await server.close();
+    }
+  });
+
+  test("close() ends the connection and its waits; on and off add and remove handlers", async () => {
+    const server = await scripted([{ chunks: ["data: 1\n\n"], open: true }]);
+    const got: string[] = [];
+    const handler = (event: ReceivedEvent) => got.push(event.data);
+    const { stream, events, changes, close } = record(server.url, { shared: false });
+    stream.on("message", handler);
+    try {
+      await eventually(() => got.length === 1, 5000, "the first event");
+      stream.off("message", handler);
+      server.write("data: 2\n\n");
+      await eventually(() => events.length === 2, 5000, "the second event");
+      close();
+      assert.equal(stream.state, "closed");
+      assert.deepEqual(changes.at(-1), { state: "closed", reason: "closed" });
+      stream.close(); // again: nothing more
+      assert.equal(changes.length, 2);
+      assert.deepEqual(got, ["1"], "off: no more events");
+    } finally {
+      close();
+      await server.close();
+    }
+  });
+});
+
+describe("client.ts: connections of one process share one stream", () => {
+  const system = currentRuntime();
+  const sharing = "locks" in navigator && typeof BroadcastChannel === "function";
+
+  test(`${sharing ? "one stream" : "one stream each (no Web Locks)"}, each its topics, handed over when the holder closes`, async () => {
+    const env: Record<string, string> = { PORT: "0", HOSTNAME: "127.0.0.1", TICK_MS: "0" };
+    const app = await startApp({ ...system, env: (name) => env[name], envNames: () => [] });
+    const stopApp = track(() => app.stop("SIGINT"));
+    const url = new URL("/events", app.url).href;
+    const all = record(url);
+    const a = record(url, { topics: ["a"] });
+    const b = record(url, { topics: ["b"] });
+    try {
+      await eventually(
+        () => [all, a, b].every(({ stream }) => stream.state === "open"),
+        5000,
+        "open",
+      );
+      assert.equal((await stats(app.url)).clients, sharing ? 1 : 3);
+      assert.deepEqual([all, a, b].map(({ stream }) => stream.holding), [true, !sharing, !sharing]);
+      await publish(app.url, { data: "to a", topic: "a" });
+      await publish(app.url, { data: "to b", topic: "b" });
+      await publish(app.url, { data: "to none" });
+      await eventually(() => all.events.length === 3, 5000, "all three");
+      all.close();
+      await publish(app.url, { data: "a again", topic: "a" });
+      await publish(app.url, { data: "b again", topic: "b" });
+      await eventually(() => b.events.length === 2, 5000, "b again");
+      await eventually(() => a.events.length === 2, 5000, "a again");
+      assert.deepEqual(all.events.map((event) => event.data), ["to a", "to b", "to none"]);
+      assert.deepEqual(a.events.map((event) => event.data), ["to a", "a again"]);
+      assert.deepEqual(b.events.map((event) => event.data), ["to b", "b again"]);
+      assert.deepEqual(a.events.map((event) => event.topics), [["a"], ["a"]]);
+      assert.equal([a, b].filter(({ stream }) => stream.holding).length, sharing ? 1 : 2);
+    } finally {
+      for (const { close } of [all, a, b]) close();
+      stopApp();
+      await app.stop("SIGINT");
+    }
+  });
+});
