@@ -236,7 +236,16 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
   } else hold();
 
   async function hold(): Promise<void> {
-    holding = true;
+    try {
+      holding = true;
+      await resume();
+    } finally {
+      holding = false; // its lock goes to the next tab
+    }
+  }
+
+  /** Holds the stream: learns the other tabs' topics and positions, then reads until closed. */
+  async function resume(): Promise<void> {
     wanted = mine && new Set(mine);
     cursor = pos;
     if (channel) {
@@ -311,7 +320,6 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
     let data: string[] = [];
     let id = "";
     let topics: string[] = [];
-    let first = true;
     const line = (text: string) => {
       if (text === "") {
         if (data.length > 0) {
@@ -342,8 +350,7 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
     for (;;) {
       const { done, value } = await reader.read();
       if (done) return { reason: "ended" };
-      rest += first && value[0] === "\ufeff" ? value.slice(1) : value;
-      first = false;
+      rest += value; // the decoder took a byte order mark off the start
       const breaks = /\r\n|\r|\n/g;
       let start = 0;
       for (let match; (match = breaks.exec(rest));) {
@@ -391,10 +398,16 @@ function newer(id: string, than: string | null): boolean {
   return ms > than_ms || (ms === than_ms && Number(a[2]) > Number(b[2]));
 }
 
+/** Waits `ms`, or less when `signal` aborts. */
 function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => (clearTimeout(timer), resolve()), { once: true });
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done); // a wait per reconnection: none left behind
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done);
   });
 }
 

@@ -311,4 +311,182 @@ describe("client.ts: connections of one process share one stream", () => {
       await app.stop("SIGINT");
     }
   });
+  test("a connection whose topics the stream lacks makes the holder reconnect from its last id", async () => {
+    const server = await scripted([
+      { chunks: ["id: 1-0\ntopic: a\ndata: a1\n\n"], open: true },
+      { chunks: ["id: 2-0\ntopic: b\ndata: b1\n\nid: 3-0\ntopic: a\ndata: a2\n\n"], open: true },
+      { open: true },
+      { open: true },
+    ]);
+    const first = record(server.url, { topics: ["a"] });
+    const same = { events: [] as ReceivedEvent[], close() {} };
+    try {
+      await eventually(() => first.events.length === 1, 5000, "a1");
+      const covered = record(server.url, { topics: ["a"] });
+      Object.assign(same, covered);
+      await eventually(() => covered.stream.state === "open", 5000, "the second open");
+      const more = record(server.url, { topics: ["b"] });
+      if (sharing) {
+        await eventually(() => more.events.length === 1, 5000, "b1");
+        await eventually(() => first.events.length === 2, 5000, "a2");
+        assert.deepEqual(first.events.map((event) => event.data), ["a1", "a2"]);
+        assert.deepEqual(more.events.map((event) => event.data), ["b1"]);
+        assert.deepEqual(server.requests.map((request) => request.url), [
+          "/events?topic=a&withTopics=1",
+          "/events?topic=a&topic=b&withTopics=1",
+        ], "a covered topic: no new stream; a new one: one, for both");
+        assert.equal(server.requests[1].headers["last-event-id"], "1-0");
+        assert.deepEqual(covered.events.map((event) => event.data), ["a2"]);
+        assert.ok(
+          first.changes.every((change) => change.state === "open"),
+          `reconnected at once: ${JSON.stringify(first.changes)}`,
+        );
+      } else {
+        // Each by itself: the second gets the second answer, its a2 only.
+        await eventually(() => server.requests.length === 3, 5000, "three streams");
+        await eventually(() => covered.events.length === 1, 5000, "a2");
+        assert.deepEqual(covered.events.map((event) => event.data), ["a2"]);
+      }
+      covered.close();
+      more.close();
+    } finally {
+      first.close();
+      same.close();
+      await server.close();
+    }
+  });
+
+  test("every connection sees the holder's state; one closing leaves the others be", async () => {
+    const server = await scripted([{ status: 503 }, { open: true }, { open: true }]);
+    const holder = record(server.url, { retry: 20 });
+    await eventually(() => holder.changes.length > 0, 5000, "the holder's first change");
+    const follower = record(server.url, { retry: 20 });
+    const other = record(server.url, { retry: 20 });
+    try {
+      assert.equal(follower.stream.state, "connecting");
+      await eventually(
+        () => [holder, follower, other].every(({ stream }) => stream.state === "open"),
+        5000,
+        "all open",
+      );
+      assert.equal(holder.changes[0].reason, "HTTP 503");
+      if (sharing) {
+        assert.deepEqual(follower.changes.at(-1), { state: "open", reason: "" });
+        follower.close();
+        assert.deepEqual(follower.changes.at(-1), { state: "closed", reason: "closed" });
+        server.write("data: still\n\n");
+        await eventually(() => other.events.length === 1, 5000, "the other goes on");
+        assert.equal(other.stream.state, "open");
+        assert.ok(!other.changes.some((change) => change.state === "closed"), "not closed");
+      }
+    } finally {
+      for (const { close } of [holder, follower, other]) close();
+      await server.close();
+    }
+  });
+
+  test("a refusal for good closes every connection, each after its own try", async () => {
+    const server = await scripted([{ status: 401 }]);
+    const one = record(server.url, { token: "wrong" });
+    const two = record(server.url, { token: "wrong" });
+    try {
+      await eventually(
+        () => [one, two].every(({ stream }) => stream.state === "closed"),
+        5000,
+        "both closed",
+      );
+      for (const { changes } of [one, two]) {
+        assert.deepEqual(changes.at(-1), { state: "closed", reason: "HTTP 401" });
+      }
+      assert.equal(server.requests.length, 2);
+    } finally {
+      one.close();
+      two.close();
+      await server.close();
+    }
+  });
+
+  test("connections share only under one URL and name, and not with shared: false", async () => {
+    const server = await scripted([{ open: true }]);
+    const opened = [
+      record(server.url),
+      record(server.url),
+      record(server.url, { name: "another user" }),
+      record(server.url, { shared: false }),
+    ];
+    try {
+      await eventually(() => opened.every(({ stream }) => stream.state === "open"), 5000, "open");
+      assert.equal(server.requests.length, sharing ? 3 : 4);
+      server.write("id: 1-0\ndata: to all\n\n");
+      await eventually(() => opened.every(({ events }) => events.length === 1), 5000, "events");
+    } finally {
+      for (const { close } of opened) close();
+      await server.close();
+    }
+  });
+
+  test("a connection that joins learns the position, and resumes from it if it takes over", async () => {
+    const server = await scripted([
+      { chunks: ["id: 7-3\ndata: x\n\n", "id: 7-4\n\n"], open: true },
+      { open: true },
+    ]);
+    const first = record(server.url);
+    try {
+      await eventually(() => first.events.length === 1, 5000, "x");
+      const second = record(server.url);
+      try {
+        await eventually(() => second.stream.state === "open", 5000, "open");
+        first.close();
+        await eventually(() => server.requests.length === 2, 5000, "taken over");
+        assert.equal(server.requests[1].headers["last-event-id"], sharing ? "7-4" : undefined);
+        assert.equal(second.stream.holding, true);
+        assert.deepEqual(second.events, []);
+      } finally {
+        second.close();
+      }
+    } finally {
+      first.close();
+      await server.close();
+    }
+  });
+
+  test("events a server sends again are dropped by id, on every connection", async () => {
+    // A server that starts every stream with its last two events, then ends it.
+    const server = await scripted([
+      { chunks: ["retry: 10\nid: 1-0\ndata: 1\n\nid: 1-1\ndata: 2\n\n"] },
+      { chunks: ["id: 1-1\ndata: 2\n\nid: 2-0\ndata: 3\n\n"] },
+      { chunks: ["id: 2-0\ndata: 3\n\nid: 10-0\ndata: 4\n\nid: x\ndata: 5\n\n"] },
+      { chunks: ["id: x\ndata: 5\n\nid: y\ndata: 6\n\nid: x\ndata: 7\n\n"], open: true },
+    ]);
+    const one = record(server.url);
+    const two = record(server.url);
+    try {
+      await eventually(() => one.events.length === 7, 5000, "seven on one");
+      await eventually(() => two.events.length >= 5, 5000, "two");
+      assert.deepEqual(one.events.map((event) => event.data), ["1", "2", "3", "4", "5", "6", "7"]);
+      // Ids the client cannot order: only one just like the last is dropped.
+      assert.deepEqual(one.events.map((event) => event.id).slice(3), ["10-0", "x", "y", "x"]);
+    } finally {
+      one.close();
+      two.close();
+      await server.close();
+    }
+  });
+
+  test("without onStateChange; and a failed connection says its error in one line", async () => {
+    const dead = await scripted([]);
+    await dead.close(); // nothing listens there now
+    const expected = await fetch(dead.url).then(() => "", (error) => String(error.message));
+    const quiet = connect(dead.url, { shared: false, retry: 10 });
+    const { changes, close } = record(dead.url, { shared: false, retry: 10 });
+    try {
+      await eventually(() => changes.length > 0, 5000, "a change");
+      assert.equal(changes[0].state, "connecting");
+      assert.equal(changes[0].reason, expected.split("\n")[0]);
+      assert.equal(quiet.state, "connecting");
+    } finally {
+      quiet.close();
+      close();
+    }
+  });
 });
