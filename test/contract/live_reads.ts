@@ -16,25 +16,35 @@ export interface LiveReadCase {
 const BASE = "http://streams.test/v1/stream/";
 const decoder = new TextDecoder();
 
-/** `store` with its reads and waits counted. */
+/** `store` with its reads and waits counted, and the waits under way. */
 function counted(store: StreamStore) {
-  const calls = { read: 0, wait: 0 };
+  const calls = { read: 0, wait: 0, waiting: 0 };
+  /** Holds the answer of the next read or info until it settles. */
+  let gate: Promise<void> | undefined;
+  const held = async <T>(answer: Promise<T>): Promise<T> => {
+    const until = gate;
+    gate = undefined;
+    const result = await answer;
+    await until;
+    return result;
+  };
   const wrapped: StreamStore = {
     create: (path, request) => store.create(path, request),
     append: (path, request) => store.append(path, request),
     read: (path, position, maxBytes, touch) => {
       calls.read++;
-      return store.read(path, position, maxBytes, touch);
+      return held(store.read(path, position, maxBytes, touch));
     },
-    info: (path) => store.info(path),
+    info: (path) => held(store.info(path)),
     delete: (path) => store.delete(path),
     list: (prefix, limit) => store.list(prefix, limit),
     waitForData: (path, position, signal) => {
       calls.wait++;
-      return store.waitForData(path, position, signal);
+      calls.waiting++;
+      return store.waitForData(path, position, signal).finally(() => calls.waiting--);
     },
   };
-  return { store: wrapped, calls };
+  return { store: wrapped, calls, hold: (until: Promise<void>) => void (gate = until) };
 }
 
 /** An SSE reader: its data events' texts so far, read on demand. */
@@ -42,8 +52,9 @@ async function open(
   handle: (request: Request) => Promise<Response>,
   name: string,
   signal: AbortSignal,
+  from = "offset=now",
 ) {
-  const response = await handle(new Request(`${BASE}${name}?offset=now&live=sse`, { signal }));
+  const response = await handle(new Request(`${BASE}${name}?${from}&live=sse`, { signal }));
   assert.equal(response.status, 200);
   const reader = response.body!.getReader();
   let text = "";
@@ -75,16 +86,18 @@ async function using(
   make: MakeLiveStore,
   body: (subject: {
     handle: (request: Request) => Promise<Response>;
-    calls: { read: number; wait: number };
+    calls: { read: number; wait: number; waiting: number };
     signal: AbortSignal;
+    /** Holds the answer of the store's next read or info until `until` settles. */
+    hold(until: Promise<void>): void;
   }) => Promise<void>,
 ): Promise<void> {
   const { store, close } = await make();
-  const { store: wrapped, calls } = counted(store);
+  const { store: wrapped, calls, hold } = counted(store);
   const handle = createStreamsHandler({ prefix: "/v1/stream/", store: wrapped });
   const controller = new AbortController();
   try {
-    await body({ handle, calls, signal: controller.signal });
+    await body({ handle, calls, signal: controller.signal, hold });
   } finally {
     controller.abort();
     await close();
@@ -98,7 +111,90 @@ const send = (
   body?: string,
 ) => handle(new Request(BASE + name, { method, headers: { "content-type": "text/plain" }, body }));
 
+/** Waits until `condition` holds, failing after 5 s. */
+async function until(condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + 5000;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
 export const liveReadCases: LiveReadCase[] = [
+  {
+    name: "a reader whose look at the tail an append overtook reads that append itself",
+    run: (make) =>
+      using(make, async ({ handle, calls, signal, hold }) => {
+        assert.equal((await send(handle, "PUT", "overtaken")).status, 201);
+        const first = await open(handle, "overtaken", signal);
+        await first.until(() => first.controls() >= 1);
+        await until(() => calls.waiting === 1, "the follower waiting");
+        let release!: () => void;
+        hold(new Promise((resolve) => release = resolve));
+        const looked = calls.read;
+        const late = open(handle, "overtaken", signal, "offset=-1");
+        await until(() => calls.read > looked, "the second reader's look");
+        assert.equal((await send(handle, "POST", "overtaken", "x")).status, 204);
+        assert.ok(await first.until(() => first.data().length === 1));
+        release(); // it found the tail before x: the follower is past it now
+        const second = await late;
+        assert.ok(await second.until(() => second.data().length === 1));
+        assert.deepEqual(second.data(), ["x"]);
+        assert.equal((await send(handle, "POST", "overtaken", "y")).status, 204);
+        assert.ok(await second.until(() => second.data().length === 2));
+        assert.deepEqual(second.data(), ["x", "y"]);
+      }),
+  },
+  {
+    name: "the readers of a stream's tail share one wait, which stops when the last one leaves",
+    run: (make) =>
+      using(make, async ({ handle, calls }) => {
+        assert.equal((await send(handle, "PUT", "leave")).status, 201);
+        const leaving = [new AbortController(), new AbortController(), new AbortController()];
+        const readers: Awaited<ReturnType<typeof open>>[] = [];
+        for (const { signal } of leaving) readers.push(await open(handle, "leave", signal));
+        for (const reader of readers) await reader.until(() => reader.controls() >= 1);
+        await until(() => calls.waiting === 1, "one wait for three readers");
+        leaving[0].abort();
+        leaving[1].abort();
+        assert.equal((await send(handle, "POST", "leave", "x")).status, 204);
+        assert.ok(await readers[2].until(() => readers[2].data().length === 1));
+        assert.deepEqual(readers[2].data(), ["x"]);
+        await until(() => calls.waiting === 1, "one wait for the reader left");
+        leaving[2].abort();
+        await until(() => calls.waiting === 0, "no wait once every reader left");
+
+        // Long-polls at the tail: one wait too, gone with them.
+        const tail = (await send(handle, "HEAD", "leave")).headers.get("stream-next-offset");
+        const polling = [new AbortController(), new AbortController()];
+        const polls = polling.map(({ signal }) =>
+          handle(new Request(`${BASE}leave?offset=${tail}&live=long-poll`, { signal }))
+        );
+        await until(() => calls.waiting === 1, "one wait for two long-polls");
+        for (const controller of polling) controller.abort();
+        for (const poll of await Promise.all(polls)) assert.equal(poll.status, 204);
+        await until(() => calls.waiting === 0, "no wait once the long-polls left");
+        // Long-polls answered by an append: done with the follower, which stops.
+        const answered = [0, 1].map(() =>
+          handle(new Request(`${BASE}leave?offset=${tail}&live=long-poll`))
+        );
+        await until(() => calls.waiting === 1, "one wait for two more long-polls");
+        assert.equal((await send(handle, "POST", "leave", "z")).status, 204);
+        for (const poll of await Promise.all(answered)) assert.equal(await poll.text(), "z");
+        await until(() => calls.waiting === 0, "no wait once the long-polls are answered");
+
+        // A new reader starts a new wait, and gets what is appended.
+        const again = new AbortController();
+        const late = await open(handle, "leave", again.signal);
+        await late.until(() => late.controls() >= 1);
+        await until(() => calls.waiting === 1, "a wait for the new reader");
+        assert.equal((await send(handle, "POST", "leave", "y")).status, 204);
+        assert.ok(await late.until(() => late.data().length === 1));
+        assert.deepEqual(late.data(), ["y"]);
+        again.abort();
+        await until(() => calls.waiting === 0, "no wait at the end");
+      }),
+  },
   {
     name: "readers at the tail share one store read and one wait per append",
     run: (make) =>
