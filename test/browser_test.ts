@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
 import type { AddressInfo } from "node:net";
-import { type Browser, chromium, type Page } from "playwright-core";
+import { type Browser, type BrowserContext, chromium, type Page } from "playwright-core";
 import { publish, ROOT, RUNTIME, type ServerProcess, startServer } from "./helpers.ts";
 import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
 import * as jose from "jose";
@@ -288,6 +288,27 @@ describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}
     // without credentials, and lists what it receives.
     pages = createHttpServer((request, response) => {
       const credentials = request.url!.includes("credentials=1");
+      if (request.url!.includes("client=1")) {
+        // The same with the broker's client, imported from the broker's origin.
+        response.writeHead(200, { "content-type": "text/html" }).end(`<!doctype html>
+          <ul id="events" data-state="connecting"></ul>
+          <script type="module">
+            const broker = new URLSearchParams(location.search).get("broker");
+            const { connect } = await import(broker + "client.js");
+            const list = document.getElementById("events");
+            const stream = connect(broker + "events", {
+              withCredentials: ${credentials},
+              name: "${credentials ? "with" : "without"} the cookie",
+              onStateChange: ({ state }) => list.dataset.state = state,
+            });
+            stream.on("message", (event) => {
+              const item = document.createElement("li");
+              item.textContent = event.data;
+              list.append(item);
+            });
+          </script>`);
+        return;
+      }
       response.writeHead(200, { "content-type": "text/html" }).end(`<!doctype html>
         <ul id="events" data-state="connecting"></ul>
         <script>
@@ -397,32 +418,39 @@ describe(`signed tokens from Chromium's own EventSource, server under ${RUNTIME}
     }
   });
 
-  test("cross origin: withCredentials sends the cookie to a listed origin", async () => {
-    const context = await browser.newContext();
-    try {
-      await context.addCookies([{ name: "sse_token", value: await token(2), url: server.url }]);
-      const withCookie = await context.newPage();
-      await withCookie.goto(
-        `${pagesOrigin}/?credentials=1&broker=${encodeURIComponent(server.url)}`,
-      );
-      const without = await context.newPage();
-      await without.goto(`${pagesOrigin}/?broker=${encodeURIComponent(server.url)}`);
-      // A stream that does not resume starts at the newest event: publish
-      // only once both are open.
-      for (const page of [withCookie, without]) {
-        await page.locator('#events[data-state="open"]').waitFor({ state: "attached" });
+  for (const client of ["EventSource", "client.ts"]) {
+    test(`cross origin: withCredentials sends the cookie to a listed origin (${client})`, async () => {
+      const context = await browser.newContext();
+      try {
+        await crossOrigin(context, client === "client.ts" ? "&client=1" : "");
+      } finally {
+        await context.close();
       }
-      await publishAs(await token(2), { data: "hello", topic: "user/2/a" });
-      for (const page of [withCookie, without]) {
-        await page.locator("#events li", { hasText: "hello" }).waitFor();
-      }
-      await publishAs(await token(2), { data: "private to 2", topic: "user/2/a", private: true });
-      await publishAs(await token(2), { data: "after", topic: "user/2/a" });
-      await withCookie.locator("#events li", { hasText: "private to 2" }).waitFor();
-      await without.locator("#events li", { hasText: "after" }).waitFor();
-      assert.equal(await without.locator("#events li", { hasText: "private to 2" }).count(), 0);
-    } finally {
-      await context.close();
+    });
+  }
+
+  /** Two pages of another origin, with and without the cookie, with `query`'s client. */
+  const crossOrigin = async (context: BrowserContext, query: string) => {
+    await context.addCookies([{ name: "sse_token", value: await token(2), url: server.url }]);
+    const withCookie = await context.newPage();
+    await withCookie.goto(
+      `${pagesOrigin}/?credentials=1&broker=${encodeURIComponent(server.url)}${query}`,
+    );
+    const without = await context.newPage();
+    await without.goto(`${pagesOrigin}/?broker=${encodeURIComponent(server.url)}${query}`);
+    // A stream that does not resume starts at the newest event: publish
+    // only once both are open.
+    for (const page of [withCookie, without]) {
+      await page.locator('#events[data-state="open"]').waitFor({ state: "attached" });
     }
-  });
+    await publishAs(await token(2), { data: "hello", topic: "user/2/a" });
+    for (const page of [withCookie, without]) {
+      await page.locator("#events li", { hasText: "hello" }).waitFor();
+    }
+    await publishAs(await token(2), { data: "private to 2", topic: "user/2/a", private: true });
+    await publishAs(await token(2), { data: "after", topic: "user/2/a" });
+    await withCookie.locator("#events li", { hasText: "private to 2" }).waitFor();
+    await without.locator("#events li", { hasText: "after" }).waitFor();
+    assert.equal(await without.locator("#events li", { hasText: "private to 2" }).count(), 0);
+  };
 });
