@@ -105,13 +105,19 @@ interface Locks {
 
 /** What tabs tell each other. */
 type Note =
-  | { k: "hi"; from: string; topics: string[] | null; pos: string | null }
+  | { k: "hi"; from: string; topics: string[] | null }
   | { k: "who" }
   | { k: "ev"; e: ReceivedEvent }
   | { k: "pos"; id: string }
   | { k: "st"; c: StateChange };
 
-/** How long a tab that takes the stream over waits for the others' positions. */
+/** How a connection ended: why, in one line, and whether trying again could change it. */
+interface Outcome {
+  reason: string;
+  fatal?: boolean;
+}
+
+/** How long a tab that takes the stream over waits for the others' topics. */
 const COLLECT_MS = 500;
 
 /**
@@ -212,19 +218,13 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
           change = note.c;
           options.onStateChange?.(note.c);
         }
-      } else if (note.k === "who") post({ k: "hi", from: me, topics: mine, pos });
+      } else if (note.k === "who") post({ k: "hi", from: me, topics: mine });
       else if (holding) {
-        // A tab said hi: it starts from here (once this tab has resumed: until
-        // then the others may be behind it), and its topics join the stream's.
-        if (cursor !== null && !waitingFor) post({ k: "pos", id: cursor });
+        // A tab said hi: it starts from here, and its topics join the stream's.
+        if (cursor !== null) post({ k: "pos", id: cursor });
         post({ k: "st", c: change });
-        if (waitingFor) {
-          if (note.pos !== null && (cursor === null || newer(cursor, note.pos))) {
-            cursor = note.pos;
-          }
-          waitingFor.delete(note.from);
-          if (waitingFor.size === 0) heard?.();
-        }
+        waitingFor?.delete(note.from);
+        if (waitingFor?.size === 0) heard?.();
         if (want(note.topics)) attempt?.abort();
       }
     };
@@ -232,7 +232,7 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
     locks!.request(`${key}\n${me}`, { signal: stop.signal }, () => aborted(stop.signal))
       .catch(() => {});
     locks!.request(key, { signal: stop.signal }, hold).catch(() => {});
-    post({ k: "hi", from: me, topics: mine, pos });
+    post({ k: "hi", from: me, topics: mine });
   } else hold();
 
   async function hold(): Promise<void> {
@@ -244,12 +244,19 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
     }
   }
 
-  /** Holds the stream: learns the other tabs' topics and positions, then reads until closed. */
+  /**
+   * Holds the stream: learns the other tabs' topics, then reads until
+   * closed. It resumes from the newest id this tab has taken in, which no
+   * other tab is behind: every tab takes in what the last holder handed
+   * out, in one order, and this one may not have taken in the last of it
+   * yet (then what it reads again is dropped by id).
+   */
   async function resume(): Promise<void> {
+    // Every tab sees the stream change hands, also from one that crashed.
+    if (change.state === "open") setState({ state: "connecting", reason: "handing over" });
     wanted = mine && new Set(mine);
     cursor = pos;
     if (channel) {
-      // Learn the other tabs' topics and positions: resume from the oldest.
       const held = (await locks!.query()).held ?? [];
       waitingFor = new Set(
         held.map((lock) => lock.name ?? "").filter((name) => name.startsWith(`${key}\n`))
@@ -268,17 +275,17 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
       attempt = new AbortController();
       const signal = AbortSignal.any([stop.signal, attempt.signal]);
       received = 0;
-      const outcome = await read(signal, (ms) => serverRetry = ms).catch(
-        (error) => ({ reason: String(error?.message ?? error).split("\n")[0] }),
+      const outcome: Outcome = await read(signal, (ms) => serverRetry = ms).catch(
+        (error) => ({ reason: String(error.message).split("\n")[0] }),
       );
       if (stop.signal.aborted) break;
       if (attempt.signal.aborted) continue; // more topics: at once
-      if ("fatal" in outcome) return setState({ state: "closed", reason: outcome.reason });
+      if (outcome.fatal) return setState({ state: "closed", reason: outcome.reason });
       failures = received > 0 ? 0 : failures + 1;
       const base = serverRetry ?? retry;
       const wait = Math.min(Math.max(maxRetry, base), base * 2 ** Math.max(0, failures - 1));
       const retryIn = Math.round(wait * (1 + Math.random() / 2));
-      setState({ state: "connecting", reason: outcome.reason || "ended", retryIn });
+      setState({ state: "connecting", reason: outcome.reason, retryIn });
       await sleep(retryIn, stop.signal);
     }
   }
@@ -287,7 +294,7 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
   async function read(
     signal: AbortSignal,
     setRetry: (ms: number) => void,
-  ): Promise<{ reason: string; fatal?: true }> {
+  ): Promise<Outcome> {
     const headers: Record<string, string> = { accept: "text/event-stream" };
     const given = typeof token === "function" ? await token() : token;
     if (given) headers.authorization = `Bearer ${given}`;
@@ -310,7 +317,7 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
       response.body?.cancel().catch(() => {});
       const lasting = status >= 400 && status < 500 && status !== 408 && status !== 429 &&
         !(typeof token === "function" && (status === 401 || status === 403));
-      return lasting ? { reason, fatal: true } : { reason };
+      return { reason, fatal: lasting };
     }
     setState({ state: "open", reason: "" });
     // The event stream format (WHATWG HTML, 9.2.6), with `topic:` lines.
@@ -327,10 +334,7 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
           received++;
           take(event);
           post({ k: "ev", e: event });
-        } else if (id) {
-          advance(id);
-          post({ k: "pos", id });
-        }
+        } else if (id) post({ k: "pos", id });
         if (id) cursor = id;
         type = id = "";
         data = [];
@@ -373,7 +377,6 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
     },
     close() {
       if (stop.signal.aborted) return;
-      if (holding) post({ k: "st", c: { state: "connecting", reason: "handing over" } });
       holding = false;
       setState({ state: "closed", reason: "closed" });
       stop.abort();
@@ -390,12 +393,11 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
 
 /** Whether event id `id` comes after `than` (ids `<ms>-<seq>`; other ids: whether they differ). */
 function newer(id: string, than: string | null): boolean {
-  if (than === null) return true;
   const a = /^(\d+)-(\d+)$/.exec(id);
-  const b = /^(\d+)-(\d+)$/.exec(than);
+  const b = /^(\d+)-(\d+)$/.exec(than ?? "");
   if (!a || !b) return id !== than;
-  const [ms, than_ms] = [Number(a[1]), Number(b[1])];
-  return ms > than_ms || (ms === than_ms && Number(a[2]) > Number(b[2]));
+  const [ms, thanMs] = [Number(a[1]), Number(b[1])];
+  return ms > thanMs || (ms === thanMs && Number(a[2]) > Number(b[2]));
 }
 
 /** Waits `ms`, or less when `signal` aborts. */

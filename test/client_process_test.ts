@@ -84,13 +84,14 @@ function record(url: string, options: ConnectOptions = {}, types = ["message"]) 
 describe("client.ts: the event stream format", () => {
   test("parses lines, fields and events as the HTML standard does, in any chunking", async () => {
     const server = await scripted([{
+      headers: { "content-type": "Text/Event-Stream; charset=utf-8" },
       chunks: [
         "\ufeffdata: first\r\n\r\n", // a BOM, CRLF
         "id: 1-0\rdata:no space\r\rdata:  two spaces\n\n", // CR alone; one space is taken
         "event: named\ndata: a\ndata\ndata: c\n\n", // several data lines, a field without colon
         ": a comment\nunknown: field\nid: 2-0\n\n", // no data: nothing dispatched
-        "data: after\r", // a CR at the end of a read, its LF in the next
-        "\nid: 3-\u00000\n\n", // an id with NUL is ignored
+        "data: a\r", // a CR at the end of a read, its LF in the next: one line end
+        "\ndata: b\n\nid: 3-\u00000\ndata: nul\n\n", // an id with NUL is ignored
         "data: x\ntopic: a\ntopic: b\nid: 4-0\n\n",
         "event: named\ndata: half", // an event the stream ends in the middle of
       ],
@@ -98,13 +99,14 @@ describe("client.ts: the event stream format", () => {
     }]);
     const { events, close } = record(server.url, { shared: false }, ["message", "named"]);
     try {
-      await eventually(() => events.length === 6, 5000, "six events");
+      await eventually(() => events.length === 7, 5000, "seven events");
       assert.deepEqual(events.map(({ type, data, id, topics }) => ({ type, data, id, topics })), [
         { type: "message", data: "first", id: "", topics: [] },
         { type: "message", data: "no space", id: "1-0", topics: [] },
         { type: "message", data: " two spaces", id: "", topics: [] },
         { type: "named", data: "a\n\nc", id: "", topics: [] },
-        { type: "message", data: "after", id: "", topics: [] },
+        { type: "message", data: "a\nb", id: "", topics: [] },
+        { type: "message", data: "nul", id: "", topics: [] },
         { type: "message", data: "x", id: "4-0", topics: ["a", "b"] },
       ]);
     } finally {
@@ -115,7 +117,7 @@ describe("client.ts: the event stream format", () => {
 
   test("asks for topic: lines with its topics, and resumes with Last-Event-ID", async () => {
     const server = await scripted([
-      { chunks: ["retry: 10\nid: 5-0\ndata: one\n\n", "id: 6-0\n\n"] },
+      { chunks: ["retry: 10\nid: 5-0\ndata: one\n\n", "id: 6-0\n\n", "data: no id\n\n"] },
       { chunks: [], open: true },
     ]);
     const { events, close } = record(server.url, { shared: false, topics: ["a", "b/c"] });
@@ -127,7 +129,8 @@ describe("client.ts: the event stream format", () => {
       assert.equal(first.headers.accept, "text/event-stream");
       assert.equal(first.headers.authorization, undefined);
       assert.equal(second.headers["last-event-id"], "6-0", "the id of an event without data too");
-      assert.deepEqual(events.map((event) => event.data), []);
+      // Not its topics (it has none), but without an id: for every tab, as gap and replayed are.
+      assert.deepEqual(events.map((event) => event.data), ["no id"]);
     } finally {
       close();
       await server.close();
@@ -137,7 +140,9 @@ describe("client.ts: the event stream format", () => {
 
 describe("client.ts: reconnecting", () => {
   test("waits the server's retry:, doubling while nothing comes, up to maxRetry", async () => {
-    const server = await scripted([{ chunks: ["retry: 40\n\n"] }]);
+    const server = await scripted([{
+      chunks: ["retry: 40\nretry: 1x\nretry: x1\nretry\nignored: 5\n\n"],
+    }]);
     const { changes, close } = record(server.url, { shared: false, maxRetry: 200 });
     try {
       await eventually(() => server.requests.length >= 5, 10_000, "five connections");
@@ -194,9 +199,7 @@ describe("client.ts: reconnecting", () => {
 
   for (const status of [500, 503, 408, 429, 200]) {
     test(`${status}${status === 200 ? " that is no event stream" : ""}: tried again`, async () => {
-      const headers: Record<string, string> = status === 200
-        ? { "content-type": "text/plain" }
-        : {};
+      const headers = { "content-type": "text/plain" };
       const server = await scripted([{ status, headers }, { open: true }]);
       const { changes, close } = record(server.url, { shared: false, retry: 10 });
       try {
@@ -212,8 +215,10 @@ describe("client.ts: reconnecting", () => {
 
   for (const status of [204, 400, 401, 403, 404]) {
     test(`${status}: closed for good, with the status as its reason`, async () => {
-      const server = await scripted([{ status }]);
-      const { stream, changes, close } = record(server.url, { shared: false, token: "t" });
+      const server = await scripted([{ status, headers: { "content-type": "text/plain" } }]);
+      // A token function makes a 401 and a 403 worth another try, nothing else.
+      const token = status === 401 || status === 403 ? "t" : () => "t";
+      const { stream, changes, close } = record(server.url, { shared: false, token });
       try {
         await eventually(() => stream.state === "closed", 5000, "closed");
         assert.deepEqual(changes, [{ state: "closed", reason: `HTTP ${status}` }]);
@@ -256,6 +261,7 @@ describe("client.ts: reconnecting", () => {
     try {
       await eventually(() => got.length === 1, 5000, "the first event");
       stream.off("message", handler);
+      stream.off("never listened for", handler);
       server.write("data: 2\n\n");
       await eventually(() => events.length === 2, 5000, "the second event");
       close();
@@ -401,74 +407,161 @@ describe("client.ts: connections of one process share one stream", () => {
       assert.equal(server.requests.length, 2);
     } finally {
       one.close();
-      two.close();
+      two?.close();
       await server.close();
     }
   });
 
   test("connections share only under one URL and name, and not with shared: false", async () => {
     const server = await scripted([{ open: true }]);
+    const elsewhere = await scripted([{ open: true }]);
     const opened = [
       record(server.url),
       record(server.url),
       record(server.url, { name: "another user" }),
       record(server.url, { shared: false }),
+      record(elsewhere.url),
     ];
     try {
       await eventually(() => opened.every(({ stream }) => stream.state === "open"), 5000, "open");
       assert.equal(server.requests.length, sharing ? 3 : 4);
+      assert.equal(elsewhere.requests.length, 1);
       server.write("id: 1-0\ndata: to all\n\n");
-      await eventually(() => opened.every(({ events }) => events.length === 1), 5000, "events");
+      await eventually(
+        () => opened.slice(0, 4).every(({ events }) => events.length === 1),
+        5000,
+        "events",
+      );
+      assert.deepEqual(opened[4].events, [], "nothing from another URL");
     } finally {
       for (const { close } of opened) close();
+      await server.close();
+      await elsewhere.close();
+    }
+  });
+
+  test("without Web Locks, or without BroadcastChannel, each connects by itself", async () => {
+    for (const name of ["navigator", "BroadcastChannel"] as const) {
+      const server = await scripted([{ open: true }]);
+      const own = Object.getOwnPropertyDescriptor(globalThis, name);
+      const opened: ReturnType<typeof record>[] = [];
+      try {
+        if (own) Reflect.deleteProperty(globalThis, name);
+        opened.push(record(server.url), record(server.url));
+      } finally {
+        if (own) Object.defineProperty(globalThis, name, own);
+      }
+      try {
+        await eventually(() => server.requests.length === 2, 5000, `two streams without ${name}`);
+        assert.ok(opened.every(({ stream }) => stream.holding));
+      } finally {
+        for (const { close } of opened) close();
+        await server.close();
+      }
+    }
+  });
+
+  test("once one connection wants every event, the stream carries every event", async () => {
+    const server = await scripted([{ open: true }]);
+    const some = record(server.url, { topics: ["a"] });
+    await eventually(() => some.stream.state === "open", 5000, "open");
+    // Without onStateChange, and wanting every event.
+    const every = connect(server.url);
+    const got: string[] = [];
+    every.on("message", (event) => got.push(event.data));
+    const more = record(server.url, { topics: ["b"] });
+    try {
+      await eventually(() => server.requests.length === (sharing ? 2 : 3), 5000, "streams");
+      if (sharing) {
+        assert.equal(server.requests[1].url, "/events?withTopics=1", "every event");
+        await eventually(() => more.stream.state === "open", 5000, "open");
+        assert.equal(server.requests.length, 2, "b is covered");
+      }
+      server.write("id: 1-0\ntopic: a\ndata: to a\n\nid: 1-1\ndata: to none\n\n");
+      await eventually(() => got.length === 2, 5000, "every event");
+      assert.deepEqual(got, ["to a", "to none"]);
+      await eventually(() => some.events.length === 1, 5000, "a");
+      assert.deepEqual(some.events.map((event) => event.data), ["to a"]);
+    } finally {
+      some.close();
+      every.close();
+      more.close();
       await server.close();
     }
   });
 
-  test("a connection that joins learns the position, and resumes from it if it takes over", async () => {
-    const server = await scripted([
-      { chunks: ["id: 7-3\ndata: x\n\n", "id: 7-4\n\n"], open: true },
-      { open: true },
-    ]);
+  test("a connection that takes over resumes from the last id, told while it waited", async () => {
+    const server = await scripted([{ open: true }, { open: true }]);
     const first = record(server.url);
+    const second = record(server.url);
     try {
-      await eventually(() => first.events.length === 1, 5000, "x");
-      const second = record(server.url);
-      try {
-        await eventually(() => second.stream.state === "open", 5000, "open");
-        first.close();
-        await eventually(() => server.requests.length === 2, 5000, "taken over");
-        assert.equal(server.requests[1].headers["last-event-id"], sharing ? "7-4" : undefined);
-        assert.equal(second.stream.holding, true);
-        assert.deepEqual(second.events, []);
-      } finally {
-        second.close();
+      await eventually(() => second.stream.state === "open", 5000, "open");
+      server.write("id: 7-3\ndata: x\n\n");
+      await eventually(() => second.events.length === 1, 5000, "x");
+      // An id alone, then an event without one: once the second has that, it has the id.
+      server.write("id: 7-4\n\ndata: after\n\n");
+      await eventually(() => second.events.length === 2, 5000, "after");
+      first.close();
+      await eventually(() => server.requests.length === 2, 5000, "taken over");
+      assert.equal(server.requests[1].headers["last-event-id"], sharing ? "7-4" : undefined);
+      assert.equal(second.stream.holding, true);
+      if (sharing) {
+        assert.deepEqual(second.changes.slice(-2), [
+          { state: "connecting", reason: "handing over" },
+          { state: "open", reason: "" },
+        ]);
       }
+      // One that joins now is told the id too, and resumes from it.
+      const third = record(server.url);
+      await eventually(() => third.stream.state === "open", 5000, "the third open");
+      server.write("id: 7-5\n\ndata: later\n\n");
+      await eventually(() => third.events.length === 1, 5000, "later");
+      second.close();
+      await eventually(() => server.requests.length === 3, 5000, "taken over again");
+      assert.equal(server.requests[2].headers["last-event-id"], sharing ? "7-5" : undefined);
+      third.close();
     } finally {
       first.close();
+      second.close();
       await server.close();
     }
   });
 
   test("events a server sends again are dropped by id, on every connection", async () => {
-    // A server that starts every stream with its last two events, then ends it.
+    // A server that starts every stream with some of its last events, then ends it.
     const server = await scripted([
-      { chunks: ["retry: 10\nid: 1-0\ndata: 1\n\nid: 1-1\ndata: 2\n\n"] },
-      { chunks: ["id: 1-1\ndata: 2\n\nid: 2-0\ndata: 3\n\n"] },
-      { chunks: ["id: 2-0\ndata: 3\n\nid: 10-0\ndata: 4\n\nid: x\ndata: 5\n\n"] },
-      { chunks: ["id: x\ndata: 5\n\nid: y\ndata: 6\n\nid: x\ndata: 7\n\n"], open: true },
+      { chunks: ["retry: 10\nid: 1-9\ndata: 1\n\nid: 1-10\ndata: 2\n\n"] },
+      { chunks: ["id: 1-9\ndata: again\n\nid: 9-0\ndata: 3\n\nid: 10-0\ndata: 4\n\n"] },
+      { chunks: ["id: 9-0\ndata: again\n\nid: 10-0\ndata: again\n\nid: 11-0\ndata: 5\n\n"] },
+      // Ids the client cannot order: only one just like the last is dropped.
+      { chunks: ["id: x11-0\ndata: 6\n\nid: x11-0\ndata: again\n\nid: 12-0x\ndata: 7\n\n"] },
+      { chunks: ["id: 1-0\ndata: 8\n\n"], open: true },
     ]);
     const one = record(server.url);
-    const two = record(server.url);
+    // Alone, it would take answers of its own from this server.
+    const two = sharing ? record(server.url) : undefined;
     try {
-      await eventually(() => one.events.length === 7, 5000, "seven on one");
-      await eventually(() => two.events.length >= 5, 5000, "two");
-      assert.deepEqual(one.events.map((event) => event.data), ["1", "2", "3", "4", "5", "6", "7"]);
-      // Ids the client cannot order: only one just like the last is dropped.
-      assert.deepEqual(one.events.map((event) => event.id).slice(3), ["10-0", "x", "y", "x"]);
+      await eventually(() => one.events.length === 8, 5000, "eight on one");
+      assert.deepEqual(one.events.map((event) => event.data), [
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "6",
+        "7",
+        "8",
+      ]);
+      if (two) {
+        await eventually(() => two.events.length === 8, 5000, "eight on two");
+        assert.deepEqual(
+          two.events.map((event) => event.data),
+          one.events.map((event) => event.data),
+        );
+      }
     } finally {
       one.close();
-      two.close();
+      two?.close();
       await server.close();
     }
   });
