@@ -105,7 +105,7 @@ interface Locks {
 
 /** What tabs tell each other. */
 type Note =
-  | { k: "hi"; from: string; topics: string[] | null }
+  | { k: "hi"; from: string; topics: string[] | null; pos: string }
   | { k: "who" }
   | { k: "ev"; e: ReceivedEvent }
   | { k: "pos"; id: string }
@@ -160,11 +160,11 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
   let change: StateChange = { state: "connecting", reason: "" };
   let holding = false;
   /** The id of the newest event this tab has taken in: older ones are repeats. */
-  let pos: string | null = null;
+  let pos = "";
   /** While holding: the topics of every tab (null: every event). */
   let wanted: Set<string> | null = null;
   /** While holding: the stream's last event id, which a reconnection resumes after. */
-  let cursor: string | null = null;
+  let cursor = "";
   /** While holding: ends the current connection, to open it again with more topics. */
   let attempt: AbortController | undefined;
   /** While taking over: tabs not heard from yet. */
@@ -218,21 +218,26 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
           change = note.c;
           options.onStateChange?.(note.c);
         }
-      } else if (note.k === "who") post({ k: "hi", from: me, topics: mine });
+      } else if (note.k === "who") post({ k: "hi", from: me, topics: mine, pos });
       else if (holding) {
         // A tab said hi: it starts from here, and its topics join the stream's.
-        if (cursor !== null) post({ k: "pos", id: cursor });
+        if (cursor) post({ k: "pos", id: cursor });
         post({ k: "st", c: change });
         waitingFor?.delete(note.from);
         if (waitingFor?.size === 0) heard?.();
-        if (want(note.topics)) attempt?.abort();
+        if (want(note.topics)) {
+          // Its topics from its newest id: a tab that answers late (a
+          // frozen one) misses nothing of them since the stream changed hands.
+          if (cursor && note.pos && newer(cursor, note.pos)) cursor = note.pos;
+          attempt?.abort();
+        }
       }
     };
     // Held while the tab lives, so a tab taking over can count the others.
     locks!.request(`${key}\n${me}`, { signal: stop.signal }, () => aborted(stop.signal))
       .catch(() => {});
     locks!.request(key, { signal: stop.signal }, hold).catch(() => {});
-    post({ k: "hi", from: me, topics: mine });
+    post({ k: "hi", from: me, topics: mine, pos });
   } else hold();
 
   async function hold(): Promise<void> {
@@ -257,16 +262,13 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
     wanted = mine && new Set(mine);
     cursor = pos;
     if (channel) {
-      const held = (await locks!.query()).held ?? [];
-      waitingFor = new Set(
-        held.map((lock) => lock.name ?? "").filter((name) => name.startsWith(`${key}\n`))
-          .map((name) => name.slice(key.length + 1)).filter((tab) => tab !== me),
-      );
+      // The topics of every living tab (each holds a lock of its own), so
+      // that one stream carries them all from the start.
+      waitingFor = await livingTabs();
       const collected = new Promise<void>((resolve) => heard = resolve);
       post({ k: "who" });
-      if (waitingFor.size > 0) {
-        await Promise.race([collected, sleep(COLLECT_MS, stop.signal)]);
-      }
+      // A tab that has not answered in time joins the stream when it does.
+      if (waitingFor.size > 0) await Promise.race([collected, sleep(COLLECT_MS, stop.signal)]);
       waitingFor = undefined;
     }
     let failures = 0;
@@ -288,6 +290,17 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
       setState({ state: "connecting", reason: outcome.reason, retryIn });
       await sleep(retryIn, stop.signal);
     }
+  }
+
+  /** The ids of the other tabs that live. */
+  async function livingTabs(): Promise<Set<string>> {
+    const prefix = `${key}\n`;
+    const tabs = new Set<string>();
+    for (const { name = "" } of (await locks!.query()).held ?? []) {
+      // Stryker disable next-line EqualityOperator,ConditionalExpression,LogicalOperator: counting itself only costs COLLECT_MS
+      if (name.startsWith(prefix) && name !== prefix + me) tabs.add(name.slice(prefix.length));
+    }
+    return tabs;
   }
 
   /** One connection: reads it to its end. */
@@ -391,10 +404,13 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
   };
 }
 
-/** Whether event id `id` comes after `than` (ids `<ms>-<seq>`; other ids: whether they differ). */
-function newer(id: string, than: string | null): boolean {
+/**
+ * Whether event id `id` comes after `than` (ids `<ms>-<seq>`; other ids,
+ * and any id after none (`""`): whether they differ).
+ */
+function newer(id: string, than: string): boolean {
   const a = /^(\d+)-(\d+)$/.exec(id);
-  const b = /^(\d+)-(\d+)$/.exec(than ?? "");
+  const b = /^(\d+)-(\d+)$/.exec(than);
   if (!a || !b) return id !== than;
   const [ms, thanMs] = [Number(a[1]), Number(b[1])];
   return ms > thanMs || (ms === thanMs && Number(a[2]) > Number(b[2]));

@@ -13,6 +13,9 @@ import { startApp } from "../app.ts";
 import { currentRuntime } from "../runtime.ts";
 import { eventually, publish, stats } from "./helpers.ts";
 
+/** Whether connections of this runtime can share a stream: Deno and Node, not Bun. */
+const sharing = "locks" in navigator && typeof BroadcastChannel === "function";
+
 /** What one connection to the scripted server does: its status, headers and chunks. */
 interface Answer {
   status?: number;
@@ -231,6 +234,24 @@ describe("client.ts: reconnecting", () => {
     });
   }
 
+  test("close() during a wait to reconnect ends it at once, and hands the stream on", async () => {
+    const server = await scripted([{ status: 503, headers: { "retry-after": "60" } }, {
+      open: true,
+    }]);
+    const holder = record(server.url, { retry: 60_000 });
+    const next = record(server.url);
+    try {
+      await eventually(() => holder.changes.some((change) => change.retryIn), 5000, "a wait");
+      holder.close();
+      if (sharing) await eventually(() => next.stream.state === "open", 5000, "taken over");
+      await eventually(() => server.requests.length === 2, 5000, "the next connection");
+    } finally {
+      holder.close();
+      next.close();
+      await server.close();
+    }
+  });
+
   test("a token function is asked before each connection, and a 401 then tried again", async () => {
     const server = await scripted([{ status: 401 }, { status: 403 }, { open: true }]);
     let asked = 0;
@@ -279,7 +300,6 @@ describe("client.ts: reconnecting", () => {
 
 describe("client.ts: connections of one process share one stream", () => {
   const system = currentRuntime();
-  const sharing = "locks" in navigator && typeof BroadcastChannel === "function";
 
   test(`${sharing ? "one stream" : "one stream each (no Web Locks)"}, each its topics, handed over when the holder closes`, async () => {
     const env: Record<string, string> = { PORT: "0", HOSTNAME: "127.0.0.1", TICK_MS: "0" };
@@ -289,18 +309,20 @@ describe("client.ts: connections of one process share one stream", () => {
     const all = record(url);
     const a = record(url, { topics: ["a"] });
     const b = record(url, { topics: ["b"] });
+    const c = record(url, { topics: ["c"] });
     try {
       await eventually(
-        () => [all, a, b].every(({ stream }) => stream.state === "open"),
+        () => [all, a, b, c].every(({ stream }) => stream.state === "open"),
         5000,
         "open",
       );
-      assert.equal((await stats(app.url)).clients, sharing ? 1 : 3);
+      assert.equal((await stats(app.url)).clients, sharing ? 1 : 4);
       assert.deepEqual([all, a, b].map(({ stream }) => stream.holding), [true, !sharing, !sharing]);
       await publish(app.url, { data: "to a", topic: "a" });
       await publish(app.url, { data: "to b", topic: "b" });
       await publish(app.url, { data: "to none" });
       await eventually(() => all.events.length === 3, 5000, "all three");
+      const { connections } = await stats(app.url);
       all.close();
       await publish(app.url, { data: "a again", topic: "a" });
       await publish(app.url, { data: "b again", topic: "b" });
@@ -310,9 +332,13 @@ describe("client.ts: connections of one process share one stream", () => {
       assert.deepEqual(a.events.map((event) => event.data), ["to a", "a again"]);
       assert.deepEqual(b.events.map((event) => event.data), ["to b", "b again"]);
       assert.deepEqual(a.events.map((event) => event.topics), [["a"], ["a"]]);
-      assert.equal([a, b].filter(({ stream }) => stream.holding).length, sharing ? 1 : 2);
+      assert.equal([a, b, c].filter(({ stream }) => stream.holding).length, sharing ? 1 : 3);
+      // The next holder asked the others for their topics first: one stream for a, b and c.
+      await publish(app.url, { data: "c again", topic: "c" });
+      await eventually(() => c.events.length === 1, 5000, "c again");
+      assert.equal((await stats(app.url)).connections, connections + (sharing ? 1 : 0));
     } finally {
-      for (const { close } of [all, a, b]) close();
+      for (const { close } of [all, a, b, c]) close();
       stopApp();
       await app.stop("SIGINT");
     }
@@ -358,6 +384,32 @@ describe("client.ts: connections of one process share one stream", () => {
     } finally {
       first.close();
       same.close();
+      await server.close();
+    }
+  });
+
+  test("a tab that answers late gets its topics from its own last id", async () => {
+    const server = await scripted([{ open: true }, { open: true }]);
+    const holder = record(server.url, { topics: ["a"] });
+    // What a tab frozen while the stream changed hands says once it thaws.
+    const late = new BroadcastChannel(`sse-broker ${server.url}`);
+    try {
+      await eventually(() => holder.stream.state === "open", 5000, "open");
+      server.write("id: 5-0\ntopic: a\ndata: a5\n\n");
+      await eventually(() => holder.events.length === 1, 5000, "a5");
+      late.postMessage({ k: "hi", from: "late", topics: ["c"], pos: "3-0" });
+      if (sharing) {
+        await eventually(() => server.requests.length === 2, 5000, "again, with c");
+        assert.equal(server.requests[1].url, "/events?topic=a&topic=c&withTopics=1");
+        assert.equal(server.requests[1].headers["last-event-id"], "3-0");
+        server.write("id: 4-0\ntopic: c\ndata: c4\n\nid: 5-0\ntopic: a\ndata: a5\n\n");
+        server.write("id: 6-0\ntopic: a\ndata: a6\n\n");
+        await eventually(() => holder.events.length === 2, 5000, "a6");
+        assert.deepEqual(holder.events.map((event) => event.data), ["a5", "a6"]);
+      } else assert.equal(holder.stream.holding, true);
+    } finally {
+      late.close();
+      holder.close();
       await server.close();
     }
   });
@@ -532,16 +584,22 @@ describe("client.ts: connections of one process share one stream", () => {
     const server = await scripted([
       { chunks: ["retry: 10\nid: 1-9\ndata: 1\n\nid: 1-10\ndata: 2\n\n"] },
       { chunks: ["id: 1-9\ndata: again\n\nid: 9-0\ndata: 3\n\nid: 10-0\ndata: 4\n\n"] },
-      { chunks: ["id: 9-0\ndata: again\n\nid: 10-0\ndata: again\n\nid: 11-0\ndata: 5\n\n"] },
+      // Older ids are dropped by number, not by text.
+      {
+        chunks: [
+          "id: 11-0\ndata: 5\n\nid: 10-0\ndata: again\n\nid: 9-0\ndata: again\n\n",
+          "id: 1-10\ndata: again\n\nid: 11-0\ndata: again\n\n",
+        ],
+      },
       // Ids the client cannot order: only one just like the last is dropped.
-      { chunks: ["id: x11-0\ndata: 6\n\nid: x11-0\ndata: again\n\nid: 12-0x\ndata: 7\n\n"] },
-      { chunks: ["id: 1-0\ndata: 8\n\n"], open: true },
+      { chunks: ["id: x11-0\ndata: 6\n\nid: x11-0\ndata: again\n\nid: 11-1\ndata: 7\n\n"] },
+      { chunks: ["id: 1-0x\ndata: 8\n\nid: 11-2\ndata: 9\n\n"], open: true },
     ]);
     const one = record(server.url);
     // Alone, it would take answers of its own from this server.
     const two = sharing ? record(server.url) : undefined;
     try {
-      await eventually(() => one.events.length === 8, 5000, "eight on one");
+      await eventually(() => one.events.length === 9, 5000, "nine on one");
       assert.deepEqual(one.events.map((event) => event.data), [
         "1",
         "2",
@@ -551,9 +609,10 @@ describe("client.ts: connections of one process share one stream", () => {
         "6",
         "7",
         "8",
+        "9",
       ]);
       if (two) {
-        await eventually(() => two.events.length === 8, 5000, "eight on two");
+        await eventually(() => two.events.length === 9, 5000, "nine on two");
         assert.deepEqual(
           two.events.map((event) => event.data),
           one.events.map((event) => event.data),
