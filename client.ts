@@ -79,6 +79,12 @@ export interface ConnectOptions {
   retry?: number;
   /** The longest wait between reconnections, unless the server asks for longer. Defaults to 30000. */
   maxRetry?: number;
+  /**
+   * The most topics the shared stream names (the broker's `MAX_TOPICS`):
+   * past it, it carries every event, and each tab still gets only its own.
+   * Defaults to 32.
+   */
+  maxTopics?: number;
   /** Called when the state changes. Defaults to none. */
   onStateChange?: (change: StateChange) => void;
 }
@@ -91,6 +97,11 @@ export interface Connection {
   off(type: string, handler: EventHandler): void;
   /** Ends this tab's use of the stream; another tab takes it over if it held it. */
   close(): void;
+  /**
+   * Opens the shared stream again at once, from the last id (say, after
+   * signing in: the new cookie goes with it).
+   */
+  reconnect(): void;
   /** The stream's state, as this tab sees it. */
   readonly state: ClientState;
   /** Whether this tab holds the stream for every tab. */
@@ -107,6 +118,7 @@ interface Locks {
 type Note =
   | { k: "hi"; from: string; topics: string[] | null; pos: string }
   | { k: "who" }
+  | { k: "re" }
   | { k: "ev"; e: ReceivedEvent }
   | { k: "pos"; id: string }
   | { k: "st"; c: StateChange };
@@ -116,6 +128,9 @@ interface Outcome {
   reason: string;
   fatal?: boolean;
 }
+
+/** The longest wait timers take (about 24.8 days); a longer one would fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** How long a tab that takes the stream over waits for the others' topics. */
 const COLLECT_MS = 500;
@@ -147,11 +162,13 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
   const g = globalThis as { location?: { href: string }; navigator?: { locks?: Locks } };
   const target = new URL(url, g.location?.href);
   const mine = options.topics?.length ? [...options.topics] : null;
-  const { retry = 1000, maxRetry = 30000, token } = options;
+  const { retry = 1000, maxRetry = 30000, maxTopics = 32, token } = options;
   const handlers = new Map<string, Set<EventHandler>>();
-  const me = crypto.randomUUID();
-  // Prefixed, so that no other lock or channel of the page can be taken for it.
-  const key = `sse-broker ${options.name ?? target.href}`;
+  // Not randomUUID: pages served over plain HTTP have none.
+  const me = crypto.getRandomValues(new Uint32Array(4)).join("-");
+  // Prefixed, so that no other lock or channel of the page is taken for it;
+  // versioned, so that tabs of another version of this file share nothing.
+  const key = `sse-broker/1 ${target.href} ${options.name ?? ""}`;
   const locks = g.navigator?.locks;
   const channel = locks && typeof BroadcastChannel === "function" && options.shared !== false
     ? new BroadcastChannel(key)
@@ -165,7 +182,7 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
   let wanted: Set<string> | null = null;
   /** While holding: the stream's last event id, which a reconnection resumes after. */
   let cursor = "";
-  /** While holding: ends the current connection, to open it again with more topics. */
+  /** While holding: ends the current connection (or its wait), to open it again at once. */
   let attempt: AbortController | undefined;
   /** While taking over: tabs not heard from yet. */
   let waitingFor: Set<string> | undefined;
@@ -175,7 +192,7 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
 
   const post = (note: Note) => channel?.postMessage(note);
   const setState = (next: StateChange) => {
-    if (change.state === "closed") return;
+    if (stop.signal.aborted) return; // closed by close(): for good
     change = next;
     if (holding) post({ k: "st", c: next });
     options.onStateChange?.(next);
@@ -206,7 +223,8 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
     if (topics === null) return (wanted = null, true);
     const before = wanted.size;
     for (const topic of topics) wanted.add(topic);
-    return wanted.size > before;
+    if (wanted.size > maxTopics) wanted = null; // every event, rather than a refusal
+    return wanted === null || wanted.size > before;
   };
 
   if (channel) {
@@ -214,15 +232,19 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
       if (note.k === "ev") take(note.e);
       else if (note.k === "pos") advance(note.id);
       else if (note.k === "st") {
-        if (!holding && change.state !== "closed") {
+        if (!holding && !stop.signal.aborted) {
           change = note.c;
           options.onStateChange?.(note.c);
         }
       } else if (note.k === "who") post({ k: "hi", from: me, topics: mine, pos });
-      else if (holding) {
+      else if (note.k === "re") {
+        if (holding) attempt?.abort();
+      } else if (holding) {
         // A tab said hi: it starts from here, and its topics join the stream's.
         if (cursor) post({ k: "pos", id: cursor });
         post({ k: "st", c: change });
+        // One that had not heard of the last one yet resumes where the others are.
+        if (!cursor) cursor = note.pos;
         waitingFor?.delete(note.from);
         if (waitingFor?.size === 0) heard?.();
         if (want(note.topics)) {
@@ -259,7 +281,7 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
   async function resume(): Promise<void> {
     // Every tab sees the stream change hands, also from one that crashed.
     if (change.state === "open") setState({ state: "connecting", reason: "handing over" });
-    wanted = mine && new Set(mine);
+    wanted = mine && (mine.length > maxTopics ? null : new Set(mine));
     cursor = pos;
     if (channel) {
       // The topics of every living tab (each holds a lock of its own), so
@@ -274,21 +296,27 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
     let failures = 0;
     let serverRetry: number | undefined;
     while (!stop.signal.aborted) {
-      attempt = new AbortController();
-      const signal = AbortSignal.any([stop.signal, attempt.signal]);
+      // close() aborts it too: one signal, no AbortSignal.any (older browsers lack it).
+      const current = attempt = new AbortController();
       received = 0;
-      const outcome: Outcome = await read(signal, (ms) => serverRetry = ms).catch(
+      const outcome: Outcome = await read(current.signal, (ms) => serverRetry = ms).catch(
         (error) => ({ reason: String(error.message).split("\n")[0] }),
       );
       if (stop.signal.aborted) break;
-      if (attempt.signal.aborted) continue; // more topics: at once
-      if (outcome.fatal) return setState({ state: "closed", reason: outcome.reason });
+      if (current.signal.aborted) continue; // more topics, or reconnect(): at once
+      if (outcome.fatal) {
+        // Closed for every tab: this one keeps the lock, so no other tries again.
+        setState({ state: "closed", reason: outcome.reason });
+        return await aborted(stop.signal);
+      }
       failures = received > 0 ? 0 : failures + 1;
-      const base = serverRetry ?? retry;
-      const wait = Math.min(Math.max(maxRetry, base), base * 2 ** Math.max(0, failures - 1));
-      const retryIn = Math.round(wait * (1 + Math.random() / 2));
+      // At least 10 ms (a retry: 0 would be a loop), at most what timers take.
+      const base = Math.max(serverRetry ?? retry, 10);
+      const longest = Math.min(Math.max(maxRetry, base), MAX_TIMER_MS);
+      const wait = Math.min(longest, base * 2 ** Math.max(0, failures - 1));
+      const retryIn = Math.round(Math.min(wait * (1 + Math.random() / 2), MAX_TIMER_MS));
       setState({ state: "connecting", reason: outcome.reason, retryIn });
-      await sleep(retryIn, stop.signal);
+      await sleep(retryIn, current.signal);
     }
   }
 
@@ -338,18 +366,20 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
     let rest = "";
     let type = "";
     let data: string[] = [];
-    let id = "";
+    /** This event's `id:`, if it had one (an empty one clears the resume point). */
+    let id: string | undefined;
     let topics: string[] = [];
     const line = (text: string) => {
       if (text === "") {
         if (data.length > 0) {
-          const event = { type: type || "message", data: data.join("\n"), id, topics };
+          const event = { type: type || "message", data: data.join("\n"), id: id ?? "", topics };
           received++;
           take(event);
           post({ k: "ev", e: event });
         } else if (id) post({ k: "pos", id });
-        if (id) cursor = id;
-        type = id = "";
+        if (id !== undefined) cursor = id;
+        type = "";
+        id = undefined;
         data = [];
         topics = [];
         return;
@@ -364,17 +394,20 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
       else if (field === "retry" && /^\d+$/.test(value)) setRetry(Number(value));
       else if (field === "topic") topics.push(value);
     };
+    /** Whether the last read ended with a CR: a LF first in the next one ends no line. */
+    let afterCR = false;
     for (;;) {
       const { done, value } = await reader.read();
       if (done) return { reason: "ended" };
-      rest += value; // the decoder took a byte order mark off the start
+      // The decoder took a byte order mark off the start.
+      rest += afterCR && value[0] === "\n" ? value.slice(1) : value;
+      afterCR &&= value === "";
       const breaks = /\r\n|\r|\n/g;
       let start = 0;
       for (let match; (match = breaks.exec(rest));) {
-        // A CR last may be the first half of a CRLF.
-        if (match[0] === "\r" && match.index === rest.length - 1) break;
         line(rest.slice(start, match.index));
         start = breaks.lastIndex;
+        afterCR = match[0] === "\r" && start === rest.length;
       }
       rest = rest.slice(start);
     }
@@ -393,7 +426,12 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
       holding = false;
       setState({ state: "closed", reason: "closed" });
       stop.abort();
+      attempt?.abort();
       channel?.close();
+    },
+    reconnect() {
+      if (holding) attempt?.abort();
+      else post({ k: "re" });
     },
     get state() {
       return change.state;

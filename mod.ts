@@ -885,9 +885,10 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
 
   /**
    * The client's topics as one string (sorted, one per line: topics hold no
-   * control characters), and, when it asked for `topic:` lines, its grants
-   * (which decide a private event's lines) after a NUL. Clients with the
-   * same key want the same bytes, so a flush builds their chunk once.
+   * control characters), after a NUL when it asked for `topic:` lines.
+   * Clients with the same key (and the same grants of a flush's private
+   * events, see {@linkcode grantedOf}) want the same bytes, so a flush
+   * builds their chunk once.
    */
   readonly shareKey: string | undefined;
   /** Whether its frames carry `topic:` lines ({@linkcode SubscribeOptions.withTopics}). */
@@ -909,7 +910,7 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
     this.callbacks = callbacks;
     this.withTopics = withTopics;
     const topicKey = topics && [...topics].sort().join("\n");
-    this.shareKey = withTopics ? `\0${grants.source}\0${topicKey ?? ""}` : topicKey;
+    this.shareKey = withTopics ? `\0${topicKey ?? ""}` : topicKey;
   }
 
   /** The event's bytes as this client is sent them. */
@@ -1885,9 +1886,15 @@ interface Flushed {
  * resolves anyway: they are stored, and go out once the log reports them.
  */
 const DELIVERY_WAIT_MS = 1000;
-/** Which of `events` (private ones) `client` is granted, as a key. */
+/**
+ * Which of `events` (private ones) `client` is granted, as a key; with
+ * `topic:` lines, its grants themselves, which decide a private event's
+ * lines (so public events alone are still shared by every such client).
+ */
 function grantedOf(client: Client, events: readonly LogEvent[]): string {
-  return events.map((event) => event.topics.some((topic) => client.grants.test(topic))).join();
+  const key = events.map((event) => event.topics.some((topic) => client.grants.test(topic)))
+    .join();
+  return client.withTopics && events.length > 0 ? `${key}\0${client.grants.source}` : key;
 }
 
 /** One chunk of a flush, shared by the clients that want the same events. */

@@ -2785,6 +2785,19 @@ describe("topic: lines (withTopics)", () => {
     broker.close();
   });
 
+  test("clients with topic: lines and other grants share one chunk of public events", async () => {
+    const broker = new Broker({ retry: 100 });
+    const readers = [["user/1/*"], ["user/2/*"], []].map((grants) =>
+      reader(broker, "?withTopics=1", { grants })
+    );
+    for (const r of readers) await r.read(); // retry:
+    await broker.publish({ data: "p" }, { topics: ["news"] });
+    const chunks = await Promise.all(readers.map(async (r) => (await r.read()).value));
+    assert.ok(chunks[0] === chunks[1] && chunks[1] === chunks[2], "one chunk for all");
+    assert.match(new TextDecoder().decode(chunks[0]), /^id: \S+\ntopic: news\ndata: p\n\n$/);
+    broker.close();
+  });
+
   test("replayed events carry their topic: lines too", async () => {
     const broker = new Broker({ retry: 100 });
     const first = await broker.publish({ data: "1" }, { topics: ["a"] });

@@ -249,6 +249,7 @@ function subscribe() {
   stream = connect("/events", {
     topics,
     token: token ?? undefined,
+    shared: !token, // a page opened with its own ?token= shares no stream with others
     retry: config.retryMs,
     onStateChange({ state, reason, retryIn }) {
       clearInterval(countdown);
@@ -457,7 +458,7 @@ $("sign-in").addEventListener("submit", async (submit) => {
     $("sign-in-error").textContent = "The server cannot be reached.";
     return;
   }
-  subscribe();
+  stream.reconnect(); // the stream of every tab, with the new cookie
   $("sign-in-status").textContent = "Signed in: the stream carries the token.";
 });
 subscribe();

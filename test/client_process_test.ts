@@ -96,13 +96,13 @@ describe("client.ts: the event stream format", () => {
         "data: a\r", // a CR at the end of a read, its LF in the next: one line end
         "\ndata: b\n\nid: 3-\u00000\ndata: nul\n\n", // an id with NUL is ignored
         "data: x\ntopic: a\ntopic: b\nid: 4-0\n\n",
-        "event: named\ndata: half", // an event the stream ends in the middle of
+        "data: now\r\r", // a CR last ends its line at once: the event goes out without more
       ],
       open: true,
     }]);
     const { events, close } = record(server.url, { shared: false }, ["message", "named"]);
     try {
-      await eventually(() => events.length === 7, 5000, "seven events");
+      await eventually(() => events.length === 8, 5000, "eight events");
       assert.deepEqual(events.map(({ type, data, id, topics }) => ({ type, data, id, topics })), [
         { type: "message", data: "first", id: "", topics: [] },
         { type: "message", data: "no space", id: "1-0", topics: [] },
@@ -111,6 +111,7 @@ describe("client.ts: the event stream format", () => {
         { type: "message", data: "a\nb", id: "", topics: [] },
         { type: "message", data: "nul", id: "", topics: [] },
         { type: "message", data: "x", id: "4-0", topics: ["a", "b"] },
+        { type: "message", data: "now", id: "", topics: [] },
       ]);
     } finally {
       close();
@@ -142,6 +143,22 @@ describe("client.ts: the event stream format", () => {
 });
 
 describe("client.ts: reconnecting", () => {
+  test("an empty id: clears the point to resume from", async () => {
+    const server = await scripted([
+      { chunks: ["retry: 10\nid: 5-0\ndata: one\n\nid\n\n"] },
+      { open: true },
+    ]);
+    const { events, close } = record(server.url, { shared: false });
+    try {
+      await eventually(() => server.requests.length === 2, 5000, "a reconnection");
+      assert.equal(server.requests[1].headers["last-event-id"], undefined);
+      assert.deepEqual(events.map((event) => event.id), ["5-0"]);
+    } finally {
+      close();
+      await server.close();
+    }
+  });
+
   test("waits the server's retry:, doubling while nothing comes, up to maxRetry", async () => {
     const server = await scripted([{
       chunks: ["retry: 40\nretry: 1x\nretry: x1\nretry\nignored: 5\n\n"],
@@ -388,11 +405,66 @@ describe("client.ts: connections of one process share one stream", () => {
     }
   });
 
+  test("past maxTopics the stream carries every event; each still gets its own", async () => {
+    const server = await scripted([{ open: true }]);
+    const a = record(server.url, { topics: ["a"], maxTopics: 2 });
+    await eventually(() => a.stream.state === "open", 5000, "open");
+    const b = record(server.url, { topics: ["b"] });
+    const c = record(server.url, { topics: ["c"] });
+    const alone = record(server.url, { topics: ["x", "y", "z"], maxTopics: 2, shared: false });
+    try {
+      await eventually(
+        () => [b, c, alone].every(({ stream }) => stream.state === "open"),
+        5000,
+        "open",
+      );
+      const urls = server.requests.map((request) => request.url);
+      assert.ok(urls.includes("/events?withTopics=1"), "every event, past two topics");
+      if (sharing) {
+        await eventually(
+          () =>
+            server.requests.filter((request) => request.url === "/events?withTopics=1").length ===
+              2,
+          5000,
+          "every event for both",
+        );
+      }
+      server.write("id: 1-0\ntopic: c\ndata: to c\n\nid: 1-1\ntopic: y\ndata: to y\n\n");
+      await eventually(() => c.events.length === 1 && alone.events.length === 1, 5000, "c, y");
+      assert.deepEqual([a, b].map(({ events }) => events.length), [0, 0]);
+    } finally {
+      for (const { close } of [a, b, c, alone]) close();
+      await server.close();
+    }
+  });
+
+  test("reconnect() opens the shared stream again at once, from the last id", async () => {
+    const server = await scripted([{ open: true }]);
+    const first = record(server.url);
+    const second = record(server.url);
+    try {
+      await eventually(() => second.stream.state === "open", 5000, "open");
+      const before = server.requests.length;
+      server.write("id: 1-0\ndata: one\n\n");
+      await eventually(() => second.events.length === 1, 5000, "one");
+      second.stream.reconnect();
+      await eventually(() => server.requests.length === before + 1, 5000, "again");
+      assert.equal(server.requests.at(-1)!.headers["last-event-id"], "1-0");
+      first.stream.reconnect();
+      await eventually(() => server.requests.length === before + 2, 5000, "once more");
+      assert.equal(server.requests.at(-1)!.headers["last-event-id"], "1-0");
+    } finally {
+      first.close();
+      second.close();
+      await server.close();
+    }
+  });
+
   test("a tab that answers late gets its topics from its own last id", async () => {
     const server = await scripted([{ open: true }, { open: true }]);
     const holder = record(server.url, { topics: ["a"] });
     // What a tab frozen while the stream changed hands says once it thaws.
-    const late = new BroadcastChannel(`sse-broker ${server.url}`);
+    const late = new BroadcastChannel(`sse-broker/1 ${server.url} `); // the channel of server.url
     try {
       await eventually(() => holder.stream.state === "open", 5000, "open");
       server.write("id: 5-0\ntopic: a\ndata: a5\n\n");
@@ -443,7 +515,7 @@ describe("client.ts: connections of one process share one stream", () => {
     }
   });
 
-  test("a refusal for good closes every connection, each after its own try", async () => {
+  test("a refusal for good closes every connection sharing the stream, after one try", async () => {
     const server = await scripted([{ status: 401 }]);
     const one = record(server.url, { token: "wrong" });
     const two = record(server.url, { token: "wrong" });
@@ -456,10 +528,12 @@ describe("client.ts: connections of one process share one stream", () => {
       for (const { changes } of [one, two]) {
         assert.deepEqual(changes.at(-1), { state: "closed", reason: "HTTP 401" });
       }
-      assert.equal(server.requests.length, 2);
+      assert.equal(server.requests.length, sharing ? 1 : 2);
+      one.close(); // the next one tries again
+      if (sharing) await eventually(() => server.requests.length === 2, 5000, "tried again");
     } finally {
       one.close();
-      two?.close();
+      two.close();
       await server.close();
     }
   });
@@ -473,11 +547,12 @@ describe("client.ts: connections of one process share one stream", () => {
       record(server.url, { name: "another user" }),
       record(server.url, { shared: false }),
       record(elsewhere.url),
+      record(elsewhere.url, { name: "another user" }),
     ];
     try {
       await eventually(() => opened.every(({ stream }) => stream.state === "open"), 5000, "open");
       assert.equal(server.requests.length, sharing ? 3 : 4);
-      assert.equal(elsewhere.requests.length, 1);
+      assert.equal(elsewhere.requests.length, 2, "a name shares only under its URL");
       server.write("id: 1-0\ndata: to all\n\n");
       await eventually(
         () => opened.slice(0, 4).every(({ events }) => events.length === 1),
