@@ -232,14 +232,15 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
       if (note.k === "ev") take(note.e);
       else if (note.k === "pos") advance(note.id);
       else if (note.k === "st") {
-        if (!holding && !stop.signal.aborted) {
+        // Not from a holder gone before this tab took over (after close(), none comes).
+        if (!holding) {
           change = note.c;
           options.onStateChange?.(note.c);
         }
       } else if (note.k === "who") post({ k: "hi", from: me, topics: mine, pos });
       else if (note.k === "re") {
         if (holding) attempt?.abort();
-      } else if (holding) {
+      } else if (note.k === "hi" && holding) {
         // A tab said hi: it starts from here, and its topics join the stream's.
         if (cursor) post({ k: "pos", id: cursor });
         post({ k: "st", c: change });
@@ -302,7 +303,7 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
       const outcome: Outcome = await read(current.signal, (ms) => serverRetry = ms).catch(
         (error) => ({ reason: String(error.message).split("\n")[0] }),
       );
-      if (stop.signal.aborted) break;
+      // close() aborts it too, and ends the loop.
       if (current.signal.aborted) continue; // more topics, or reconnect(): at once
       if (outcome.fatal) {
         // Closed for every tab: this one keeps the lock, so no other tries again.
@@ -422,7 +423,6 @@ export function connect(url: string | URL, options: ConnectOptions = {}): Connec
       handlers.get(type)?.delete(handler);
     },
     close() {
-      if (stop.signal.aborted) return;
       holding = false;
       setState({ state: "closed", reason: "closed" });
       stop.abort();

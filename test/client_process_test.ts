@@ -40,14 +40,16 @@ async function scripted(answers: Answer[]) {
       ...answer.headers,
     });
     response.flushHeaders();
+    // Held open first, so that write() reaches it as soon as its chunks are read.
+    if (answer.open) {
+      open.add(response);
+      response.on("close", () => open.delete(response));
+    }
     for (const chunk of answer.chunks ?? []) {
       response.write(chunk);
       await new Promise((resolve) => setTimeout(resolve, 5)); // separate reads
     }
-    if (answer.open) {
-      open.add(response);
-      response.on("close", () => open.delete(response));
-    } else response.end();
+    if (!answer.open) response.end();
   });
   const untrack = track(() => server.close());
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
@@ -93,24 +95,30 @@ describe("client.ts: the event stream format", () => {
         "id: 1-0\rdata:no space\r\rdata:  two spaces\n\n", // CR alone; one space is taken
         "event: named\ndata: a\ndata\ndata: c\n\n", // several data lines, a field without colon
         ": a comment\nunknown: field\nid: 2-0\n\n", // no data: nothing dispatched
-        "data: a\r", // a CR at the end of a read, its LF in the next: one line end
-        "\ndata: b\n\nid: 3-\u00000\ndata: nul\n\n", // an id with NUL is ignored
         "data: x\ntopic: a\ntopic: b\nid: 4-0\n\n",
-        "data: now\r\r", // a CR last ends its line at once: the event goes out without more
       ],
       open: true,
     }]);
     const { events, close } = record(server.url, { shared: false }, ["message", "named"]);
     try {
+      await eventually(() => events.length === 5, 5000, "five events");
+      // A CR at the end of a read, its LF in the next: one line end. The
+      // marker event shows the first read is in before the second is sent.
+      server.write("data: marker\n\ndata: a\r");
+      await eventually(() => events.length === 6, 5000, "the marker");
+      server.write("\ndata: b\n\nid: 3-\u00000\ndata: nul\n\n"); // an id with NUL is ignored
       await eventually(() => events.length === 8, 5000, "eight events");
+      server.write("data: now\r\r"); // a CR last ends its line at once: the event goes out
+      await eventually(() => events.length === 9, 5000, "nine events");
       assert.deepEqual(events.map(({ type, data, id, topics }) => ({ type, data, id, topics })), [
         { type: "message", data: "first", id: "", topics: [] },
         { type: "message", data: "no space", id: "1-0", topics: [] },
         { type: "message", data: " two spaces", id: "", topics: [] },
         { type: "named", data: "a\n\nc", id: "", topics: [] },
+        { type: "message", data: "x", id: "4-0", topics: ["a", "b"] },
+        { type: "message", data: "marker", id: "", topics: [] },
         { type: "message", data: "a\nb", id: "", topics: [] },
         { type: "message", data: "nul", id: "", topics: [] },
-        { type: "message", data: "x", id: "4-0", topics: ["a", "b"] },
         { type: "message", data: "now", id: "", topics: [] },
       ]);
     } finally {
@@ -198,6 +206,18 @@ describe("client.ts: reconnecting", () => {
       assert.ok(waits[0] >= 30 && waits[0] <= 45, `first ${waits[0]}`);
       assert.ok(waits[1] >= 60 && waits[1] <= 90, `second ${waits[1]}`);
       assert.ok(waits[2] >= 30 && waits[2] <= 45, `after an event ${waits[2]}`);
+    } finally {
+      close();
+      await server.close();
+    }
+  });
+
+  test("a retry: longer than timers take waits as long as they take", async () => {
+    const server = await scripted([{ chunks: ["retry: 3000000000\n\n"] }]);
+    const { changes, close } = record(server.url, { shared: false });
+    try {
+      await eventually(() => changes.some((change) => change.retryIn), 5000, "a wait");
+      assert.equal(changes.find((change) => change.retryIn)!.retryIn, 2 ** 31 - 1);
     } finally {
       close();
       await server.close();
@@ -409,15 +429,21 @@ describe("client.ts: connections of one process share one stream", () => {
     const server = await scripted([{ open: true }]);
     const a = record(server.url, { topics: ["a"], maxTopics: 2 });
     await eventually(() => a.stream.state === "open", 5000, "open");
+    const named = (url: string) => server.requests.some((request) => request.url === url);
     const b = record(server.url, { topics: ["b"] });
+    if (sharing) {
+      await eventually(() => named("/events?topic=a&topic=b&withTopics=1"), 5000, "two: named");
+    }
     const c = record(server.url, { topics: ["c"] });
+    const two = record(server.url, { topics: ["x", "y"], maxTopics: 2, shared: false });
     const alone = record(server.url, { topics: ["x", "y", "z"], maxTopics: 2, shared: false });
     try {
       await eventually(
-        () => [b, c, alone].every(({ stream }) => stream.state === "open"),
+        () => [b, c, two, alone].every(({ stream }) => stream.state === "open"),
         5000,
         "open",
       );
+      assert.ok(named("/events?topic=x&topic=y&withTopics=1"), "at maxTopics: named");
       const urls = server.requests.map((request) => request.url);
       assert.ok(urls.includes("/events?withTopics=1"), "every event, past two topics");
       if (sharing) {
@@ -433,7 +459,38 @@ describe("client.ts: connections of one process share one stream", () => {
       await eventually(() => c.events.length === 1 && alone.events.length === 1, 5000, "c, y");
       assert.deepEqual([a, b].map(({ events }) => events.length), [0, 0]);
     } finally {
-      for (const { close } of [a, b, c, alone]) close();
+      for (const { close } of [a, b, c, two, alone]) close();
+      await server.close();
+    }
+  });
+
+  test("a holder tells a tab that says hi its position; without one, it takes the tab's", async () => {
+    const server = await scripted([{ open: true }]);
+    const holder = record(server.url);
+    const tab = new BroadcastChannel(`sse-broker/1 ${server.url} `); // the channel of server.url
+    const heard: unknown[] = [];
+    tab.onmessage = ({ data }) => heard.push(data);
+    try {
+      await eventually(() => holder.stream.state === "open", 5000, "open");
+      if (sharing) await eventually(() => heard.length > 0, 5000, "the holder's state");
+      heard.length = 0;
+      tab.postMessage({ k: "hi", from: "tab", topics: null, pos: "4-2" });
+      if (sharing) {
+        await eventually(() => heard.length > 0, 5000, "an answer");
+        assert.ok(!heard.some((note) => (note as { k: string }).k === "pos"), "no position yet");
+        holder.stream.reconnect();
+        await eventually(() => server.requests.length === 2, 5000, "again");
+        assert.equal(server.requests[1].headers["last-event-id"], "4-2");
+        server.write("id: 5-0\ndata: x\n\n");
+        await eventually(() => holder.events.length === 1, 5000, "x");
+        heard.length = 0;
+        tab.postMessage({ k: "hi", from: "tab", topics: null, pos: "" });
+        await eventually(() => heard.length >= 2, 5000, "answers");
+        assert.deepEqual(heard[0], { k: "pos", id: "5-0" });
+      } else assert.equal(holder.stream.holding, true);
+    } finally {
+      tab.close();
+      holder.close();
       await server.close();
     }
   });
