@@ -41,7 +41,7 @@ describe(`server.ts as a real process under ${RUNTIME}`, () => {
       const page = await fetch(server.url);
       assert.match(page.headers.get("content-type")!, /text\/html/);
       const html = await page.text();
-      assert.match(html, /new EventSource\(/);
+      assert.match(html, /import { connect } from "\/client.js";/);
       // Whole answers carry their length (simple clients and proxies rely on it).
       assert.equal(
         page.headers.get("content-length"),
