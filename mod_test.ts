@@ -2791,10 +2791,14 @@ describe("topic: lines (withTopics)", () => {
       reader(broker, "?withTopics=1", { grants })
     );
     for (const r of readers) await r.read(); // retry:
-    await broker.publish({ data: "p" }, { topics: ["news"] });
+    // Two events in one turn: one chunk joins them, built once for all three.
+    await Promise.all(["p", "q"].map((data) => broker.publish({ data }, { topics: ["news"] })));
     const chunks = await Promise.all(readers.map(async (r) => (await r.read()).value));
     assert.ok(chunks[0] === chunks[1] && chunks[1] === chunks[2], "one chunk for all");
-    assert.match(new TextDecoder().decode(chunks[0]), /^id: \S+\ntopic: news\ndata: p\n\n$/);
+    assert.match(
+      new TextDecoder().decode(chunks[0]),
+      /^id: \S+\ntopic: news\ndata: p\n\nid: \S+\ntopic: news\ndata: q\n\n$/,
+    );
     broker.close();
   });
 
