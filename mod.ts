@@ -820,6 +820,39 @@ export interface BrokerStats {
 }
 
 /**
+ * A connection that a server writes a stream's bytes to itself: see
+ * {@linkcode DIRECT_WRITE}.
+ */
+export interface DirectSink {
+  /** Writes bytes to the connection. */
+  write(chunk: Uint8Array): void;
+  /** The bytes written that wait for the client past what the connection takes at once. */
+  queued(): number;
+  /** Ends the response once the bytes written have gone. */
+  end(): void;
+  /** Ends the connection at once, discarding what waits: the client sees an error. */
+  destroy(): void;
+}
+
+/**
+ * Sends a stream's bytes to a {@linkcode DirectSink} from now on; returns
+ * what to call each time the sink has room again, or `undefined` when the
+ * body still holds bytes (read on, and try again).
+ */
+export type DirectWrite = (sink: DirectSink) => (() => void) | undefined;
+
+/**
+ * The key of a {@linkcode DirectWrite} on the body of every stream a
+ * {@linkcode Broker} returns, for a server that owns the connection: on
+ * Node's `node:http`, each web-stream read costs promises, and writing to
+ * the socket in the broker's own loop keeps the latency of the bare
+ * `node:http` (`runtime.ts` does it). With a read of the body waiting,
+ * `body[DIRECT_WRITE](sink)` moves the stream to the sink; the body then
+ * only ends (or errors) with it. Servers of `Response` need nothing of it.
+ */
+export const DIRECT_WRITE: unique symbol = Symbol.for("sse-broker.directWrite");
+
+/**
  * Whether a broker should get traffic, as returned by {@linkcode Broker.health}.
  */
 export interface Health {
@@ -882,6 +915,17 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
   active = false;
   /** Ends the stream when its permission expires. */
   expiry: ReturnType<typeof setTimeout> | undefined;
+  /** The connection its bytes go to once its server writes them itself ({@linkcode DIRECT_WRITE}). */
+  #direct: DirectSink | undefined;
+  /** The stream's reader waits for bytes: `pull` came, and nothing was queued since. */
+  #readWaiting = false;
+  /**
+   * At least the bytes waiting in its queue: the queue as last read plus
+   * what was queued since (the runtime only ever takes bytes out). Reading
+   * the queue (`desiredSize`) per flush per client was 8% of Bun's samples;
+   * with this bound it is read only when it could be over a limit.
+   */
+  #queueBound = 0;
 
   /**
    * The client's topics as one string (sorted, one per line: topics hold no
@@ -926,7 +970,51 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
   }
 
   pull(): void {
+    this.#readWaiting = true;
     this.callbacks.pull(this);
+  }
+
+  /** Queues bytes for the client. */
+  enqueue(chunk: Uint8Array): void {
+    this.#readWaiting = false;
+    this.#queueBound += chunk.byteLength;
+    if (this.#direct === undefined) this.controller.enqueue(chunk);
+    else this.#direct.write(chunk);
+  }
+
+  /** Whether more than `limit` bytes wait for the client; exact. */
+  queuedOver(limit: number): boolean {
+    if (this.#queueBound <= limit) return false;
+    this.#queueBound = this.#direct?.queued() ?? -(this.controller.desiredSize ?? 0);
+    return this.#queueBound > limit;
+  }
+
+  /** Ends the stream once what is queued has gone out. */
+  close(): void {
+    this.#direct?.end();
+    try {
+      this.controller.close();
+    } catch {
+      // already closed, cancelled or errored
+    }
+  }
+
+  /** Ends the stream at once, discarding what is queued: the client sees an error. */
+  fail(error: Error): void {
+    this.#direct?.destroy();
+    this.controller.error(error);
+  }
+
+  /**
+   * Sends the client's bytes to `sink` from now on, if the stream's reader
+   * has taken every byte queued so far (else nothing changes); returns what
+   * to call when the sink has room again.
+   */
+  attach(sink: DirectSink): (() => void) | undefined {
+    if (!this.#readWaiting || this.state === "gone") return undefined;
+    this.#direct = sink;
+    this.#queueBound = sink.queued();
+    return () => this.pull();
   }
 
   cancel(): void {
@@ -1152,13 +1240,14 @@ export class Broker {
       options.withTopics ?? url.searchParams.get("withTopics") === "1",
     );
     const body = new ReadableStream(client, BYTE_QUEUING);
+    Object.defineProperty(body, DIRECT_WRITE, { value: (sink: DirectSink) => client.attach(sink) });
     // From an id; from the oldest retained event (`earliest`, or `since`,
     // which skips the older ones); or not at all.
     const resumes = Boolean(lastEventId) || since !== -Infinity;
     // A client that does not resume is told where it joined (an `id:` with
     // no data sets its last event id and dispatches nothing), so that even
     // before its first event a reconnect resumes with nothing lost.
-    client.controller.enqueue(
+    client.enqueue(
       !resumes && this.#liveId !== null
         ? concat([this.#streamStart, encodeMessage({ id: this.#liveId })])
         : this.#streamStart,
@@ -1361,7 +1450,7 @@ export class Broker {
       for (; ended < due; ended++) {
         const client = clients[ended];
         if (client.state === "gone") continue;
-        client.controller.enqueue(encodeMessage({ retry: this.#randomRetry() }));
+        client.enqueue(encodeMessage({ retry: this.#randomRetry() }));
         this.#end(client);
       }
       if (ended === clients.length) return;
@@ -1572,11 +1661,7 @@ export class Broker {
   /** Removes a client and ends its stream once what is queued has gone out. */
   #end(client: Client): void {
     this.#remove(client);
-    try {
-      client.controller.close();
-    } catch {
-      // already closed, cancelled or errored
-    }
+    client.close();
   }
 
   /**
@@ -1588,7 +1673,7 @@ export class Broker {
     this.#slowDisconnects++;
     this.#logger?.(`client cut: more than ${this.#maxQueueBytes} bytes behind`);
     this.#remove(client);
-    client.controller.error(new Error("client too slow"));
+    client.fail(new Error("client too slow"));
   }
 
   /** Takes new events from the log, to hand out together once this turn's publishes are in. */
@@ -1683,8 +1768,8 @@ export class Broker {
 
   /** Queues live bytes for a client, and cuts it if that puts it too far behind. */
   #queue(client: Client, chunk: Uint8Array): void {
-    client.controller.enqueue(chunk);
-    if (queuedBytes(client) > this.#maxQueueBytes) this.#cut(client);
+    client.enqueue(chunk);
+    if (client.queuedOver(this.#maxQueueBytes)) this.#cut(client);
   }
 
   #heartbeat(): void {
@@ -1723,7 +1808,8 @@ interface CatchUpHost {
  */
 class CatchUp {
   readonly #eventLog: EventLog;
-  readonly #maxQueueBytes: number;
+  /** A client with more bytes than this queued has half its queue full (at least maxQueueBytes / 2). */
+  readonly #halfFull: number;
   readonly #host: CatchUpHost;
   /** The clients in state `waiting`, so a flush finds them without a scan. */
   readonly #waiting = new Set<Client>();
@@ -1732,7 +1818,7 @@ class CatchUp {
 
   constructor(eventLog: EventLog, maxQueueBytes: number, host: CatchUpHost) {
     this.#eventLog = eventLog;
-    this.#maxQueueBytes = maxQueueBytes;
+    this.#halfFull = Math.ceil(maxQueueBytes / 2) - 1;
     this.#host = host;
   }
 
@@ -1753,7 +1839,7 @@ class CatchUp {
    * events once it catches up; the stream's next `pull` goes on.
    */
   pull(client: Client): void {
-    while (client.state === "replaying" && queuedBytes(client) < this.#maxQueueBytes / 2) {
+    while (client.state === "replaying" && !client.queuedOver(this.#halfFull)) {
       this.#read(client);
     }
   }
@@ -1797,7 +1883,7 @@ class CatchUp {
         return this.#host.cut(client);
       }
       const oldestId = events[0]?.id ?? null;
-      client.controller.enqueue(
+      client.enqueue(
         encodeMessage({ event: "gap", data: JSON.stringify({ oldestId }) }),
       );
       client.cursor = null;
@@ -1807,10 +1893,10 @@ class CatchUp {
     for (const event of events) {
       // Events past the live ones reach this client live, as it is now current.
       if (isNewer(event.id, liveId)) return this.#goLive(client);
-      if (queuedBytes(client) >= this.#maxQueueBytes / 2) return;
+      if (client.queuedOver(this.#halfFull)) return;
       client.cursor = event.id;
       if (client.wants(event) && parseEventId(event.id)![0] > client.since) {
-        client.controller.enqueue(client.bytesOf(event));
+        client.enqueue(client.bytesOf(event));
         client.replayed++;
         this.replayed++;
       }
@@ -1832,7 +1918,7 @@ class CatchUp {
       return;
     }
     client.state = "live";
-    client.controller.enqueue(replayedMessage(client.replayed));
+    client.enqueue(replayedMessage(client.replayed));
   }
 }
 
@@ -1947,11 +2033,6 @@ const BYTE_QUEUING: QueuingStrategy<Uint8Array> = {
   highWaterMark: 0,
   size: (chunk) => chunk.byteLength,
 };
-
-/** Bytes queued for a client that the runtime has not taken yet. */
-function queuedBytes(client: Client): number {
-  return -(client.controller.desiredSize ?? 0);
-}
 
 // ---------------------------------------------------------------------------
 // Signed tokens (JWT)

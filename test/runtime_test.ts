@@ -18,6 +18,7 @@ import {
   unknownSettings,
 } from "../runtime.ts";
 import { ROOT, RUNTIME } from "./helpers.ts";
+import { Broker, type EventLog, MemoryLog } from "../mod.ts";
 
 const runtime = currentRuntime();
 
@@ -207,6 +208,67 @@ describe(`runtime.ts's server on ${RUNTIME}`, () => {
       assert.equal(pulled, CHUNKS);
       assert.ok(received > CHUNK * CHUNKS, `${received} bytes arrived`);
     });
+  });
+
+  test("a broker's replay to a client that stops reading waits for it, and goes on when it reads", {
+    timeout: 60_000,
+  }, async () => {
+    const log = new MemoryLog({ history: 8000 });
+    // Reads answer a timer turn later, as Redis's do: on Node the stream is
+    // then the server's to write (DIRECT_WRITE) while the replay goes on.
+    const laterLog: EventLog = {
+      get lastId() {
+        return log.lastId;
+      },
+      append: (events, options) => log.append(events, options),
+      read: (afterId, limit) =>
+        new Promise((resolve) => setTimeout(() => resolve(log.read(afterId, limit)), 0)),
+      listen: (listener) => log.listen(listener),
+    };
+    const broker = new Broker({ eventLog: laterLog, maxQueueBytes: 64 * 1024 });
+    const COUNT = 8000; // 8 MB of 1 KiB events: past what loopback's kernel buffers take
+    for (let i = 0; i < COUNT; i++) await broker.publish({ data: `${i} ${"x".repeat(1000)}` });
+    try {
+      await serving((request) => broker.subscribe(request), async (url) => {
+        const { port } = new URL(url);
+        const socket = connect(Number(port), "127.0.0.1");
+        let received = "";
+        const first = new Promise<void>((resolve) =>
+          socket.once("data", () => {
+            socket.pause();
+            resolve();
+          })
+        );
+        const replayed = new Promise<void>((resolve) =>
+          socket.on("data", (chunk: Buffer) => {
+            received += chunk;
+            if (received.includes("event: replayed")) resolve();
+          })
+        );
+        // HTTP/1.0: the body comes without chunk framing.
+        socket.write("GET / HTTP/1.0\r\nHost: x\r\nLast-Event-ID: earliest\r\n\r\n");
+        await first;
+        // The replay stops once the socket's buffers and half the queue are full.
+        let seen = -1;
+        while (seen !== broker.stats().replayed) {
+          seen = broker.stats().replayed;
+          await new Promise((resolve) => setTimeout(resolve, 200));
+        }
+        assert.ok(seen < COUNT, `${seen} of ${COUNT} events replayed to a client that reads none`);
+        socket.resume();
+        await replayed;
+        socket.destroy();
+        const data = [...received.matchAll(/^data: (\d+) /gm)].map((match) => Number(match[1]));
+        assert.deepEqual(
+          data,
+          Array.from({ length: COUNT }, (_, i) => i),
+          "each event once, in order",
+        );
+        assert.match(received, /event: replayed\ndata: \{"count":8000\}\n\n/);
+      });
+    } finally {
+      broker.close();
+    }
   });
 
   test("an empty body answers at once; HEAD of an endless stream too, and cancels it", async () => {
