@@ -17,9 +17,15 @@
 // Everything shares the machine's cores, so the figures include the load
 // generator's own work.
 //
-// Writes bench/results/100K.md, 100k.json and 100k.svg. Environment: CLIENTS
-// (default 100000), SERVERS (8), LOADGENS (6), HOLD_S (60), BROADCASTS (10),
-// SUSTAINED (20), ONLY (runtimes, comma-separated; default deno,bun,node).
+// Writes bench/results/<RESULTS>.md, .json and .svg (RESULTS defaults to 100K:
+// 100K.md, 100k.json, 100k.svg). Environment: CLIENTS (default 100000; or a
+// count per runtime, "bun:1000000,node:500000"), SERVERS and LOADGENS
+// (default one per 12,500 and per 16,667 streams: 8 and 6 at 100,000),
+// HOLD_S (60), BROADCASTS (10), SUSTAINED (20), ONLY (runtimes,
+// comma-separated; default deno,bun,node), RESULTS. `npm run bench:1m` is the
+// million on Bun and the most that Node and Deno hold here. While it runs,
+// the machine is sampled each second (memory available, the kernel's TCP
+// memory, open files), to name the wall a larger count would meet.
 import { execFileSync, spawn } from "node:child_process";
 import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { get } from "node:http";
@@ -28,13 +34,19 @@ import { RedisServer } from "../test/redis_server.mjs";
 import { fmt, out, prepare, root, sleep, startServer, stopServer } from "./common.mjs";
 
 const setting = (name, fallback) => Number(process.env[name] ?? fallback);
-const CLIENTS = setting("CLIENTS", 100_000);
-const SERVERS = setting("SERVERS", 8);
-const LOADGENS = setting("LOADGENS", 6);
+const RESULTS = process.env.RESULTS ?? "100K";
+const RUNTIMES = (process.env.ONLY ?? "deno,bun,node").split(",");
+/** Streams per runtime: CLIENTS is one count for all, or `runtime:count` pairs. */
+const COUNTS = Object.fromEntries(RUNTIMES.map((runtime) => {
+  const text = process.env.CLIENTS ?? "100000";
+  const pair = text.split(",").find((part) => part.startsWith(`${runtime}:`));
+  return [runtime, Number(pair ? pair.split(":")[1] : text)];
+}));
+const serversFor = (clients) => setting("SERVERS", Math.ceil(clients / 12_500));
+const loadgensFor = (clients) => setting("LOADGENS", Math.ceil(clients / 16_667));
 const HOLD_S = setting("HOLD_S", 60);
 const BROADCASTS = setting("BROADCASTS", 10);
 const SUSTAINED = setting("SUSTAINED", 20);
-const RUNTIMES = (process.env.ONLY ?? "deno,bun,node").split(",");
 const EVENTS = BROADCASTS + SUSTAINED;
 const TICKS = 100; // clock ticks per second, for /proc/<pid>/stat
 
@@ -70,7 +82,9 @@ function startSubscribers(port, clients, index) {
   const waiters = [];
   lines.on("line", (line) => waiters.shift()?.resolve(line));
   const exited = new Promise((resolve) => child.on("exit", resolve));
-  child.on("exit", (code) => {
+  // Once its output is read to the end: "exit" can come before the last line (a report of megabytes).
+  lines.on("close", async () => {
+    const code = await exited;
     for (const waiter of waiters.splice(0)) {
       waiter.reject(new Error(`subscribers ${source} exited ${code}`));
     }
@@ -107,7 +121,7 @@ async function publish(port, seq) {
 }
 
 /** The client counts reported by /stats over many fresh connections (so from every process). */
-async function clientCounts(port) {
+async function clientCounts(port, servers) {
   const once = () =>
     new Promise((resolve, reject) => {
       // agent: false: a new connection each time, which REUSE_PORT may hand to any process.
@@ -118,7 +132,7 @@ async function clientCounts(port) {
       }).on("error", reject);
     });
   const counts = [];
-  for (let i = 0; i < 40 * SERVERS; i++) counts.push(await once());
+  for (let i = 0; i < 40 * servers; i++) counts.push(await once());
   return counts;
 }
 
@@ -126,7 +140,30 @@ function percentile(sorted, p) {
   return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))];
 }
 
+/** The machine's state, sampled each second: the least memory available, the most TCP memory and files. */
+function startSampling() {
+  const seen = { minAvailableBytes: Infinity, maxTcpMemoryBytes: 0, maxOpenFilesSystem: 0 };
+  const sample = () => {
+    const meminfo = readFileSync("/proc/meminfo", "utf8");
+    const available = Number(/MemAvailable:\s+(\d+)/.exec(meminfo)[1]) * 1024;
+    // Pages of 4 KiB that TCP buffers hold (`tcp_mem` bounds it).
+    const tcp = Number(/TCP:.* mem (\d+)/.exec(readFileSync("/proc/net/sockstat", "utf8"))[1]) *
+      4096;
+    const files = Number(readFileSync("/proc/sys/fs/file-nr", "utf8").split(/\s+/)[0]);
+    seen.minAvailableBytes = Math.min(seen.minAvailableBytes, available);
+    seen.maxTcpMemoryBytes = Math.max(seen.maxTcpMemoryBytes, tcp);
+    seen.maxOpenFilesSystem = Math.max(seen.maxOpenFilesSystem, files);
+  };
+  sample();
+  const timer = setInterval(sample, 1000);
+  return { seen, stop: () => (clearInterval(timer), sample(), seen) };
+}
+
 async function measure(runtime) {
+  const CLIENTS = COUNTS[runtime];
+  const SERVERS = serversFor(CLIENTS);
+  const LOADGENS = loadgensFor(CLIENTS);
+  const sampling = startSampling();
   const redis = await RedisServer.start({ appendfsync: "everysec" });
   const env = { REDIS_URL: redis.url, REUSE_PORT: "1", MAX_CLIENTS: "0", HISTORY: "1000" };
   const server = { name: `server.ts ${runtime}`, runtime, file: "server.ts" };
@@ -151,7 +188,7 @@ async function measure(runtime) {
     );
     await within(Promise.all(crowd.map((c) => c.connected)), 600_000, "connecting");
     const connectSeconds = (performance.now() - started) / 1000;
-    const connectedCounts = await clientCounts(port);
+    const connectedCounts = await clientCounts(port, SERVERS);
     const maxFiles = Math.max(...serverPids.map(openFiles));
     console.log(`${runtime}: ${CLIENTS} connected in ${connectSeconds.toFixed(1)} s`);
     let cpu = serverCpu();
@@ -178,7 +215,11 @@ async function measure(runtime) {
     const all = async (c) => {
       for (let seq = BROADCASTS + 1; seq <= EVENTS; seq++) await c.has(seq);
     };
-    await within(Promise.all(crowd.map(all)), 120_000, "sustained");
+    await within(
+      Promise.all(crowd.map(all)),
+      120_000 * Math.max(1, CLIENTS / 100_000),
+      "sustained",
+    );
     const sustainedSeconds = (performance.now() - sustainedStart) / 1000;
     const sustainedCpu = serverCpu() - cpu;
     const loadgenCpu = sum(crowd.map((c) => cpuSeconds(c.child.pid)));
@@ -186,10 +227,10 @@ async function measure(runtime) {
     const reports = await Promise.all(crowd.map((c) => c.report()));
     await Promise.all(crowd.map((c) => c.exited));
     const closing = performance.now();
-    let afterClose = await clientCounts(port);
+    let afterClose = await clientCounts(port, SERVERS);
     while (afterClose.some((count) => count !== 0) && performance.now() - closing < 60_000) {
       await sleep(500);
-      afterClose = await clientCounts(port);
+      afterClose = await clientCounts(port, SERVERS);
     }
     const closeSeconds = (performance.now() - closing) / 1000;
     const filesAfter = serverPids.map(openFiles);
@@ -243,8 +284,10 @@ async function measure(runtime) {
       openFilesBefore: filesBefore,
       openFilesAfter: filesAfter,
       droppedSyns: droppedSyns(),
+      machine: sampling.stop(),
     };
   } finally {
+    sampling.stop();
     for (const c of crowd) c.child.kill("SIGKILL");
     await Promise.all(servers.map(stopServer));
     await redis.stop();
@@ -261,12 +304,15 @@ function droppedSyns() {
   }
 }
 
+/** The JSON's and chart's file name: the report's, in lower case. */
+const name = RESULTS.toLowerCase();
+
 async function main() {
   if (process.argv.includes("--report")) {
-    // Writes the report and chart again from 100k.json, without measuring.
-    const { machine, results } = JSON.parse(readFileSync(`${out}/100k.json`, "utf8"));
-    writeFileSync(`${out}/100K.md`, markdown(machine, results));
-    writeFileSync(`${out}/100k.svg`, chart(results));
+    // Writes the report and chart again from the JSON, without measuring.
+    const { machine, results } = JSON.parse(readFileSync(`${out}/${name}.json`, "utf8"));
+    writeFileSync(`${out}/${RESULTS}.md`, markdown(machine, results));
+    writeFileSync(`${out}/${name}.svg`, chart(results));
     return;
   }
   const machine = prepare();
@@ -288,22 +334,22 @@ async function main() {
       JSON.stringify({ ...result, broadcast: { ...result.broadcast, perEvent: undefined } }),
     );
   }
-  writeFileSync(`${out}/100k.json`, JSON.stringify({ machine, results }, null, 2) + "\n");
-  writeFileSync(`${out}/100K.md`, markdown(machine, results));
-  writeFileSync(`${out}/100k.svg`, chart(results));
-  console.log(`wrote ${out}/100K.md, 100k.json, 100k.svg`);
+  writeFileSync(`${out}/${name}.json`, JSON.stringify({ machine, results }, null, 2) + "\n");
+  writeFileSync(`${out}/${RESULTS}.md`, markdown(machine, results));
+  writeFileSync(`${out}/${name}.svg`, chart(results));
+  console.log(`wrote ${out}/${RESULTS}.md, ${name}.json, ${name}.svg`);
 }
 
 function markdown(machine, results) {
   const mib = (bytes) => `${fmt(bytes / 2 ** 20)} MiB`;
   const count = (n) => Number.isNaN(n) ? "-" : n.toLocaleString("en-US");
   const lines = [
-    `# ${fmt(CLIENTS)} subscribers on one machine`,
+    `# ${title(results)}`,
     "",
     `Taken ${machine.date} on ${machine.cores} cores (${machine.cpu}), ${machine.memoryGiB} GiB,`,
     `Linux ${machine.kernel}; ${machine.deno}; Bun ${machine.bun}; Node ${machine.node}.`,
-    `\`npm run bench:100k\` makes this file. ${SERVERS} \`server.ts\` processes on one port`,
-    `(\`REUSE_PORT=1\`) and one Redis stream; ${LOADGENS} \`bench/subscribers.c\` processes, each`,
+    `\`npm run bench:${name}\` makes this file. \`server.ts\` processes on one port`,
+    "(`REUSE_PORT=1`) and one Redis stream; `bench/subscribers.c` processes, each",
     "from four source addresses of its own. Servers, Redis and subscribers share the two cores.",
     `Streams held ${HOLD_S} s (heartbeats every 15 s), then ${BROADCASTS} broadcasts one second`,
     `apart, then ${SUSTAINED} published back to back with 8 in flight.`,
@@ -313,6 +359,7 @@ function markdown(machine, results) {
   ];
   const row = (name, value) => lines.push(`| ${name} | ${results.map(value).join(" | ")} |`);
   row("connected", (r) => count(r.clients));
+  row("server processes / subscriber processes", (r) => `${r.servers} / ${r.loadgens}`);
   row("time to connect all", (r) => `${fmt(r.connectSeconds)} s`);
   row(
     "SYNs dropped at full listen queues",
@@ -329,8 +376,18 @@ function markdown(machine, results) {
   row(`server CPU while holding (${HOLD_S} s)`, (r) => `${fmt(r.holdCpuSeconds)} s`);
   row(`server CPU, ${BROADCASTS} broadcasts`, (r) => `${fmt(r.broadcast.cpuSeconds)} s`);
   row(`server CPU, ${SUSTAINED} sustained`, (r) => `${fmt(r.sustained.cpuSeconds)} s`);
+  row(
+    "server CPU per delivery, broadcasts / sustained",
+    (r) =>
+      `${fmt(r.broadcast.cpuSeconds / (r.clients * BROADCASTS) * 1e6)} / ${
+        fmt(r.sustained.cpuSeconds / (r.clients * SUSTAINED) * 1e6)
+      } µs`,
+  );
   row("subscribers' CPU, whole run", (r) => `${fmt(r.loadgenCpuSeconds)} s`);
   row("lost / duplicated", (r) => `${r.lost} / ${r.duplicates}`);
+  row("machine: least memory available", (r) => r.machine ? mib(r.machine.minAvailableBytes) : "-");
+  row("machine: most TCP buffer memory", (r) => r.machine ? mib(r.machine.maxTcpMemoryBytes) : "-");
+  row("machine: most open files", (r) => r.machine ? count(r.machine.maxOpenFilesSystem) : "-");
   row("orders the events arrived in (1: all agree)", (r) => count(r.orders));
   row(
     "client count back to 0 in every process",
@@ -351,8 +408,21 @@ function markdown(machine, results) {
       }).join(" | ")
     } |`);
   }
-  lines.push("", "Raw figures: [100k.json](100k.json). Chart: [100k.svg](100k.svg).", "");
+  lines.push(
+    "",
+    `Raw figures: [${name}.json](${name}.json). Chart: [${name}.svg](${name}.svg).`,
+    "",
+  );
   return lines.join("\n");
+}
+
+/** "100,000 subscribers on one machine", or the largest count when they differ. */
+function title(results) {
+  const counts = results.map((r) => r.clients);
+  const most = Math.max(...counts);
+  return counts.every((n) => n === most)
+    ? `${fmt(most)} subscribers on one machine`
+    : `Up to ${fmt(most)} subscribers on one machine`;
 }
 
 /** Bars of broadcast latency (p50, p99, max) per runtime, against the 1 s target. */
@@ -364,7 +434,10 @@ function chart(results) {
   const parts = [];
   let y = top;
   for (const r of results) {
-    parts.push(`<text x="10" y="${y + 30}" font-weight="600">${r.runtime}</text>`);
+    parts.push(
+      `<text x="10" y="${y + 22}" font-weight="600">${r.runtime}</text>`,
+      `<text x="10" y="${y + 40}" fill="#57606a">${fmt(r.clients)}</text>`,
+    );
     for (const key of ["p50", "p99", "max"]) {
       const ms = r.broadcast[`${key}ms`];
       parts.push(
@@ -382,8 +455,8 @@ function chart(results) {
   return `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${y + 10}" ` +
     `font-family="system-ui, sans-serif" font-size="13">\n<rect width="100%" height="100%" fill="#fff"/>\n` +
     `<text x="10" y="24" font-size="16" font-weight="700">Broadcast to ${
-      fmt(CLIENTS)
-    } subscribers: ` +
+      title(results).replace(" on one machine", "").replace(/^./, (c) => c.toLowerCase())
+    }: ` +
     `publish until each has it (lower is better)</text>\n${parts.join("\n")}\n` +
     `<line x1="${target}" y1="${
       top - 6

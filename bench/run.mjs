@@ -44,6 +44,8 @@ const SCENARIOS = [
   { name: "fanout-10k", args: ["fanout", 10000, 200, 8, 64], unit: "deliveries/s" },
   // Well below saturation, so this measures delivery, not queueing.
   { name: "latency-1k", args: ["latency", 1000, 500, 8, 64, 50], unit: "ms" },
+  // The same 50,000 deliveries/s, spread over ten times the clients.
+  { name: "latency-10k", args: ["latency", 10000, 100, 8, 64, 5], unit: "ms" },
   { name: "idle-10k", memory: 10000, unit: "KiB/connection" },
   { name: "churn-5k", churn: 5000, unit: "KiB growth" },
 ].filter((scenario) => SCENARIO.split(",").some((part) => scenario.name.includes(part)));
@@ -156,7 +158,8 @@ function markdown(machine, table) {
     "- fanout: deliveries per second (events × clients), 64-byte events published through",
     "  `POST /publish` with 8 in flight; every client must receive every event.",
     "- latency-1k: publish-to-receive over every delivery, 50 events/s to 1,000 clients; the",
-    "  figure is p99 (p50 beside it).",
+    "  figure is p99 (p50 beside it). latency-10k: the same 50,000 deliveries/s as 5 events/s",
+    "  to 10,000 clients.",
     "- idle-10k: resident memory added per idle connection, with 10,000 open.",
     "- churn-5k: resident memory growth over 5,000 connect/disconnect cycles, after 5,000 to",
     "  warm up; the client count must come back to 0.",
@@ -164,21 +167,22 @@ function markdown(machine, table) {
     "  the `node:http` adapter of `runtime.ts`); node:http: the same broker written against",
     "  `node:http` itself, Node's bare ceiling.",
     "",
-    "| scenario | server | median | × ceiling (same runtime) | × hono (same runtime) |",
-    "| --- | --- | ---: | ---: | ---: |",
+    "| scenario | server | median | × ceiling (same runtime) | × hono (same runtime) | × node:http |",
+    "| --- | --- | ---: | ---: | ---: | ---: |",
   ];
   for (const scenario of SCENARIOS) {
     for (const [name, row] of Object.entries(table[scenario.name])) {
       const runtime = name.split(" ")[1];
       const ceiling = table[scenario.name][`ceiling ${runtime}`]?.median;
       const hono = table[scenario.name][`hono ${runtime}`]?.median;
+      const bare = runtime === "node" ? table[scenario.name]["node:http node"]?.median : undefined;
       const ratio = (base) => base ? (row.median / base).toFixed(2) : "-";
-      const value = scenario.name === "latency-1k"
+      const value = scenario.name.startsWith("latency")
         ? `${fmt(row.median)} ms (p50 ${fmt(row.p50ms)})`
         : `${fmt(row.median)} ${scenario.unit}`;
       lines.push(
         `| ${scenario.name} | ${name}${row.lost ? " (LOST EVENTS)" : ""} | ${value} | ` +
-          `${ratio(ceiling)} | ${ratio(hono)} |`,
+          `${ratio(ceiling)} | ${ratio(hono)} | ${ratio(bare)} |`,
       );
     }
   }
