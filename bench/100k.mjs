@@ -20,8 +20,8 @@
 // Writes bench/results/<RESULTS>.md, .json and .svg (RESULTS defaults to 100K:
 // 100K.md, 100k.json, 100k.svg). Environment: CLIENTS (default 100000; or a
 // count per runtime, "bun:1000000,node:500000"), SERVERS and LOADGENS
-// (default one per 12,500 and per 16,667 streams: 8 and 6 at 100,000),
-// HOLD_S (60), BROADCASTS (10), SUSTAINED (20), ONLY (runtimes,
+// (default one per 18,000 streams, at least 8, and one per 16,667: 8 and 6
+// at 100,000), HOLD_S (60), HEARTBEAT_S (15), BROADCASTS (10), SUSTAINED (20), ONLY (runtimes,
 // comma-separated; default deno,bun,node), RESULTS. `npm run bench:1m` is the
 // million on Bun and the most that Node and Deno hold here. While it runs,
 // the machine is sampled each second (memory available, the kernel's TCP
@@ -42,9 +42,11 @@ const COUNTS = Object.fromEntries(RUNTIMES.map((runtime) => {
   const pair = text.split(",").find((part) => part.startsWith(`${runtime}:`));
   return [runtime, Number(pair ? pair.split(":")[1] : text)];
 }));
-const serversFor = (clients) => setting("SERVERS", Math.ceil(clients / 12_500));
+// At least 8 server processes, and at most 18,000 streams each (20,000 files a process).
+const serversFor = (clients) => setting("SERVERS", Math.max(8, Math.ceil(clients / 18_000)));
 const loadgensFor = (clients) => setting("LOADGENS", Math.ceil(clients / 16_667));
 const HOLD_S = setting("HOLD_S", 60);
+const HEARTBEAT_S = setting("HEARTBEAT_S", 15);
 const BROADCASTS = setting("BROADCASTS", 10);
 const SUSTAINED = setting("SUSTAINED", 20);
 const EVENTS = BROADCASTS + SUSTAINED;
@@ -109,15 +111,31 @@ function within(promise, ms, what) {
   return Promise.race([promise, late]).finally(() => clearTimeout(timer));
 }
 
-/** Publishes one event whose data is its number and the monotonic clock in ns. */
+/** Publishes answered 503 (the event log did not answer in time) and sent again. */
+let retriedPublishes = 0;
+
+/**
+ * Publishes one event whose data is its number and the monotonic clock in
+ * ns. A 503 is sent again, as a publisher would, with the same body and
+ * idempotency key: stored once whatever the first try did; its latency
+ * counts from the first try.
+ */
 async function publish(port, seq) {
-  const response = await fetch(`http://127.0.0.1:${port}/publish`, {
-    method: "POST",
-    headers: { "content-type": "text/plain" },
-    body: `${seq} ${process.hrtime.bigint()}`,
-  });
-  if (response.status !== 200) throw new Error(`publish ${seq}: ${response.status}`);
-  await response.arrayBuffer();
+  const body = `${seq} ${process.hrtime.bigint()}`;
+  for (let attempt = 1;; attempt++) {
+    const response = await fetch(`http://127.0.0.1:${port}/publish`, {
+      method: "POST",
+      headers: { "content-type": "text/plain", "idempotency-key": `bench-${seq}` },
+      body,
+    });
+    await response.arrayBuffer();
+    if (response.status === 200) return;
+    if (response.status !== 503 || attempt === 10) {
+      throw new Error(`publish ${seq}: ${response.status}`);
+    }
+    retriedPublishes++;
+    await sleep(500);
+  }
 }
 
 /** The client counts reported by /stats over many fresh connections (so from every process). */
@@ -132,7 +150,9 @@ async function clientCounts(port, servers) {
       }).on("error", reject);
     });
   const counts = [];
-  for (let i = 0; i < 40 * servers; i++) counts.push(await once());
+  // Twelve per process: the chance that REUSE_PORT hands none of them to a
+  // given process is (1 - 1/n)^(12n), about e^-12.
+  for (let i = 0; i < 12 * servers; i++) counts.push(await once());
   return counts;
 }
 
@@ -160,12 +180,19 @@ function startSampling() {
 }
 
 async function measure(runtime) {
+  retriedPublishes = 0;
   const CLIENTS = COUNTS[runtime];
   const SERVERS = serversFor(CLIENTS);
   const LOADGENS = loadgensFor(CLIENTS);
   const sampling = startSampling();
   const redis = await RedisServer.start({ appendfsync: "everysec" });
-  const env = { REDIS_URL: redis.url, REUSE_PORT: "1", MAX_CLIENTS: "0", HISTORY: "1000" };
+  const env = {
+    REDIS_URL: redis.url,
+    REUSE_PORT: "1",
+    MAX_CLIENTS: "0",
+    HISTORY: "1000",
+    HEARTBEAT_MS: String(HEARTBEAT_S * 1000),
+  };
   const server = { name: `server.ts ${runtime}`, runtime, file: "server.ts" };
   const servers = [await startServer(server, { cpu: null, env })];
   const port = servers[0].port;
@@ -186,11 +213,19 @@ async function measure(runtime) {
       { length: LOADGENS },
       (_, i) => startSubscribers(port, Math.min(share, CLIENTS - i * share), i),
     );
-    await within(Promise.all(crowd.map((c) => c.connected)), 600_000, "connecting");
+    let ready = 0;
+    for (const c of crowd) c.connected.then(() => ready++, () => {});
+    const progress = setInterval(
+      () => console.log(`${runtime}: ${ready} of ${LOADGENS} subscriber processes connected`),
+      15_000,
+    );
+    await within(Promise.all(crowd.map((c) => c.connected)), 900_000, "connecting")
+      .finally(() => clearInterval(progress));
     const connectSeconds = (performance.now() - started) / 1000;
     const connectedCounts = await clientCounts(port, SERVERS);
     const maxFiles = Math.max(...serverPids.map(openFiles));
     console.log(`${runtime}: ${CLIENTS} connected in ${connectSeconds.toFixed(1)} s`);
+    console.log(`${runtime}: counted; holding ${HOLD_S} s`);
     let cpu = serverCpu();
     await sleep(HOLD_S * 1000);
     const rssHeld = sum(serverPids.map(rssBytes));
@@ -204,6 +239,7 @@ async function measure(runtime) {
       await second;
     }
     const broadcastCpu = serverCpu() - cpu;
+    console.log(`${runtime}: ${BROADCASTS} broadcasts out; sustained`);
     // 3. Sustained: 8 publishes in flight until all are out.
     cpu = serverCpu();
     const sustainedStart = performance.now();
@@ -223,6 +259,7 @@ async function measure(runtime) {
     const sustainedSeconds = (performance.now() - sustainedStart) / 1000;
     const sustainedCpu = serverCpu() - cpu;
     const loadgenCpu = sum(crowd.map((c) => cpuSeconds(c.child.pid)));
+    console.log(`${runtime}: sustained out; closing`);
     // 4. Close every stream.
     const reports = await Promise.all(crowd.map((c) => c.report()));
     await Promise.all(crowd.map((c) => c.exited));
@@ -284,6 +321,7 @@ async function measure(runtime) {
       openFilesBefore: filesBefore,
       openFilesAfter: filesAfter,
       droppedSyns: droppedSyns(),
+      retriedPublishes,
       machine: sampling.stop(),
     };
   } finally {
@@ -351,7 +389,7 @@ function markdown(machine, results) {
     `\`npm run bench:${name}\` makes this file. \`server.ts\` processes on one port`,
     "(`REUSE_PORT=1`) and one Redis stream; `bench/subscribers.c` processes, each",
     "from four source addresses of its own. Servers, Redis and subscribers share the two cores.",
-    `Streams held ${HOLD_S} s (heartbeats every 15 s), then ${BROADCASTS} broadcasts one second`,
+    `Streams held ${HOLD_S} s (heartbeats every ${HEARTBEAT_S} s), then ${BROADCASTS} broadcasts one second`,
     `apart, then ${SUSTAINED} published back to back with 8 in flight.`,
     "",
     "| | " + results.map((r) => r.runtime).join(" | ") + " |",
@@ -385,6 +423,7 @@ function markdown(machine, results) {
   );
   row("subscribers' CPU, whole run", (r) => `${fmt(r.loadgenCpuSeconds)} s`);
   row("lost / duplicated", (r) => `${r.lost} / ${r.duplicates}`);
+  row("publishes answered 503 and sent again", (r) => count(r.retriedPublishes ?? 0));
   row("machine: least memory available", (r) => r.machine ? mib(r.machine.minAvailableBytes) : "-");
   row("machine: most TCP buffer memory", (r) => r.machine ? mib(r.machine.maxTcpMemoryBytes) : "-");
   row("machine: most open files", (r) => r.machine ? count(r.machine.maxOpenFilesSystem) : "-");
