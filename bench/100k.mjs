@@ -50,6 +50,7 @@ const HEARTBEAT_S = setting("HEARTBEAT_S", 15);
 const BROADCASTS = setting("BROADCASTS", 10);
 const SUSTAINED = setting("SUSTAINED", 20);
 const EVENTS = BROADCASTS + SUSTAINED;
+const SETTINGS = { HOLD_S, HEARTBEAT_S, BROADCASTS, SUSTAINED };
 const TICKS = 100; // clock ticks per second, for /proc/<pid>/stat
 
 /** CPU seconds a process has used so far. */
@@ -353,7 +354,7 @@ async function main() {
     writeFileSync(`${out}/${name}.svg`, chart(results));
     return;
   }
-  const machine = prepare();
+  const machine = { ...prepare(), settings: SETTINGS };
   execFileSync("gcc", [
     "-O2",
     "-Wall",
@@ -379,6 +380,8 @@ async function main() {
 }
 
 function markdown(machine, results) {
+  // The run's own settings (kept in the JSON), so --report writes the same text.
+  const { HOLD_S, HEARTBEAT_S, BROADCASTS, SUSTAINED } = machine.settings ?? SETTINGS;
   const mib = (bytes) => `${fmt(bytes / 2 ** 20)} MiB`;
   const count = (n) => Number.isNaN(n) ? "-" : n.toLocaleString("en-US");
   const lines = [
@@ -475,7 +478,7 @@ function chart(results) {
   for (const r of results) {
     parts.push(
       `<text x="10" y="${y + 22}" font-weight="600">${r.runtime}</text>`,
-      `<text x="10" y="${y + 40}" fill="#57606a">${fmt(r.clients)}</text>`,
+      `<text x="10" y="${y + 40}" fill="#57606a" font-size="11">${fmt(r.clients)}</text>`,
     );
     for (const key of ["p50", "p99", "max"]) {
       const ms = r.broadcast[`${key}ms`];
@@ -493,9 +496,11 @@ function chart(results) {
   const target = left + scale(1000);
   return `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${y + 10}" ` +
     `font-family="system-ui, sans-serif" font-size="13">\n<rect width="100%" height="100%" fill="#fff"/>\n` +
-    `<text x="10" y="24" font-size="16" font-weight="700">Broadcast to ${
-      title(results).replace(" on one machine", "").replace(/^./, (c) => c.toLowerCase())
-    }: ` +
+    `<text x="10" y="24" font-size="16" font-weight="700">${
+      new Set(results.map((r) => r.clients)).size === 1
+        ? `Broadcast to ${fmt(results[0].clients)} subscribers: `
+        : "Broadcast: "
+    }` +
     `publish until each has it (lower is better)</text>\n${parts.join("\n")}\n` +
     `<line x1="${target}" y1="${
       top - 6

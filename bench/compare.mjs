@@ -1,9 +1,11 @@
-// Fan-out of this checkout's server.ts against another revision's, on each
-// runtime, interleaved in each round so drift on the machine hits both
-// alike: `npm run bench:compare -- <revision>` (default HEAD). For checking
-// that a change kept the speed. Writes bench/results/COMPARE.md.
+// Fan-out and latency of this checkout's server.ts against another
+// revision's, on each runtime, interleaved in each round so drift on the
+// machine hits both alike: `npm run bench:compare -- <revision>` (default
+// HEAD). For checking that a change kept the speed. Writes
+// bench/results/COMPARE.md.
 //
-// Environment: REPEAT (rounds, default 3), RUNTIMES (default deno,bun,node).
+// Environment: REPEAT (rounds, default 3), RUNTIMES (default deno,bun,node),
+// SCENARIO (substrings of the scenario names; default fanout).
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -35,7 +37,12 @@ const SERVERS = RUNTIMES.flatMap((runtime) => [
 const SCENARIOS = [
   { name: "fanout-1k", args: ["fanout", 1000, 2000, 8, 64] },
   { name: "fanout-10k", args: ["fanout", 10000, 200, 8, 64] },
-];
+  // As in bench/run.mjs: p99 ms at 50,000 deliveries a second.
+  { name: "latency-1k", args: ["latency", 1000, 500, 8, 64, 50] },
+  { name: "latency-10k", args: ["latency", 10000, 100, 8, 64, 5] },
+].filter((scenario) =>
+  (process.env.SCENARIO ?? "fanout").split(",").some((part) => scenario.name.includes(part))
+);
 
 try {
   const machine = prepare();
@@ -50,8 +57,9 @@ try {
           if (result.clientsComplete !== result.clients) {
             throw new Error(`${server.name} lost events`);
           }
-          (runs[`${scenario.name}|${server.name}`] ??= []).push(result.deliveriesPerSecond);
-          console.log(`${scenario.name} ${server.name}: ${fmt(result.deliveriesPerSecond)}`);
+          const value = mode === "latency" ? result.p99ms : result.deliveriesPerSecond;
+          (runs[`${scenario.name}|${server.name}`] ??= []).push(value);
+          console.log(`${scenario.name} ${server.name}: ${fmt(value)}`);
         } finally {
           await stopServer(started);
         }
@@ -59,13 +67,14 @@ try {
     }
   }
   const lines = [
-    `# Fan-out: this checkout (${current}) against ${commit}`,
+    `# This checkout (${current}) against ${commit}`,
     "",
     `Written by \`npm run bench:compare -- ${revision}\` on ${machine.date.slice(0, 10)}, ` +
     `${machine.cores} cores (${machine.cpu}); ${machine.deno}; Bun ${machine.bun}; Node ` +
     `${machine.node}. Server on one ` +
-    `core, load generator on the other; deliveries per second, medians of ${REPEAT} interleaved ` +
-    "rounds; no client lost an event.",
+    "core, load generator on the other; fan-out in deliveries per second (higher is better), " +
+    "latency as p99 ms from publish to receipt (lower is better); medians of " +
+    `${REPEAT} interleaved rounds; no client lost an event.`,
     "",
     "| scenario | runtime | this | " + commit + " | this ÷ " + commit + " | runs (this; " + commit +
     ") |",

@@ -9,7 +9,10 @@
 //
 // Environment: REPEAT (runs per figure, default 3), ONLY (substrings of the
 // server names to run, comma-separated, e.g. "deno" or "sse-broker deno,ceiling deno"),
-// SCENARIO (substrings of the scenario names, e.g. "latency").
+// SCENARIO (substrings of the scenario names, e.g. "latency"), RESULTS (the
+// files' name: RESULTS.md, results.json and chart.svg by default; another
+// name N writes N.md, n.json and n.svg). `npm run bench:targets` is the Node
+// broker against bare node:http and the Bun broker against its ceiling.
 import { writeFileSync } from "node:fs";
 import {
   fmt,
@@ -27,6 +30,10 @@ import {
 
 const ONLY = process.env.ONLY ?? "";
 const SCENARIO = process.env.SCENARIO ?? "";
+const RESULTS = process.env.RESULTS ?? "RESULTS";
+const [json, svg] = RESULTS === "RESULTS"
+  ? ["results.json", "chart.svg"]
+  : [`${RESULTS.toLowerCase()}.json`, `${RESULTS.toLowerCase()}.svg`];
 
 const SERVERS = ["deno", "bun", "node"].flatMap((runtime) => [
   { name: `sse-broker ${runtime}`, runtime, file: "server.ts" },
@@ -121,10 +128,10 @@ async function main() {
     }
   }
   const table = summarize(runs);
-  writeFileSync(`${out}/results.json`, JSON.stringify({ machine, runs, table }, null, 2) + "\n");
-  writeFileSync(`${out}/RESULTS.md`, markdown(machine, table));
-  writeFileSync(`${out}/chart.svg`, chart(table));
-  console.log(`\nwrote ${out}/RESULTS.md, results.json, chart.svg`);
+  writeFileSync(`${out}/${json}`, JSON.stringify({ machine, runs, table }, null, 2) + "\n");
+  writeFileSync(`${out}/${RESULTS}.md`, markdown(machine, table));
+  writeFileSync(`${out}/${svg}`, chart(table));
+  console.log(`\nwrote ${out}/${RESULTS}.md, ${json}, ${svg}`);
 }
 
 function summarize(runs) {
@@ -153,7 +160,7 @@ function markdown(machine, table) {
     `Linux ${machine.kernel}; ${machine.deno}; Bun ${machine.bun}; Node ${machine.node}; Hono ${machine.hono}.`,
     `Each server ran alone on core 0, the load generator on core 1. Medians of ${machine.repeat}`,
     "runs; figures move a lot between runs on these machines, so compare the ratios, which come",
-    "from the same run. `npm run bench` makes this file.",
+    `from the same run. \`npm run ${RESULTS === "TARGETS" ? "bench:targets" : "bench"}\` makes this file.`,
     "",
     "- fanout: deliveries per second (events × clients), 64-byte events published through",
     "  `POST /publish` with 8 in flight; every client must receive every event.",
@@ -186,7 +193,7 @@ function markdown(machine, table) {
       );
     }
   }
-  lines.push("", "Raw runs: [results.json](results.json). Chart: [chart.svg](chart.svg).", "");
+  lines.push("", `Raw runs: [${json}](${json}). Chart: [${svg}](${svg}).`, "");
   return lines.join("\n");
 }
 
