@@ -826,7 +826,12 @@ export interface BrokerStats {
 export interface DirectSink {
   /** Writes bytes to the connection. */
   write(chunk: Uint8Array): void;
-  /** The bytes written that wait for the client past what the connection takes at once. */
+  /**
+   * The bytes written that wait for the client: the slow-client limit and
+   * a replay's pause read it. It may leave out what the connection takes
+   * without waiting (Node's socket buffer), as long as a `pull` follows
+   * whenever it has said more than 0.
+   */
   queued(): number;
   /** Ends the response once the bytes written have gone. */
   end(): void;
@@ -834,21 +839,27 @@ export interface DirectSink {
   destroy(): void;
 }
 
-/**
- * Sends a stream's bytes to a {@linkcode DirectSink} from now on; returns
- * what to call each time the sink has room again, or `undefined` when the
- * body still holds bytes (read on, and try again).
- */
-export type DirectWrite = (sink: DirectSink) => (() => void) | undefined;
+/** What a broker stream's body holds under {@linkcode DIRECT_WRITE}. */
+export interface DirectWrite {
+  /**
+   * Sends the stream's bytes to `sink` from now on, and answers `true`; or
+   * answers `false` when the body may still hold bytes (read on, write what
+   * was read, and try again).
+   */
+  attach(sink: DirectSink): boolean;
+  /** Call when the sink has room again: a paused replay goes on. */
+  pull(): void;
+}
 
 /**
  * The key of a {@linkcode DirectWrite} on the body of every stream a
  * {@linkcode Broker} returns, for a server that owns the connection: on
  * Node's `node:http`, each web-stream read costs promises, and writing to
  * the socket in the broker's own loop keeps the latency of the bare
- * `node:http` (`runtime.ts` does it). With a read of the body waiting,
- * `body[DIRECT_WRITE](sink)` moves the stream to the sink; the body then
- * only ends (or errors) with it. Servers of `Response` need nothing of it.
+ * `node:http` (`runtime.ts` does it). Once the server has written every
+ * chunk it read and a read of the body waits,
+ * `body[DIRECT_WRITE].attach(sink)` moves the stream to the sink; the body
+ * then only ends (or errors) with it. Servers of `Response` need nothing of it.
  */
 export const DIRECT_WRITE: unique symbol = Symbol.for("sse-broker.directWrite");
 
@@ -982,7 +993,10 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
     else this.#direct.write(chunk);
   }
 
-  /** Whether more than `limit` bytes wait for the client; exact. */
+  /**
+   * Whether more than `limit` bytes wait for the client: exact for its
+   * stream; through a {@linkcode DirectSink}, as the sink counts them.
+   */
   queuedOver(limit: number): boolean {
     if (this.#queueBound <= limit) return false;
     this.#queueBound = this.#direct?.queued() ?? -(this.controller.desiredSize ?? 0);
@@ -1007,14 +1021,13 @@ class Client implements UnderlyingDefaultSource<Uint8Array>, EventListenerObject
 
   /**
    * Sends the client's bytes to `sink` from now on, if the stream's reader
-   * has taken every byte queued so far (else nothing changes); returns what
-   * to call when the sink has room again.
+   * has taken every byte queued so far (else nothing changes).
    */
-  attach(sink: DirectSink): (() => void) | undefined {
-    if (!this.#readWaiting || this.state === "gone") return undefined;
+  attach(sink: DirectSink): boolean {
+    if (!this.#readWaiting || this.state === "gone") return false;
     this.#direct = sink;
     this.#queueBound = sink.queued();
-    return () => this.pull();
+    return true;
   }
 
   cancel(): void {
@@ -1240,7 +1253,7 @@ export class Broker {
       options.withTopics ?? url.searchParams.get("withTopics") === "1",
     );
     const body = new ReadableStream(client, BYTE_QUEUING);
-    Object.defineProperty(body, DIRECT_WRITE, { value: (sink: DirectSink) => client.attach(sink) });
+    Object.defineProperty(body, DIRECT_WRITE, { value: client satisfies DirectWrite });
     // From an id; from the oldest retained event (`earliest`, or `since`,
     // which skips the older ones); or not at all.
     const resumes = Boolean(lastEventId) || since !== -Infinity;

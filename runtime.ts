@@ -223,7 +223,8 @@ async function serveNode(handler: Handler, address: Address): Promise<Listener> 
       response.body?.cancel().catch(() => {});
       return void outgoing.writeHead(response.status, head).end();
     }
-    const directWrite = (response.body as { [DIRECT_WRITE]?: DirectWrite })[DIRECT_WRITE];
+    const direct = (response.body as { [DIRECT_WRITE]?: DirectWrite })[DIRECT_WRITE];
+    let sink: NodeSink | undefined;
     const reader = response.body.getReader();
     outgoing.on("close", () => reader.cancel().catch(() => {}));
     try {
@@ -252,9 +253,13 @@ async function serveNode(handler: Handler, address: Address): Promise<Listener> 
       while (next !== undefined) {
         // A broker's stream, once its first bytes are out, writes to the
         // socket itself: no promise per chunk (latency as bare node:http's).
-        const drained = directWrite?.(new NodeSink(outgoing));
-        if (drained !== undefined) {
-          outgoing.on("drain", drained);
+        // Not a response waiting behind another on its connection: Node
+        // would hold all it is sent, past any limit, until its turn.
+        if (
+          direct !== undefined && outgoing.socket !== null &&
+          direct.attach(sink ??= new NodeSink(outgoing))
+        ) {
+          outgoing.on("drain", () => direct.pull());
           // The body now only ends or errors, when the stream does.
           return void next.catch(() => {});
         }

@@ -38,6 +38,7 @@ enum { PATTERN_LEN = 7, MAX_LATENCIES = 1 << 24 };
 typedef struct {
   int fd;
   int is_publisher;
+  int index;  // a publisher's: which source address it opens from
   int header_done;   // subscriber: saw "\r\n\r\n"
   int header_match;  // progress through "\r\n\r\n"
   int match;         // progress through PATTERN
@@ -166,6 +167,7 @@ static int read_subscriber(conn_t *c) {
 static conn_t *publisher(int index) {
   conn_t *c = calloc(1, sizeof *c);
   c->is_publisher = 1;
+  c->index = index;
   c->fd = open_socket(index);
   wait_connected(c->fd);
   struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
@@ -193,6 +195,17 @@ static void publish(conn_t *p, long seq, int size) {
 static int read_publisher(conn_t *p) {
   for (;;) {
     ssize_t n = read(p->fd, p->response + p->response_len, sizeof p->response - 1 - p->response_len);
+    if (n == 0 && !p->busy) {
+      // A keep-alive connection left unused, which a server may close (Bun
+      // does after 10 s without a request): open another.
+      epoll_ctl(epfd, EPOLL_CTL_DEL, p->fd, NULL);
+      close(p->fd);
+      p->fd = open_socket(p->index);
+      wait_connected(p->fd);
+      struct epoll_event ev = {.events = EPOLLIN, .data.ptr = p};
+      if (epoll_ctl(epfd, EPOLL_CTL_ADD, p->fd, &ev) < 0) die("epoll_ctl");
+      return 0;
+    }
     if (n == 0) {
       fprintf(stderr, "loadgen: the server closed a publishing connection\n");
       exit(2);
