@@ -160,7 +160,9 @@ function markdown(machine, table) {
     `Linux ${machine.kernel}; ${machine.deno}; Bun ${machine.bun}; Node ${machine.node}; Hono ${machine.hono}.`,
     `Each server ran alone on core 0, the load generator on core 1. Medians of ${machine.repeat}`,
     "runs; figures move a lot between runs on these machines, so compare the ratios, which come",
-    `from the same run. \`npm run ${RESULTS === "TARGETS" ? "bench:targets" : "bench"}\` makes this file.`,
+    `from the same run. \`npm run ${
+      RESULTS === "TARGETS" ? "bench:targets" : "bench"
+    }\` makes this file.`,
     "",
     "- fanout: deliveries per second (events × clients), 64-byte events published through",
     "  `POST /publish` with 8 in flight; every client must receive every event.",
